@@ -1,0 +1,1 @@
+"""Reward models (flowalign.rewards). Heavy dependencies are imported at use."""

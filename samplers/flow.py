@@ -1,0 +1,152 @@
+"""Rectified-flow steps as Gaussian transitions (SD3/SD3.5, FLUX, Wan).
+
+Convention (SPEC §0): ``x_t = (1 - t) x0 + t eps``, t = sigma in [0, 1], t = 1 is pure noise, and the
+network predicts the velocity ``v ~ eps - x0``. One step goes from t = sigma to t' = sigma_next < t,
+``Delta = t - t'``. From (x, t, v): ``x0_hat = x - t v``, ``x1_hat = x + (1 - t) v`` and the score
+``s = -(x + (1 - t) v) / t``.
+
+Each function is pure in (sigma, sigma_next): no hidden step counter. ``sigma`` and ``sigma_next`` are
+floats or per-sample tensors [B]. Inputs may be any float dtype; all math and all returned tensors are
+float32 (bf16 overflows in the SDE drift). Passing ``prev_sample`` re-scores a stored transition
+instead of drawing a new one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._checks import (
+    GeneratorLike,
+    Scalar,
+    as_float32,
+    check_sigmas,
+    non_negative,
+    per_sample,
+    prepare_prev_sample,
+    randn_like,
+    same_shape,
+)
+from .gaussian import GaussianStep
+
+
+def _prepare(velocity, sample, sigma, sigma_next):
+    sample = as_float32("sample", sample)
+    velocity = as_float32("velocity", velocity)
+    same_shape("velocity", velocity, sample)
+    t = per_sample("sigma", sigma, sample)
+    t_next = per_sample("sigma_next", sigma_next, sample)
+    check_sigmas(t, t_next)
+    return velocity, sample, t, t_next
+
+
+def _finish(mean, std, prev_sample, sample, generator, dt=None) -> GaussianStep:
+    if prev_sample is None:
+        prev_sample = mean + std * randn_like(sample, generator) if (std > 0).any() else mean
+    return GaussianStep(prev_sample=prev_sample, mean=mean, std=std, dt=dt)
+
+
+def _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator) -> GaussianStep:
+    """Euler-Maruyama step of the SDE with drift ``v - (s_t^2 / 2) score`` (same marginals as the ODE).
+
+    ``mu = x - Delta [ v + s_t^2 / (2t) (x + (1 - t) v) ]``, ``std = s_t sqrt(Delta)``.
+    """
+    dt = t - t_next
+    mean = sample - dt * (velocity + s_t**2 / (2 * t) * (sample + (1 - t) * velocity))
+    std = s_t * dt.sqrt()
+    return _finish(mean, std, prepare_prev_sample(prev_sample, sample), sample, generator, dt=dt)
+
+
+def flow_sde_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    noise_level: float = 0.7,
+    *,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: GeneratorLike = None,
+) -> GaussianStep:
+    """Flow-GRPO SDE step: ``s_t = a sqrt(t / (1 - t))`` with a = noise_level.
+
+    At t = 1 the ratio diverges; like the reference code we then use the next grid value in the
+    denominator, ``s_t = a sqrt(t / (1 - t'))``, which keeps s_t finite. Any s_t gives an SDE with the
+    same marginals as the ODE (its drift carries the matching score term), so this only changes
+    how much noise the first step injects. a = 0 is exactly the Euler ODE step ``x - Delta v``.
+
+    Args:
+        velocity: v [B, ...] (CFG-combined when CFG is used).
+        sample: x_t [B, ...].
+        sigma, sigma_next: t and t' (floats or [B]), 1 >= t > t' >= 0.
+        noise_level: a >= 0 (default 0.7).
+    Returns:
+        GaussianStep with ``dt = Delta`` (so ``kl(scaling="reference")`` equals the reference code's KL).
+    """
+    a = non_negative("noise_level", noise_level)
+    velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
+    denom = 1 - torch.where(t >= 1, t_next, t)
+    s_t = a * (t / denom).sqrt()
+    return _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator)
+
+
+def flow_constant_noise_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    eta: float = 0.3,
+    *,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: GeneratorLike = None,
+) -> GaussianStep:
+    """DanceGRPO's constant-noise SDE step: the Flow SDE with ``s_t = eta`` at every t.
+
+    ``mu = x - Delta [ v + eta^2 / (2t) (x + (1 - t) v) ]``, ``std = eta sqrt(Delta)``.
+    """
+    eta = non_negative("eta", eta)
+    velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
+    s_t = torch.full_like(t, eta)
+    return _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator)
+
+
+def flow_cps_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    noise_level: float = 0.7,
+    *,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: GeneratorLike = None,
+) -> GaussianStep:
+    """Coefficient-preserving sampling (CPS) step.
+
+    ``std = t' sin(a pi / 2)``, ``mu = (1 - t') x0_hat + sqrt(t'^2 - std^2) x1_hat`` with
+    ``x0_hat = x - t v`` and ``x1_hat = x + (1 - t) v``. The coefficients of signal and noise stay
+    those of the forward process at t'. a = 0 is the Euler step; the last step (t' = 0) returns x0_hat.
+    Requires 0 <= a <= 1.
+    """
+    a = non_negative("noise_level", noise_level)
+    if a > 1:
+        raise ValueError(f"noise_level must be in [0, 1] for CPS (std = t' sin(a pi/2)), got {a}")
+    velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
+    std = t_next * math.sin(a * math.pi / 2)
+    x0_hat = sample - t * velocity
+    x1_hat = sample + (1 - t) * velocity
+    mean = (1 - t_next) * x0_hat + (t_next**2 - std**2).clamp_min(0).sqrt() * x1_hat
+    return _finish(mean, std, prepare_prev_sample(prev_sample, sample), sample, generator)
+
+
+def flow_ode_step(
+    velocity: torch.Tensor, sample: torch.Tensor, sigma: Scalar, sigma_next: Scalar
+) -> GaussianStep:
+    """Euler step of the probability-flow ODE: ``x' = x - Delta v``, std 0.
+
+    Identical to diffusers' ``FlowMatchEulerDiscreteScheduler.step`` (``x + (t' - t) v``). Deterministic:
+    KL and log_prob are undefined; compare steps with ``mean_matching``.
+    """
+    velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
+    mean = sample + (t_next - t) * velocity
+    return GaussianStep(prev_sample=mean, mean=mean, std=torch.zeros_like(t), dt=t - t_next)
