@@ -1,0 +1,44 @@
+"""Pipeline adapters, one small file per family (nothing algorithmic).
+
+    >>> from flowalign.models import adapter_for, load_adapter
+    >>> adapter = adapter_for(pipe)                      # wrap an existing diffusers pipeline
+    >>> adapter = load_adapter("path/or/hub-id")         # or load one (offline-friendly error)
+"""
+
+from __future__ import annotations
+
+from .base import Conditioning, DDIMAdapter, FlowAdapter, PipelineAdapter, SamplingGrid
+from .flux import FluxAdapter
+from .loading import ModelNotFoundError, detect_family, load_pipeline
+from .sd import SDAdapter, SDXLAdapter
+from .sd3 import SD3Adapter
+from .wan import WanAdapter
+
+ADAPTERS: dict[str, type[PipelineAdapter]] = {
+    "sd3": SD3Adapter,
+    "flux": FluxAdapter,
+    "sd": SDAdapter,
+    "sdxl": SDXLAdapter,
+    "wan": WanAdapter,
+}
+
+
+def adapter_for(pipe, family: str | None = None, **kwargs) -> PipelineAdapter:
+    """The adapter for a diffusers pipeline object (family from its class unless given)."""
+    family = family or detect_family(type(pipe).__name__, [c.__name__ for c in type(pipe).__mro__])
+    return ADAPTERS[family](pipe, **kwargs)
+
+
+def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, device=None, **kwargs) -> PipelineAdapter:
+    """``adapter_for(load_pipeline(id_or_path, family, torch_dtype))``, moved to ``device`` when given."""
+    pipe = load_pipeline(id_or_path, family=family, torch_dtype=torch_dtype)
+    if device is not None:
+        pipe = pipe.to(device)
+    return adapter_for(pipe, family=family, **kwargs)
+
+
+__all__ = [
+    "ADAPTERS", "Conditioning", "DDIMAdapter", "FlowAdapter", "FluxAdapter", "ModelNotFoundError", "PipelineAdapter",
+    "SD3Adapter", "SDAdapter", "SDXLAdapter", "SamplingGrid", "WanAdapter", "adapter_for", "detect_family",
+    "load_adapter", "load_pipeline",
+]
