@@ -1,0 +1,205 @@
+"""LoRA on the denoiser (transformer or UNet) via peft, in the diffusers LoRA format.
+
+- ``add_lora(adapter, rank, alpha, dropout, adapter_name, target_modules)``: inject (B = 0 at start).
+- ``adapter_disabled(adapter)``: context running the base model (reference predictions with no second
+  copy of the weights).
+- several named adapters on one base: ``set_active_adapter`` / ``using_adapter`` (multi-teacher
+  distillation); switching keeps each adapter's ``requires_grad`` as it was (frozen teachers stay frozen).
+- ``save_lora`` writes ``pytorch_lora_weights.safetensors`` + LoraConfig metadata with the pipeline class's
+  ``save_lora_weights``, so ``pipe.load_lora_weights(dir)`` on a fresh pipeline reproduces the outputs;
+  ``load_lora`` loads such a folder as a named adapter.
+- ``set_precision`` (bf16/fp16 base weights, float32 LoRA) and ``set_gradient_checkpointing``.
+LoRA output: ``W x + (alpha / rank) B A x``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .models.base import PipelineAdapter
+
+# peft matches a name against the END of module paths (".to_q" matches "transformer_blocks.0.attn.to_q").
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    # Flow-GRPO's SD3 targets: joint attention, both streams
+    "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+    # FLUX: double-stream attention (+ context stream) and single-stream attention
+    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    # UNet attention (diffusers' train_text_to_image_lora / DDPO)
+    "sd": ["to_q", "to_k", "to_v", "to_out.0"],
+    "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
+    # Wan self- and cross-attention, FFN
+    "wan": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+}
+_SAVE_PREFIX = {"transformer": "transformer", "unet": "unet"}  # <prefix>_lora_layers in save_lora_weights
+
+
+def _lora_modules(adapter: PipelineAdapter):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in adapter.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(adapter: PipelineAdapter) -> list[str]:
+    """Names of the LoRA adapters on the denoiser."""
+    return list(getattr(adapter.denoiser, "peft_config", {}) or {})
+
+
+def _require(adapter: PipelineAdapter, name: str) -> None:
+    if name not in adapter_names(adapter):
+        raise KeyError(f"no LoRA adapter named {name!r} (have: {adapter_names(adapter) or 'none'}); "
+                       "add it with add_lora(...) or load_lora(...)")
+
+
+def lora_parameters(adapter: PipelineAdapter, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """The LoRA parameters of one adapter (for the optimizer)."""
+    _require(adapter, adapter_name)
+    return [p for n, p in adapter.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+
+
+def add_lora(
+    adapter: PipelineAdapter,
+    rank: int = 32,
+    alpha: Optional[float] = None,
+    dropout: float = 0.0,
+    adapter_name: str = "default",
+    target_modules: Optional[Sequence[str]] = None,
+    trainable: bool = True,
+    init_lora_weights=True,
+) -> list[torch.nn.Parameter]:
+    """Inject a LoRA adapter into the denoiser, make it active and return its (float32) parameters.
+
+    alpha defaults to 2 * rank (Flow-GRPO's r32/alpha64); target_modules default to
+    ``LORA_TARGET_MODULES[family]``. Other adapters stay on the model (inactive).
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if adapter_name in adapter_names(adapter):
+        raise ValueError(f"LoRA adapter {adapter_name!r} already exists; pick another adapter_name")
+    flags = _grad_flags(adapter)
+    config = LoraConfig(
+        r=rank, lora_alpha=float(2 * rank if alpha is None else alpha), lora_dropout=dropout,
+        target_modules=list(target_modules or LORA_TARGET_MODULES[adapter.family]), init_lora_weights=init_lora_weights,
+    )
+    adapter.denoiser.add_adapter(config, adapter_name=adapter_name)
+    _restore_grad_flags(flags)
+    params = lora_parameters(adapter, adapter_name)
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(trainable)
+    return params
+
+
+def _grad_flags(adapter: PipelineAdapter) -> dict[torch.nn.Parameter, bool]:
+    return {p: p.requires_grad for n, p in adapter.denoiser.named_parameters() if "lora_" in n}
+
+
+def _restore_grad_flags(flags: dict[torch.nn.Parameter, bool]) -> None:
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
+
+
+def active_adapter(adapter: PipelineAdapter) -> Optional[str]:
+    """Name of the active LoRA adapter (None without LoRA)."""
+    mods = _lora_modules(adapter)
+    if not mods:
+        return None
+    active = mods[0].active_adapters
+    return active[0] if active else None
+
+
+def set_active_adapter(adapter: PipelineAdapter, adapter_name: str) -> None:
+    """Make ``adapter_name`` the only active LoRA; every adapter keeps its requires_grad flags."""
+    _require(adapter, adapter_name)
+    flags = _grad_flags(adapter)
+    adapter.denoiser.set_adapter(adapter_name)
+    _restore_grad_flags(flags)
+
+
+@contextmanager
+def using_adapter(adapter: PipelineAdapter, adapter_name: str) -> Iterator[None]:
+    """Run with ``adapter_name`` active, then switch back (e.g. a teacher's prediction)."""
+    previous = active_adapter(adapter)
+    set_active_adapter(adapter, adapter_name)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_active_adapter(adapter, previous)
+
+
+@contextmanager
+def adapter_disabled(adapter: PipelineAdapter) -> Iterator[None]:
+    """Run the base model: all LoRA layers bypassed inside the block, restored after (no weight copy)."""
+    mods = _lora_modules(adapter)
+    was_disabled = [m.disable_adapters for m in mods]
+    for m in mods:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, off in zip(mods, was_disabled):
+            m.enable_adapters(not off)
+
+
+def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "default") -> str:
+    """Write one adapter in the diffusers LoRA format (``pipe.load_lora_weights(out_dir)`` reads it back).
+    Returns out_dir."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    _require(adapter, adapter_name)
+    den = adapter.denoiser
+    state = get_peft_model_state_dict(den, adapter_name=adapter_name)
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
+    if adapter.denoiser_name == "unet":
+        state = convert_state_dict_to_diffusers(state)
+    prefix = _SAVE_PREFIX[adapter.denoiser_name]
+    meta = den.peft_config[adapter_name].to_dict()
+    type(adapter.pipe).save_lora_weights(
+        out_dir, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": meta}
+    )
+    return out_dir
+
+
+def load_lora(adapter: PipelineAdapter, path: str, adapter_name: str = "default", trainable: bool = False) -> list:
+    """Load a diffusers-format LoRA folder/file as adapter ``adapter_name`` (frozen unless trainable).
+    The previously active adapter stays active. Returns its parameters."""
+    if adapter_name in adapter_names(adapter):
+        raise ValueError(f"LoRA adapter {adapter_name!r} already exists; pick another adapter_name")
+    previous = active_adapter(adapter)
+    flags = _grad_flags(adapter)
+    adapter.pipe.load_lora_weights(path, adapter_name=adapter_name)
+    _restore_grad_flags(flags)
+    params = lora_parameters(adapter, adapter_name)
+    for p in params:
+        p.requires_grad_(trainable)
+    if previous is not None:
+        set_active_adapter(adapter, previous)
+    return params
+
+
+def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Mixed precision: denoiser base weights in ``dtype`` (bf16/fp16), LoRA parameters float32.
+    Sampler math stays float32 (the samplers cast their inputs)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    den = adapter.denoiser
+    den.to(dtype)
+    for n, p in den.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+
+
+def set_gradient_checkpointing(adapter: PipelineAdapter, enabled: bool = True) -> None:
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    den = adapter.denoiser
+    if enabled:
+        den.enable_gradient_checkpointing()
+    else:
+        den.disable_gradient_checkpointing()
