@@ -1,0 +1,24 @@
+"""flowalign.toy: the offline verifiable scene world.
+
+``grammar`` (prompts <-> SceneSpec, seeded sampler, train/held-out splits), ``render`` (PIL
+renderer), ``detect`` (image -> Detected objects, numpy only) and ``geneval`` (GenEval-style
+fraction / strict scores). Typical use::
+
+    prompt, spec = sample(seed)
+    image, caption, spec = render(spec, size=64, seed=seed)
+    frac, strict, per_task = toy_geneval([image], [prompt])
+"""
+
+from .detect import Detected, detect
+from .geneval import checks, score, toy_geneval
+from .grammar import (COLORS, GENEVAL_TASKS, RELATIONS, SHAPES, TASKS, TEMPLATES, TEXT_TASK, ObjectSpec,
+                      SceneSpec, all_prompts, caption, parse_prompt, prompts_in_split, relations_of, sample,
+                      sample_batch, split_of)
+from .render import PALETTE, layout, render
+
+__all__ = [
+    "COLORS", "GENEVAL_TASKS", "PALETTE", "RELATIONS", "SHAPES", "TASKS", "TEMPLATES", "TEXT_TASK",
+    "Detected", "ObjectSpec", "SceneSpec", "all_prompts", "caption", "checks", "detect", "layout",
+    "parse_prompt", "prompts_in_split", "relations_of", "render", "sample", "sample_batch", "score",
+    "split_of", "toy_geneval",
+]

@@ -1,0 +1,86 @@
+"""GenEval-style scoring of detections against a prompt of the toy grammar.
+
+Each prompt becomes a list of named boolean checks (a detection "matches" an object phrase when
+its shape agrees and, if the phrase names one, its colour agrees):
+
+    single_object  "a circle"                       present(circle)
+    colors         "a red circle"                   present(circle), present(red circle)
+    counting       "three blue squares"             present(blue square), count(blue square) == 3
+    two_object     "a circle and a square"          present(circle), present(square)
+    color_attr     "a red circle and a blue square" present(circle), present(square),
+                                                    present(red circle), present(blue square)
+    position       "a red circle left of a blue square"
+                                                    present(red circle), present(blue square),
+                                                    every (a, b) pair has relation (GenEval's rule)
+
+fraction = (#checks met) / (#checks) in [0, 1]; strict = 1.0 iff all checks are met.
+Text prompts are for the OCR reward and raise here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from .detect import Detected, detect
+from .grammar import TEXT_TASK, ObjectSpec, SceneSpec, parse_prompt, relations_of
+
+
+def _matches(d: Detected, o: ObjectSpec) -> bool:
+    return d.shape == o.shape and (o.color is None or d.color == o.color)
+
+
+def _name(o: ObjectSpec) -> str:
+    return f"{o.color} {o.shape}" if o.color else o.shape
+
+
+def checks(spec: SceneSpec, dets: Sequence[Detected]) -> dict[str, bool]:
+    """Named checks of ``spec`` (see the module docstring) evaluated on ``dets``."""
+    if spec.task == TEXT_TASK:
+        raise ValueError("text prompts are scored by the OCR reward, not by toy GenEval")
+    out: dict[str, bool] = {}
+    found = [[d for d in dets if _matches(d, o)] for o in spec.objects]
+    if spec.task in ("colors", "color_attr"):  # shape presence first, then attribution
+        for o in spec.objects:
+            out[f"present({o.shape})"] = any(d.shape == o.shape for d in dets)
+    for o, f in zip(spec.objects, found):
+        out[f"present({_name(o)})"] = bool(f)
+    if spec.task == "counting":
+        o = spec.objects[0]
+        out[f"count({_name(o)})=={o.count}"] = len(found[0]) == o.count
+    if spec.task == "position":
+        a, b = spec.objects
+        out[f"{_name(a)} {spec.relation} {_name(b)}"] = bool(found[0] and found[1]) and all(
+            spec.relation in relations_of(da.bbox, db.bbox) for da in found[0] for db in found[1])
+    return out
+
+
+def score(prompt: str | SceneSpec, detections: Sequence[Detected]) -> dict:
+    """-> {"task", "fraction" (float in [0,1]), "strict" (0.0 or 1.0), "checks" {name: bool}}."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    c = checks(spec, detections)
+    met = sum(c.values())
+    return {"task": spec.task, "fraction": met / len(c), "strict": float(met == len(c)), "checks": c}
+
+
+def toy_geneval(images, prompts: Sequence[str | SceneSpec], **detect_kwargs
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, float]]]:
+    """Score a batch. images: tensor [B,3,H,W] in [0,1] or a list of PIL images / [3,H,W] tensors.
+
+    Returns (fraction [B] float32, strict [B] float32, {task: {"fraction", "strict", "n"}}),
+    the per-task entries being means over the batch items of that task.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+    results = [score(p, detect(im, **detect_kwargs)) for im, p in zip(images, prompts)]
+    frac = torch.tensor([r["fraction"] for r in results], dtype=torch.float32)
+    strict = torch.tensor([r["strict"] for r in results], dtype=torch.float32)
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[r["task"]].append(r)
+    per_task = {t: {"fraction": sum(r["fraction"] for r in rs) / len(rs),
+                    "strict": sum(r["strict"] for r in rs) / len(rs), "n": len(rs)}
+                for t, rs in sorted(groups.items())}
+    return frac, strict, per_task
