@@ -1,0 +1,72 @@
+"""GenEval-style scores: exact numbers on hand-made detections, and the reward can fail."""
+
+import numpy as np
+import pytest
+import torch
+
+from flowalign.toy import Detected, detect, render, sample_batch, score, toy_geneval
+
+
+def det(shape, color, x, y, s=12):
+    return Detected(shape, color, (x, y, x + s, y + s), (x + s / 2, y + s / 2), s * s, 0.9)
+
+
+def test_counting_checks():
+    three = [det("square", "blue", 5 + 18 * i, 20) for i in range(3)]
+    assert score("three blue squares", three)["fraction"] == 1.0
+    r = score("three blue squares", three[:2])
+    assert (r["fraction"], r["strict"], r["task"]) == (0.5, 0.0, "counting")
+    assert score("three blue squares", three + [det("square", "blue", 5, 45)])["fraction"] == 0.5
+    assert score("three blue squares", [det("square", "red", 5, 5)])["fraction"] == 0.0
+    assert score("three blue squares", [])["fraction"] == 0.0
+
+
+def test_color_attribution_and_colors():
+    swapped = [det("circle", "blue", 5, 5), det("square", "red", 40, 40)]
+    r = score("a red circle and a blue square", swapped)
+    assert r["fraction"] == 0.5 and r["strict"] == 0.0  # shapes present, colours misattributed
+    assert score("a red circle and a blue square", [det("circle", "red", 5, 5), det("square", "blue", 40, 40)])["strict"] == 1
+    assert score("a red circle", [det("circle", "green", 5, 5)])["fraction"] == 0.5
+    assert score("a circle", [det("circle", "green", 5, 5)])["strict"] == 1.0
+    assert score("a circle and a triangle", [det("circle", "green", 5, 5)])["fraction"] == 0.5
+
+
+def test_position_checks():
+    left, right = det("circle", "red", 5, 30), det("square", "blue", 40, 30)
+    assert score("a red circle to the left of a blue square", [left, right])["strict"] == 1.0
+    r = score("a red circle to the right of a blue square", [left, right])
+    assert r["fraction"] == pytest.approx(2 / 3) and r["strict"] == 0.0
+    assert score("a red circle above a blue square", [left, right])["fraction"] == pytest.approx(2 / 3)
+    # every pair must hold: a second red circle on the wrong side breaks it
+    assert score("a red circle to the left of a blue square", [left, right, det("circle", "red", 52, 5)])["strict"] == 0
+    assert score("a red circle to the left of a blue square", [left])["fraction"] == pytest.approx(1 / 3)
+
+
+def test_text_prompts_are_not_geneval():
+    with pytest.raises(ValueError, match="OCR"):
+        score('the text "AB"', [])
+
+
+def test_reward_fails_on_renders_of_other_prompts():
+    pairs = sample_batch(200, seed=21)
+    dets = [detect(render(s, 64, seed=i)[0]) for i, (_, s) in enumerate(pairs)]
+    own = [score(p, d) for (p, _), d in zip(pairs, dets)]
+    other = [score(pairs[(i + 1) % 200][0], d) for i, d in enumerate(dets)]
+    other = [r for r, i in zip(other, range(200)) if pairs[(i + 1) % 200][0] != pairs[i][0]]
+    assert np.mean([r["strict"] for r in own]) == 1.0
+    assert np.mean([r["fraction"] for r in other]) < 0.5  # measured 0.26
+    assert np.mean([r["strict"] for r in other]) < 0.2    # measured 0.13 (e.g. "a circle" on a render of "a red circle")
+
+
+def test_toy_geneval_batch():
+    prompts = ["a red circle", "two green squares", "a circle and a square", "a blue triangle above a red circle"]
+    images = [render(p, 64, seed=i)[0] for i, p in enumerate(prompts)]
+    wrong = ["a blue circle", "three green squares", "a circle and a triangle", "a blue triangle below a red circle"]
+    frac, strict, per_task = toy_geneval(images, prompts)
+    assert frac.dtype == torch.float32 and frac.shape == (4,) and torch.all(strict == 1)
+    batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
+    frac2, strict2, per_task2 = toy_geneval(batch, wrong)
+    assert torch.allclose(frac2, torch.tensor([0.5, 0.5, 0.5, 2 / 3])) and torch.all(strict2 == 0)
+    assert per_task2["counting"] == {"fraction": 0.5, "strict": 0.0, "n": 1} and set(per_task) == set(per_task2)
+    with pytest.raises(ValueError, match="images but"):
+        toy_geneval(images, prompts[:2])
