@@ -7,9 +7,17 @@
 
 from __future__ import annotations
 
-from .base import Conditioning, DDIMAdapter, FlowAdapter, PipelineAdapter, SamplingGrid
+from .base import (
+    Conditioning,
+    DDIMAdapter,
+    FlowAdapter,
+    ModelNotFoundError,
+    PipelineAdapter,
+    SamplingGrid,
+    detect_family,
+    load_pipeline,
+)
 from .flux import FluxAdapter
-from .loading import ModelNotFoundError, detect_family, load_pipeline
 from .sd import SDAdapter, SDXLAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
