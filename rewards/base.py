@@ -1,0 +1,53 @@
+"""The reward protocol: ``reward(images, prompts, metadata=None) -> float tensor [B]``.
+
+images: a list of PIL images, a float tensor [B,3,H,W] in [0,1], or video [B,F,3,H,W] (scored per frame
+and averaged). Rewards are plain callables with a ``name``; heavy dependencies are imported at use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+Images = Any  # list[PIL.Image] | Tensor[B,3,H,W] | Tensor[B,F,3,H,W]
+
+
+def to_pil_list(images: Images) -> list:
+    """Images (list of PIL, or a float tensor [B,3,H,W] in [0,1]) -> list of RGB PIL images."""
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images tensor must be [B,3,H,W] in [0,1], got shape {tuple(images.shape)}")
+        arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+    return [im.convert("RGB") for im in images]
+
+
+class Reward:
+    """Base class: subclasses implement ``score(images, prompts, metadata) -> [B]`` for still images.
+
+    ``__call__`` checks the batch, averages video frames, and returns float32 [B] on the CPU.
+    """
+
+    name: str = "reward"
+
+    def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
+        prompts = list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
+        if isinstance(images, torch.Tensor) and images.dim() == 5:  # video [B,F,3,H,W]: mean over frames
+            b, f = images.shape[:2]
+            frames = images.reshape(b * f, *images.shape[2:])
+            reps = [p for p in prompts for _ in range(f)]
+            meta = None if metadata is None else [m for m in metadata for _ in range(f)]
+            return self(frames, reps, meta).view(b, f).mean(1)
+        out = torch.as_tensor(self.score(images, prompts, metadata), dtype=torch.float32).cpu()
+        if out.shape != (len(prompts),):
+            raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)}, expected [{len(prompts)}]")
+        return out
