@@ -1,0 +1,91 @@
+"""Flow-GRPO and GRPO-Guard losses on recorded Gaussian transitions (SPEC §2). No I/O.
+
+Per step k: ``rho = exp(logp_theta - logp_old)``,
+``L = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - eps, 1 + eps)) + beta KL(pi_theta || pi_ref)``,
+where pi_ref is the same network with the LoRA adapter disabled.
+
+GRPO-Guard normalises the ratio: with ``dmu = mu_theta - mu_old`` and the step std s,
+``b = mean_d(dmu^2) / (2 s^2)`` and ``rho~ = exp((logp_theta - logp_old + b) s)``; for
+``x' = mu_old + s xi`` the exponent is exactly ``mean_d(xi dmu)``. Its loss is reweighted by ``1/Delta``.
+Log-probs use the mean reduction over elements, as the reference code (and its clip ranges) assume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..samplers import GaussianStep
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """PPO's pessimistic surrogate per sample: ``max(-A rho, -A clip(rho, 1-eps, 1+eps))`` -> [B]."""
+    ratio = log_ratio.exp()
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+
+
+def guard_log_ratio(new: GaussianStep, logp_old: torch.Tensor, mean_old: torch.Tensor) -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio ``(logp_theta - logp_old + b) s`` -> [B] (mean-reduced log-probs)."""
+    s = new.std.reshape(-1)
+    b = ((new.mean - mean_old) ** 2).flatten(1).mean(1) / (2 * s**2)
+    return (new.log_prob(reduction="mean") - logp_old + b) * s
+
+
+@dataclass
+class GRPOStepLoss:
+    """loss: scalar to minimise; policy/kl/ratio: [B] per sample (detached); clip_frac: scalar."""
+
+    loss: torch.Tensor
+    policy: torch.Tensor
+    kl: torch.Tensor
+    ratio: torch.Tensor
+    clip_frac: torch.Tensor
+
+
+def grpo_step_loss(
+    new: GaussianStep,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    beta: float = 0.0,
+    ref_step: Optional[GaussianStep] = None,
+    kl_scaling: str = "exact",
+    guard: bool = False,
+    mean_old: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> GRPOStepLoss:
+    """The GRPO loss of one step.
+
+    Args:
+        new: the step re-scored by the current policy at the recorded x_k with prev_sample = x_{k+1}.
+        logp_old: [B] the rollout's recorded log-probs (mean reduction).
+        advantages: [B].
+        clip_range: eps of the ratio clip (Flow-GRPO: 1e-4).
+        beta, ref_step: KL(new || ref_step) coefficient and the reference transition (adapter disabled).
+        kl_scaling: "exact" or "reference" (the Flow-GRPO code's x Delta scaling), see GaussianStep.kl.
+        guard, mean_old: GRPO-Guard ratio normalisation (needs the rollout's step means) and 1/Delta weight.
+        mask: [B] bool, samples to include (invalid rewards are excluded).
+    """
+    if guard:
+        if mean_old is None or new.dt is None:
+            raise ValueError("guard=True needs mean_old (rollout with record_means=True) and a flow SDE step")
+        log_ratio = guard_log_ratio(new, logp_old, mean_old)
+    else:
+        log_ratio = new.log_prob(reduction="mean") - logp_old
+    per_sample = clipped_surrogate(log_ratio, advantages, clip_range)
+    if guard:
+        per_sample = per_sample / new.dt.reshape(-1)
+    kl = torch.zeros_like(per_sample)
+    if beta > 0:
+        if ref_step is None:
+            raise ValueError("beta > 0 needs ref_step, the transition of the reference (adapter-disabled) model")
+        kl = new.kl(ref_step, scaling=kl_scaling)
+        per_sample = per_sample + beta * kl
+    weights = torch.ones_like(per_sample) if mask is None else mask.float()
+    loss = (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
+    ratio = log_ratio.detach().exp()
+    clipped = ((ratio - 1).abs() > clip_range).float()
+    return GRPOStepLoss(loss=loss, policy=per_sample.detach() - beta * kl.detach(), kl=kl.detach(), ratio=ratio,
+                        clip_frac=(clipped * weights).sum() / weights.sum().clamp_min(1.0))

@@ -1,0 +1,43 @@
+"""Config dataclasses fail fast, naming the key and the valid choices."""
+
+import pytest
+
+from flowalign.config import Config, SamplingConfig, TrainConfig, config_from_dict, with_overrides
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"train": {"lrr": 1e-3}}, "unknown key train.lrr; valid keys: "),
+        ({"trian": {}}, "unknown config section 'trian'"),
+        ({"sampling": {"sampler": "euler"}}, "sampling.sampler='euler' is not valid; choose one of flow_sde"),
+        ({"train": {"group_size": 1}}, "train.group_size must be >= 2"),
+        ({"train": {"lr": 0}}, "train.lr must be > 0"),
+        ({"grpo": {"kl_scaling": "approx"}}, "choose one of exact, reference"),
+        ({"sampling": {"sde_window": [8, 5]}}, "sampling.sde_window=[8, 5]"),
+        ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not valid"),
+    ],
+)
+def test_bad_values_name_the_key(data, needle):
+    with pytest.raises(ValueError) as err:
+        config_from_dict(data)
+    assert needle in str(err.value)
+
+
+def test_overrides_build_a_new_validated_config():
+    cfg = Config()
+    new = with_overrides(cfg, {"train.lr": 1e-3, "sampling.sde_window": [0, 3]})
+    assert new.train.lr == 1e-3 and cfg.train.lr == TrainConfig().lr
+    assert new.sampling.sde_window == (0, 3)
+    with pytest.raises(ValueError, match="unknown key"):
+        with_overrides(cfg, {"sampling.steps": 3})
+
+
+def test_sde_window_inside_steps():
+    assert SamplingConfig(num_steps=4, sde_window=[1, 3]).sde_window == (1, 3)
