@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Images, Reward
-from .hub import load
+from .hub import load, missing_message, resolve
 from .preprocess import CLIP_MEAN, CLIP_STD, prepare
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -38,6 +38,8 @@ class CLIPEmbedder:
 
         self.model = load(CLIPModel, model, what).to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.tokenizer = load(CLIPTokenizer, tokenizer or model, what, option="tokenizer")
+        if len(self.tokenizer) < 256:  # transformers 5 builds an EMPTY tokenizer when the files are missing
+            raise FileNotFoundError(missing_message(f"{what} tokenizer", resolve(tokenizer or model), "tokenizer"))
         cfg = self.model.config
         self.size = cfg.vision_config.image_size
         self.max_length = min(self.tokenizer.model_max_length, cfg.text_config.max_position_embeddings)

@@ -162,7 +162,7 @@ class DinoSimilarityReward(Reward):
         loss.backward()
         self.opt.step()
         self.head.eval()
-        return {"loss": float(loss), "d_real": float(d_real.mean()), "d_fake": float(d_fake.mean())}
+        return {"loss": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
 
     def save_head(self, path: str) -> None:
         """Save the head's weights (safetensors); reload with head=True, head_path=path."""

@@ -1,0 +1,66 @@
+"""dino_similarity: mean cosine to the reference pool (images, folder or saved features), the CLS and
+patch-mean variants, and the Adv-GRPO discriminator head trained with the hinge loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowalign.rewards import get, to_pil_list
+
+from conftest import toy_images
+
+REFS = ["a red circle", "a blue square", "two green triangles"]
+OTHER = ["a yellow triangle", "four red squares"]
+
+
+def test_pool_mean_cosine(dino_dir):
+    refs, x = toy_images(REFS, seed=1), toy_images(OTHER, seed=2)
+    for variant in ("cls", "patch_mean"):
+        r = get("dino_similarity", model=dino_dir, references=refs, variant=variant)
+        f, fr = F.normalize(r.features(x), dim=-1), F.normalize(r.features(refs), dim=-1)
+        torch.testing.assert_close(r(x, OTHER), (f @ fr.T).mean(1), atol=1e-5, rtol=1e-5)
+    one = get("dino_similarity", model=dino_dir, references=refs[:1])
+    assert one(refs[:1], REFS[:1]).item() == pytest.approx(1.0, abs=1e-5)  # an image is its own best match
+    assert one(x, OTHER).max() < 0.9999
+
+
+def test_features_file_and_folder_match_images(dino_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    refs, x = toy_images(REFS, seed=1), toy_images(OTHER, seed=2)
+    r = get("dino_similarity", model=dino_dir, references=refs)
+    save_file({"features": r.features(refs).contiguous()}, str(tmp_path / "pool.safetensors"))
+    for i, im in enumerate(to_pil_list(refs)):
+        im.save(tmp_path / f"ref{i}.png")
+    expect = r(x, OTHER)
+    for kw in (dict(reference_features=str(tmp_path / "pool.safetensors")), dict(references=str(tmp_path))):
+        torch.testing.assert_close(get("dino_similarity", model=dino_dir, **kw)(x, OTHER), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_vision_tower_as_backbone(clip_dir):
+    refs = toy_images(REFS, seed=1)
+    r = get("dino_similarity", model=clip_dir, references=refs[:1])
+    assert r.backbone.size == 32 and r(refs[:1], REFS[:1]).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_head_learns_to_tell_references_from_generated(dino_dir, tmp_path):
+    refs = toy_images(REFS * 2, seed=1)
+    fake = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # "generated": noise
+    r = get("dino_similarity", model=dino_dir, references=refs, head=True, head_hidden=16, n_patches=8, lr=3e-3)
+    logs = [r.train_head_step(fake) for _ in range(40)]
+    assert logs[-1]["loss"] < 0.5 * logs[0]["loss"], (logs[0], logs[-1])
+    held_refs, held_fake = toy_images(OTHER, seed=5), torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    assert r(held_refs, OTHER).min() > r(held_fake, OTHER).max()  # the reward prefers reference-like images
+    r.save_head(str(tmp_path / "head.safetensors"))
+    r2 = get("dino_similarity", model=dino_dir, head=True, head_hidden=16, n_patches=8,
+             head_path=str(tmp_path / "head.safetensors"))
+    torch.testing.assert_close(r2(held_fake, OTHER), r(held_fake, OTHER))
+
+
+def test_bad_options(dino_dir):
+    with pytest.raises(ValueError, match="needs references"):
+        get("dino_similarity", model=dino_dir)
+    with pytest.raises(ValueError, match="variant must be"):
+        get("dino_similarity", model=dino_dir, references=toy_images(REFS), variant="mean")
+    with pytest.raises(RuntimeError, match="needs head=True"):
+        get("dino_similarity", model=dino_dir, references=toy_images(REFS)).train_head_step(toy_images(OTHER))
