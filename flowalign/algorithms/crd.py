@@ -1,0 +1,287 @@
+"""CRD, Centered Reward Distillation (SPEC §5). No I/O.
+
+Theory: the KL-regularised optimum is ``pi* ∝ pi_ref exp(R / beta)``, so
+``beta log(pi* / pi_ref)(x | c) = R(x, c) - beta log Z(c)``. Centering WITHIN a prompt's group cancels the
+unknown log Z(c): ``beta (l_i - mean_group l) = R_i - mean_group R``. CRD regresses the first onto the second.
+
+Implicit log-ratio on the forward process [ref: Flow-Factory] (x0 = final rollout latent, fresh eps, one t per
+micro-batch, ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0``, both velocities at guidance 1):
+
+    l = -mean_d[ (v_theta - u)^2 / w_theta - (v_old - u)^2 / w_old ],   w = sg(max(mean_d |v - u|, 1e-5))
+
+Normalised reward ``R~ = clip(A, -A_max, A_max) / (2 A_max) + 1/2`` in [0, 1] (A_max = 5: ``clip(A)/10 + 1/2``).
+Loss (MSE form):
+
+    (A_max / beta) mean_i ( beta (l_i - sg(center(l))_i) - (R~_i - center(R~)_i) )^2
+
+plus the KL anchor ``mean_i (1e-4 + R~_i (beta_KL - 1e-4)) D_i`` with ``D_i = mean_d (v_theta - v_ref^CFG)^2``.
+centering="group" (default) centres within prompt groups as the theory needs; centering="batch" centres over the
+whole batch as the public implementation does (prompts mixed: log Z(c) does NOT cancel) -- a documented deviation.
+
+Snapshots (updated once per epoch after the optimizer step, s = optimizer-step count):
+``snap <- d snap + (1 - d) theta`` with d = ``old_decay(s)`` (the v_old inside l) or ``sampler_decay(s)``
+(the rollout policy); d <= 0 is a hard copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CENTERINGS = ("group", "batch")
+FORMS = ("mse", "bce")
+CENTER_WEIGHTINGS = ("uniform", "softmax")
+
+
+# ---- implicit log-ratio and reward ---------------------------------------------------------------
+
+
+def _adaptive_sq_error(v: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """``mean_d (v - u)^2 / sg(max(mean_d |v - u|, eps))`` -> [B] float64."""
+    diff = (v.double() - target.double()).flatten(1)
+    w = diff.detach().abs().mean(1).clamp_min(eps)
+    return (diff**2).mean(1) / w
+
+
+def implicit_log_ratio(v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor,
+                       eps: float = 1e-5) -> torch.Tensor:
+    """``l = -mean_d[(v_theta - u)^2 / w_theta - (v_old - u)^2 / w_old]`` -> [B] float32.
+
+    v_theta (with grad), v_old (snapshot, no grad), target u = eps - x0: [B, ...]. The weights
+    ``w = sg(max(mean_d |v - u|, eps))`` and the ratio are computed in float64. l > 0 where v_theta denoises
+    the sample better than v_old (a higher implicit likelihood).
+    """
+    if not (v_theta.shape == v_old.shape == target.shape):
+        raise ValueError(f"v_theta {tuple(v_theta.shape)}, v_old {tuple(v_old.shape)} and target "
+                         f"{tuple(target.shape)} must share one shape [B, ...]")
+    target = target.detach()
+    l = -(_adaptive_sq_error(v_theta, target, eps) - _adaptive_sq_error(v_old.detach(), target, eps))
+    return l.float()
+
+
+def normalized_reward(advantages: torch.Tensor, adv_max: float = 5.0) -> torch.Tensor:
+    """``R~ = clip(A, -A_max, A_max) / (2 A_max) + 1/2`` -> [B] in [0, 1] (A = GRPO advantage, global std)."""
+    if adv_max <= 0:
+        raise ValueError(f"adv_max must be > 0, got {adv_max}")
+    return advantages.float().clamp(-adv_max, adv_max) / (2 * adv_max) + 0.5
+
+
+# ---- centering -------------------------------------------------------------------------------------
+
+
+def _group_index(group_ids: Optional[torch.Tensor], n: int, centering: str, device) -> torch.Tensor:
+    if centering not in CENTERINGS:
+        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+    if centering == "batch":
+        return torch.zeros(n, dtype=torch.long, device=device)
+    if group_ids is None:
+        raise ValueError("centering='group' needs group_ids [B] (e.g. group_ids_from_prompts(prompts)); "
+                         "pass centering='batch' to centre over the whole batch (deviates from the theory)")
+    if group_ids.shape != (n,):
+        raise ValueError(f"group_ids must have shape [{n}], got {tuple(group_ids.shape)}")
+    return torch.unique(group_ids, return_inverse=True)[1].to(device)
+
+
+def group_center(x: torch.Tensor, index: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each element replaced by its group's (weighted) mean -> [B].
+
+    x [B]; index [B] long in [0, G); weights [B] >= 0 (default 1; zero weight = left out of the mean).
+    """
+    w = torch.ones_like(x) if weights is None else weights.to(x.dtype)
+    g = int(index.max()) + 1 if index.numel() else 0
+    num = torch.zeros(g, dtype=x.dtype, device=x.device).index_add_(0, index, w * x)
+    den = torch.zeros(g, dtype=x.dtype, device=x.device).index_add_(0, index, w)
+    return (num / den.clamp_min(torch.finfo(x.dtype).tiny))[index]
+
+
+def _group_softmax(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax of x within each group (masked entries get 0) -> [B]."""
+    g = int(index.max()) + 1
+    neg_inf = torch.full((g,), -float("inf"), dtype=x.dtype, device=x.device)
+    gmax = neg_inf.scatter_reduce(0, index, torch.where(mask, x, -float("inf")), "amax")[index]
+    e = torch.where(mask, (x - gmax).exp(), torch.zeros_like(x))
+    z = torch.zeros(g, dtype=x.dtype, device=x.device).index_add_(0, index, e)[index]
+    return e / z
+
+
+def _centers(l: torch.Tensor, reward: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, weighting: str,
+             tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center(l) detached, center(R~)) per sample [B]."""
+    if weighting not in CENTER_WEIGHTINGS:
+        raise ValueError(f"center_weighting must be one of {CENTER_WEIGHTINGS}, got {weighting!r}")
+    m = mask.to(l.dtype)
+    if weighting == "uniform":
+        return group_center(l.detach(), index, m), group_center(reward, index, m)
+    # [uncertain] softmax(R~/tau)-weighted centering with positive and negative halves: samples at or above
+    # their group's mean reward are centred at the softmax(+R~/tau)-weighted mean, the others at the
+    # softmax(-R~/tau)-weighted mean. Any weights summing to 1 per group keep the log Z(c) cancellation.
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    w_pos = _group_softmax(reward / tau, index, mask)
+    w_neg = _group_softmax(-reward / tau, index, mask)
+    positive = reward >= group_center(reward, index, m)
+    c_l = torch.where(positive, group_center(l.detach(), index, w_pos), group_center(l.detach(), index, w_neg))
+    c_r = torch.where(positive, group_center(reward, index, w_pos), group_center(reward, index, w_neg))
+    return c_l, c_r
+
+
+# ---- KL anchor --------------------------------------------------------------------------------------
+
+
+def kl_anchor_distance(v_theta: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
+    """``D_i = mean_d (v_theta - v_ref^CFG)^2`` -> [B]; v_ref = base model (adapter off) with CFG 4.5, no grad."""
+    if v_theta.shape != v_ref.shape:
+        raise ValueError(f"v_theta {tuple(v_theta.shape)} and v_ref {tuple(v_ref.shape)} must match")
+    return ((v_theta.float() - v_ref.float().detach()) ** 2).flatten(1).mean(1)
+
+
+def kl_coefficients(reward: torch.Tensor, beta_kl: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
+    """Reward-adaptive KL weight ``floor + R~_i (beta_KL - floor)`` -> [B] (R~ the normalised reward)."""
+    return floor + reward.detach().float() * (beta_kl - floor)
+
+
+# ---- loss -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CRDLoss:
+    """loss: scalar to minimise (main + kl); main, kl: scalars (detached); residual: [B]
+    ``beta l_c - R~_c`` (detached; 0 at the optimum); centered_log_ratio: [B] ``l - sg(center(l))`` (detached)."""
+
+    loss: torch.Tensor
+    main: torch.Tensor
+    kl: torch.Tensor
+    residual: torch.Tensor
+    centered_log_ratio: torch.Tensor
+
+
+def crd_loss(
+    log_ratio: torch.Tensor,
+    reward: torch.Tensor,
+    group_ids: Optional[torch.Tensor] = None,
+    beta: float = 1.0,
+    adv_max: float = 5.0,
+    centering: str = "group",
+    form: str = "mse",
+    center_weighting: str = "uniform",
+    tau: float = 1.0,
+    kl_distance: Optional[torch.Tensor] = None,
+    beta_kl: float = 0.1,
+    kl_floor: float = 1e-4,
+    mask: Optional[torch.Tensor] = None,
+) -> CRDLoss:
+    """The CRD loss of one micro-batch at one timestep.
+
+    Args:
+        log_ratio: l [B] (``implicit_log_ratio``), with grad.
+        reward: R~ [B], the normalised reward (``normalized_reward(A)``); any per-prompt offset cancels.
+        group_ids: [B] long, one id per prompt (``group_ids_from_prompts``); needed for centering="group".
+        beta: KL strength of the target ``pi_ref e^{R/beta}`` (1).
+        adv_max: A_max of the MSE prefactor ``A_max / beta`` (5).
+        centering: "group" (theory, default) or "batch" ([deviation] the public code: one centre over a
+            batch that mixes prompts, so log Z(c) does not cancel).
+        form: "mse" (default) or "bce" ([uncertain] BCE with logits ``beta l_c`` and target ``sigmoid(R~_c)``,
+            averaged, without the MSE prefactor; same fixed point ``beta l_c = R~_c``).
+        center_weighting: "uniform" (default) or "softmax" ([uncertain] see ``_centers``) with temperature tau.
+        kl_distance: D_i [B] (``kl_anchor_distance``), with grad; None drops the anchor.
+        beta_kl, kl_floor: the anchor's coefficient ``kl_floor + R~_i (beta_kl - kl_floor)``.
+        mask: [B] bool, valid samples (excluded ones enter neither the centres nor the means).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    n = log_ratio.shape[0]
+    if log_ratio.shape != (n,) or reward.shape != (n,):
+        raise ValueError(f"log_ratio {tuple(log_ratio.shape)} and reward {tuple(reward.shape)} must both be [B]")
+    mask = torch.ones(n, dtype=torch.bool, device=log_ratio.device) if mask is None else mask.bool()
+    reward = reward.detach().float()
+    index = _group_index(group_ids, n, centering, log_ratio.device)
+    c_l, c_r = _centers(log_ratio, reward, index, mask, center_weighting, tau)
+    l_c = log_ratio - c_l
+    r_c = reward - c_r
+    m = mask.float()
+    denom = m.sum().clamp_min(1.0)
+    if form == "mse":
+        per_sample = (adv_max / beta) * (beta * l_c - r_c) ** 2
+    else:
+        per_sample = F.binary_cross_entropy_with_logits(beta * l_c, torch.sigmoid(r_c), reduction="none")
+    main = (per_sample * m).sum() / denom
+    kl = torch.zeros((), device=log_ratio.device)
+    if kl_distance is not None:
+        if kl_distance.shape != (n,):
+            raise ValueError(f"kl_distance must have shape [{n}], got {tuple(kl_distance.shape)}")
+        kl = (kl_coefficients(reward, beta_kl, kl_floor) * kl_distance * m).sum() / denom
+    return CRDLoss(loss=main + kl, main=main.detach(), kl=kl.detach(), residual=(beta * l_c - r_c).detach(),
+                   centered_log_ratio=l_c.detach())
+
+
+# ---- snapshot schedules -----------------------------------------------------------------------------
+
+
+def old_decay(step: int) -> float:
+    """Decay of the v_old snapshot (inside l) after optimizer step ``step``: ``min(0.25 + 0.005 s, 0.999)``."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return min(0.25 + 0.005 * step, 0.999)
+
+
+def sampler_decay(step: int, hard_copy_steps: int = 75) -> float:
+    """Decay of the sampler snapshot: 0 (hard copy) while s < 75, then ``min(0.0075 (s - 75), 0.999)``."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < hard_copy_steps:
+        return 0.0
+    return min(0.0075 * (step - hard_copy_steps), 0.999)
+
+
+@torch.no_grad()
+def ema_update_(snapshot: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
+    """In place ``snap <- d snap + (1 - d) theta`` for each pair; d <= 0 copies theta exactly."""
+    if decay >= 1:
+        raise ValueError(f"decay must be < 1 (d <= 0 is a hard copy), got {decay}")
+    snapshot, params = list(snapshot), list(params)
+    if len(snapshot) != len(params):
+        raise ValueError(f"{len(snapshot)} snapshot tensors for {len(params)} parameters")
+    for s, p in zip(snapshot, params):
+        if s.shape != p.shape:
+            raise ValueError(f"snapshot tensor {tuple(s.shape)} does not match parameter {tuple(p.shape)}")
+        if decay <= 0:
+            s.copy_(p.detach())
+        else:
+            s.mul_(decay).add_(p.detach().to(s.dtype), alpha=1 - decay)
+
+
+# ---- timesteps --------------------------------------------------------------------------------------
+
+
+def stratified_timesteps(
+    timesteps: Sequence[float] | torch.Tensor,
+    num_draws: int = 20,
+    fraction: float = 0.99,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K stratified draws from a scheduler's timestep list restricted to its top ``fraction``.
+
+    timesteps: [M] in the scheduler's order (high noise first). [uncertain] "top 99%" is read as Flow-GRPO's
+    ``timestep_fraction``: keep the first ``max(1, int(M * fraction))`` entries (drop the low-noise tail; with
+    M = 10 that is 9 steps). The kept positions are split into ``num_draws`` equal strata and one position is
+    drawn uniformly in each (strata repeat positions when K > kept). Returns (values [K], positions [K] long).
+    """
+    ts = torch.as_tensor(timesteps, dtype=torch.float32).flatten()
+    if ts.numel() == 0:
+        raise ValueError("timesteps is empty")
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    kept = max(1, int(ts.numel() * fraction))
+    edges = torch.linspace(0, kept, num_draws + 1, dtype=torch.float64)
+    lo = edges[:-1].floor().long()
+    width = (edges[1:].floor().long() - lo).clamp_min(1)
+    u = torch.rand(num_draws, generator=generator, dtype=torch.float64)
+    pos = (lo + (u * width).floor().long()).clamp(max=kept - 1)
+    return ts[pos], pos
