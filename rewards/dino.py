@@ -72,6 +72,8 @@ class DinoSimilarityReward(Reward):
     references: list of PIL / tensor [N,3,H,W] (e.g. all frames of a reference video) / folder of images;
     reference_features: precomputed pool features [N,D] (tensor or .safetensors file with key 'features').
     variant: 'cls' or 'patch_mean'. head=True: Adv-GRPO discriminator head (see module docstring).
+    Per-sample pools (IPRO: one identity per prompt): ``metadata[i]["reference_features"]`` ([N,D],
+    e.g. from ``features(frames)``) replaces the global pool for sample i.
     """
 
     name = "dino_similarity"
@@ -82,8 +84,6 @@ class DinoSimilarityReward(Reward):
                  image_size: Optional[int] = None, device: str = "cpu", batch_size: int = 32, seed: int = 0):
         if variant not in ("cls", "patch_mean"):
             raise ValueError(f"dino_similarity: variant must be 'cls' or 'patch_mean', got {variant!r}")
-        if references is None and reference_features is None and not head:
-            raise ValueError("dino_similarity needs references=<images or folder> or reference_features=<[N,D]>")
         self.backbone = Backbone(model, image_size, device, batch_size)
         self.variant, self.cls_weight, self.n_patches, self.patch_seed = variant, cls_weight, n_patches, patch_seed
         self.ref_tokens = None
@@ -142,7 +142,18 @@ class DinoSimilarityReward(Reward):
         tokens = self.backbone.tokens(images)
         if self.head is not None:
             return self.discriminate(tokens, self.patch_seed)
-        return F.normalize(self.feature(tokens), dim=-1) @ self.ref_mean.to(tokens.device)
+        f = F.normalize(self.feature(tokens), dim=-1)
+        pools = [None if m is None else m.get("reference_features") for m in (metadata or [None] * len(f))]
+        if all(p is None for p in pools):
+            if self.ref_mean is None:
+                raise ValueError("dino_similarity: no reference pool: pass references= or per-sample "
+                                 "metadata[i]['reference_features']")
+            return f @ self.ref_mean.to(f.device)
+        if any(p is None for p in pools) and self.ref_mean is None:
+            raise ValueError("dino_similarity: some samples have no metadata['reference_features'] and no "
+                             "global references= was given")
+        means = [self.ref_mean if p is None else F.normalize(self._load_features(p), dim=-1).mean(0) for p in pools]
+        return (f * torch.stack(means).to(f.device)).sum(-1)
 
     def train_head_step(self, generated: Images, references: Optional[Images] = None) -> dict:
         """One hinge-loss step of the head: references positive, generated negative. Returns floats

@@ -46,8 +46,8 @@ def test_clip_vision_tower_as_backbone(clip_dir):
 def test_head_learns_to_tell_references_from_generated(dino_dir, tmp_path):
     refs = toy_images(REFS * 2, seed=1)
     fake = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # "generated": noise
-    r = get("dino_similarity", model=dino_dir, references=refs, head=True, head_hidden=16, n_patches=8, lr=3e-3)
-    logs = [r.train_head_step(fake) for _ in range(40)]
+    r = get("dino_similarity", model=dino_dir, references=refs, head=True, head_hidden=16, n_patches=8, lr=5e-3)
+    logs = [r.train_head_step(fake) for _ in range(20)]
     assert logs[-1]["loss"] < 0.5 * logs[0]["loss"], (logs[0], logs[-1])
     held_refs, held_fake = toy_images(OTHER, seed=5), torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     assert r(held_refs, OTHER).min() > r(held_fake, OTHER).max()  # the reward prefers reference-like images
@@ -57,9 +57,19 @@ def test_head_learns_to_tell_references_from_generated(dino_dir, tmp_path):
     torch.testing.assert_close(r2(held_fake, OTHER), r(held_fake, OTHER))
 
 
+def test_per_sample_pools_from_metadata(dino_dir):
+    refs, x = toy_images(REFS, seed=1), toy_images(OTHER, seed=2)
+    r = get("dino_similarity", model=dino_dir)  # no global pool
+    pools = [r.features(refs[:1]), r.features(refs[1:])]
+    s = r(x, OTHER, [{"reference_features": p} for p in pools])
+    for i, p in enumerate(pools):
+        expect = get("dino_similarity", model=dino_dir, reference_features=p)(x[i:i + 1], OTHER[i:i + 1])
+        torch.testing.assert_close(s[i:i + 1], expect, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no reference pool"):
+        r(x, OTHER)
+
+
 def test_bad_options(dino_dir):
-    with pytest.raises(ValueError, match="needs references"):
-        get("dino_similarity", model=dino_dir)
     with pytest.raises(ValueError, match="variant must be"):
         get("dino_similarity", model=dino_dir, references=toy_images(REFS), variant="mean")
     with pytest.raises(RuntimeError, match="needs head=True"):
