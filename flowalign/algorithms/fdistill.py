@@ -1,0 +1,188 @@
+"""f-divergence score weighting (f-distill, SPEC §6). No I/O.
+
+``D_f(p || q) = ∫ q f(p / q)`` with p the teacher/target, q the student and r = p / q. For a student sample
+``x = G_theta(z)`` the gradient is a weighted score difference [derived]:
+
+    d/dtheta D_f(p || q_theta) = E_z[ h(r(x)) (s_q(x) - s_p(x)) . dx/dtheta ],   h(r) = r^2 f''(r),
+
+so every f-divergence is reverse KL (h = 1, VSD/DMD) with per-sample weights h(r). The table below gives f and h;
+``log_h`` is h in log space (weights from log-ratios that would overflow exp).
+
+Two ways to get r:
+- per-step Gaussian transitions (closed form, no discriminator): ``transition_weights``;
+- one-step distillation, DMD2-style: a discriminator logit d estimates log(p_data / p_gen):
+  ``discriminator_ratio`` + ``generator_surrogate_loss`` + ``discriminator_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..samplers import GaussianStep
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FDivergence:
+    """f(r) (convex, f(1) = 0), h(r) = r^2 f''(r) and log h(log r), each elementwise on tensors."""
+
+    name: str
+    f: Fn
+    h: Fn
+    log_h: Fn
+
+
+def _xlogx(r: torch.Tensor) -> torch.Tensor:
+    return torch.special.xlogy(r, r)
+
+
+DIVERGENCES: dict[str, FDivergence] = {
+    "reverse_kl": FDivergence("reverse_kl", lambda r: -torch.log(r), lambda r: torch.ones_like(r),
+                              lambda lr: torch.zeros_like(lr)),
+    "forward_kl": FDivergence("forward_kl", _xlogx, lambda r: r, lambda lr: lr),
+    "js": FDivergence("js", lambda r: _xlogx(r) - (r + 1) * torch.log((r + 1) / 2), lambda r: r / (r + 1),
+                      lambda lr: lr - F.softplus(lr)),
+    "hellinger": FDivergence("hellinger", lambda r: (r.sqrt() - 1) ** 2, lambda r: r.sqrt() / 2,
+                             lambda lr: lr / 2 - math.log(2)),
+    "jeffreys": FDivergence("jeffreys", lambda r: (r - 1) * torch.log(r), lambda r: r + 1, F.softplus),
+}
+"""The fixed divergences by name: reverse KL (-log r, h = 1), forward KL (r log r, h = r),
+Jensen-Shannon (r log r - (r+1) log((r+1)/2), h = r/(r+1)), squared Hellinger ((sqrt r - 1)^2, h = sqrt(r)/2),
+Jeffreys ((r-1) log r, h = r + 1). The alpha family is ``alpha_divergence(a)``."""
+
+
+def alpha_divergence(a: float) -> FDivergence:
+    """``f(r) = (r^a - a r - (1 - a)) / (a (a - 1))``, ``h(r) = r^a``; a not in {0, 1} (those are the KL limits)."""
+    a = float(a)
+    if a in (0.0, 1.0):
+        raise ValueError("alpha must not be 0 or 1 (the limits are reverse KL and forward KL: use those names)")
+    return FDivergence(f"alpha({a:g})", lambda r: (r**a - a * r - (1 - a)) / (a * (a - 1)), lambda r: r**a,
+                       lambda lr: a * lr)
+
+
+def get_divergence(name: str, alpha: Optional[float] = None) -> FDivergence:
+    """A divergence from the table, or ``"alpha"`` with ``alpha=a``."""
+    if name == "alpha":
+        if alpha is None:
+            raise ValueError("divergence 'alpha' needs alpha=a (e.g. 0.5)")
+        return alpha_divergence(alpha)
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join([*DIVERGENCES, 'alpha'])}")
+    return DIVERGENCES[name]
+
+
+def _as_divergence(divergence, alpha: Optional[float]) -> FDivergence:
+    return divergence if isinstance(divergence, FDivergence) else get_divergence(divergence, alpha)
+
+
+def normalized_weights(log_h: torch.Tensor) -> torch.Tensor:
+    """``h / mean(h)`` from log h [B], computed stably in log space -> [B] (mean 1)."""
+    log_mean = torch.logsumexp(log_h, dim=0) - math.log(log_h.numel())
+    return (log_h - log_mean).exp()
+
+
+# ---- per-step Gaussian transitions --------------------------------------------------------------------
+
+
+def transition_log_ratio(student: GaussianStep, teacher: GaussianStep, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``log r = log p_T(x') - log p_S(x')`` -> [B], the exact density ratio of two transitions from the same
+    state (sum over elements: the true densities), at x' = the student's prev_sample unless x is given."""
+    x = student.prev_sample if x is None else x
+    return teacher.log_prob(x, reduction="sum") - student.log_prob(x, reduction="sum")
+
+
+def transition_weights(student: GaussianStep, teacher: GaussianStep, divergence="reverse_kl",
+                       alpha: Optional[float] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Detached weights ``h(r) / mean_batch h(r)`` -> [B] for per-step distillation (r from the exact
+    transition densities, see ``transition_log_ratio``). reverse_kl gives all ones."""
+    div = _as_divergence(divergence, alpha)
+    with torch.no_grad():
+        return normalized_weights(div.log_h(transition_log_ratio(student, teacher, x).double())).float()
+
+
+# ---- DMD2-style one-step distillation -----------------------------------------------------------------
+
+
+def discriminator_ratio(logits: torch.Tensor, t: torch.Tensor, num_bins: int = 10, logit_clamp: float = 10.0,
+                        clip: tuple[float, float] = (0.1, 20.0)) -> torch.Tensor:
+    """Density ratio from discriminator logits -> [B] (detached).
+
+    ``r = clip(exp(clamp(d, -c, c)), 0.1, 20)``, then divided by its mean within its time bin
+    (``num_bins`` equal bins of t in [0, 1]; t = 1 falls in the last bin).
+    """
+    d = logits.detach().float().reshape(-1)
+    t = torch.as_tensor(t, dtype=torch.float32, device=d.device).reshape(-1)
+    if t.shape != d.shape:
+        raise ValueError(f"t must have one value per logit ([{d.numel()}]), got {tuple(t.shape)}")
+    if ((t < 0) | (t > 1)).any():
+        raise ValueError("t must lie in [0, 1] (divide scheduler timesteps by num_train_timesteps)")
+    r = d.clamp(-logit_clamp, logit_clamp).exp().clamp(*clip)
+    bins = (t * num_bins).long().clamp(max=num_bins - 1)
+    total = torch.zeros(num_bins, device=d.device).index_add_(0, bins, r)
+    count = torch.zeros(num_bins, device=d.device).index_add_(0, bins, torch.ones_like(r))
+    return r / (total / count.clamp_min(1))[bins]
+
+
+@dataclass
+class GeneratorLoss:
+    """loss: scalar; distill, gan: scalars (detached); weights: [B] normalised h (detached)."""
+
+    loss: torch.Tensor
+    distill: torch.Tensor
+    gan: torch.Tensor
+    weights: torch.Tensor
+
+
+def generator_surrogate_loss(
+    x: torch.Tensor,
+    x0_fake: torch.Tensor,
+    x0_teacher: torch.Tensor,
+    d_fake: torch.Tensor,
+    t: torch.Tensor,
+    divergence="js",
+    alpha: Optional[float] = None,
+    lambda_gan: float = 1e-3,
+    num_bins: int = 10,
+) -> GeneratorLoss:
+    """DMD2-style generator loss with f-divergence weights.
+
+    ``h = h(r) / mean_batch h(r)`` with r from ``discriminator_ratio(d_fake, t)``,
+    ``w = h / (mean_d |x - x0_teacher| + 1e-6)``, ``g = w (x0_fake - x0_teacher)``,
+    ``L = 1/2 mean_{i,d} (x - sg(x - g))^2 + lambda_gan mean_i softplus(-d_fake)``.
+    The first term's gradient w.r.t. x is g / numel (the DMD "fake minus real" direction, descent moves x
+    toward the teacher's x0).
+
+    Args:
+        x: generator outputs [B, ...] (with grad).
+        x0_fake, x0_teacher: the fake-score network's and the teacher's (CFG, in x0 space) x0 predictions at
+            the noised x_t [B, ...] (no grad).
+        d_fake: discriminator logits on the generated samples [B] (with grad for the GAN term).
+        t: noise level of each sample's x_t in [0, 1] [B].
+        divergence: a name from the table (default "js") or "alpha" with alpha=a.
+    """
+    if not (x.shape == x0_fake.shape == x0_teacher.shape):
+        raise ValueError(f"x {tuple(x.shape)}, x0_fake {tuple(x0_fake.shape)} and x0_teacher "
+                         f"{tuple(x0_teacher.shape)} must share one shape")
+    div = _as_divergence(divergence, alpha)
+    with torch.no_grad():
+        r = discriminator_ratio(d_fake, t, num_bins)
+        h = div.h(r)
+        h = h / h.mean()
+        scale = (x - x0_teacher).abs().flatten(1).mean(1) + 1e-6
+        w = (h / scale).reshape(-1, *([1] * (x.dim() - 1)))
+        g = w * (x0_fake.float() - x0_teacher.float())
+        target = x.detach() - g
+    distill = 0.5 * ((x - target) ** 2).mean()
+    gan = F.softplus(-d_fake.float()).mean()
+    return GeneratorLoss(loss=distill + lambda_gan * gan, distill=distill.detach(), gan=gan.detach(), weights=h)
+
+
+def discriminator_loss(d_fake: torch.Tensor, d_real: torch.Tensor) -> torch.Tensor:
+    """``mean softplus(d_fake) + mean softplus(-d_real)``: the logit then estimates log(p_data / p_gen)."""
+    return F.softplus(d_fake.float()).mean() + F.softplus(-d_real.float()).mean()
