@@ -101,9 +101,10 @@ class DinoSimilarityReward(Reward):
             self.ref_mean = F.normalize(feats, dim=-1).mean(0)  # [D]: mean_j n(r_j)
         self.head = None
         if head:
-            torch.manual_seed(seed)
             d = self.backbone.dim
-            self.head = nn.Sequential(nn.Linear(d, head_hidden), nn.GELU(), nn.Linear(head_hidden, 1)).to(device)
+            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+                torch.manual_seed(seed)
+                self.head = nn.Sequential(nn.Linear(d, head_hidden), nn.GELU(), nn.Linear(head_hidden, 1)).to(device)
             if head_path is not None:
                 from safetensors.torch import load_file
 
