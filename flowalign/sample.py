@@ -1,0 +1,186 @@
+"""Sampling with RL guidance from the command line: one scale -> a PNG; several scales -> a reward sweep.
+
+``flowalign sample --lora DIR --rlg-scale W --prompt "..." --out FILE.png`` samples
+``pipe(prompt)`` with ``out = out_ref + W (out_theta - out_ref)`` (see ``flowalign.rlg``).
+``flowalign sample --lora DIR --rlg-scale 0,0.5,1,1.5,2 --reward NAME --out DIR`` samples the same prompts
+with the same seeds (image i: ``torch.Generator().manual_seed(seed + i)``) at each scale, scores them with
+the reward and writes ``DIR/rlg_sweep.json`` (mean and standard error per scale), ``DIR/rlg_sweep.png``
+(reward vs scale) and ``DIR/grid_w<scale>.png`` (the first images at each scale).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .config import DEFAULT_MODEL
+from .rlg import enable_rlg
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME = "aligned"
+GRID_MAX = 8  # images per grid row
+
+
+def parse_scales(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]; a clear ValueError for anything else."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        scales = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--rlg-scale {text!r} is not a number or a comma-separated list of numbers "
+                         "(e.g. 1.5 or 0,0.5,1,1.5,2)") from None
+    if not all(math.isfinite(s) for s in scales):
+        raise ValueError(f"--rlg-scale {text!r} must contain finite numbers")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"--rlg-scale {text!r} repeats a scale")
+    return scales
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a Hub id ('org/name')."""
+    return path.startswith((os.sep, ".", "~")) or path.count("/") != 1 or path.endswith("/") or os.path.exists(path)
+
+
+def check_lora_dir(lora_dir: str) -> str:
+    """The LoRA folder (or .safetensors file) must exist; returns it."""
+    if os.path.isfile(lora_dir) and lora_dir.endswith(".safetensors"):
+        return lora_dir
+    if not os.path.isdir(lora_dir):
+        raise FileNotFoundError(f"LoRA folder {lora_dir!r} not found: train one with `flowalign demo` "
+                                "(writes demo_out/lora) or pass --lora DIR")
+    if not os.path.isfile(os.path.join(lora_dir, LORA_FILE)):
+        raise FileNotFoundError(f"LoRA folder {lora_dir!r} has no {LORA_FILE}: pass a folder written by "
+                                "flowalign.lora.save_lora / pipe.save_lora_weights")
+    return lora_dir
+
+
+def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None, device: Optional[str] = None):
+    """Load the pipeline (``flowalign.models.load_pipeline``) and, when given, the LoRA as adapter 'aligned'."""
+    from .models import load_pipeline
+
+    if _looks_local(model) and not os.path.isdir(model):
+        hint = " (the shipped pipeline: run scripts/train_tiny_pipeline.py)" if model == DEFAULT_MODEL else ""
+        raise FileNotFoundError(f"model folder {model!r} not found{hint}: pass --model DIR or a Hub id")
+    if lora_dir is not None:
+        check_lora_dir(lora_dir)
+    pipe = load_pipeline(model)
+    if device:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, adapter_name=ADAPTER_NAME)
+    return pipe
+
+
+@torch.no_grad()
+def sample_at_scale(pipe, prompts: Sequence[str], scale: float, seed: int = 0, steps: int = 20,
+                    guidance_scale: float = 4.5, batch_size: int = 16, zero_init_step: int = 0) -> torch.Tensor:
+    """Images [N,3,H,W] in [0,1] at RLG scale w; image i uses seed + i (paired across scales)."""
+    from .evaluate import sample_images
+
+    enable_rlg(pipe, scale, zero_init_step=zero_init_step)
+    return sample_images(pipe, list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale,
+                         batch_size=batch_size, desc=f"RLG w={scale:g}")
+
+
+def _save_images(images: torch.Tensor, path: str, captions: Sequence[str], label: str) -> None:
+    from .report import _to_pil, image_grid
+
+    if images.shape[0] == 1:
+        _to_pil(images[0], 1).save(path)
+    else:
+        image_grid([images[:GRID_MAX]], [label], list(captions[:GRID_MAX]), path)
+
+
+def sample_png(out: str, prompt: str, scale: float, model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None,
+               seed: int = 0, steps: int = 20, guidance_scale: float = 4.5, num_images: int = 1) -> str:
+    """Sample ``num_images`` images of ``prompt`` at scale w and write them to ``out`` (one image, or a grid)."""
+    if not out.lower().endswith(".png"):
+        raise ValueError(f"--out {out!r} must be a .png file for a single scale")
+    if num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    pipe = load_rlg_pipeline(model, lora_dir)
+    images = sample_at_scale(pipe, [prompt] * num_images, scale, seed, steps, guidance_scale)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _save_images(images, out, [f"seed {seed + i}" for i in range(num_images)], f"w={scale:g}")
+    return out
+
+
+def sweep_prompts(prompts: Optional[str], num_images: int) -> list[str]:
+    """``num_images`` prompts: a text file's lines cycled, or the toy held-out prompts round-robin over tasks."""
+    if num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    if prompts:
+        if not os.path.isfile(prompts):
+            raise FileNotFoundError(f"prompt file {prompts!r} not found: pass a text file, one prompt per line")
+        with open(prompts, encoding="utf-8") as f:
+            pool = [line.strip() for line in f if line.strip()]
+        if not pool:
+            raise ValueError(f"prompt file {prompts!r} has no prompts: write one prompt per line")
+    else:
+        from .toy import GENEVAL_TASKS, prompts_in_split
+
+        per_task = [prompts_in_split(task, "heldout") for task in GENEVAL_TASKS]
+        pool = [p[i % len(p)] for i in range(num_images) for p in per_task][:num_images]
+    return [pool[i % len(pool)] for i in range(num_images)]
+
+
+def plot_sweep(result: dict, path: str) -> None:
+    """Reward mean +- standard error vs RLG scale; w = 0 (base) and w = 1 (fine-tuned) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = [r["scale"] for r in result["per_scale"]]
+    m = [r["mean"] for r in result["per_scale"]]
+    se = [r["sem"] for r in result["per_scale"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(w, m, yerr=se, fmt="o-", capsize=3, color="C0", label=f"{result['reward']} (mean ± s.e.)")
+    for x, name in ((0.0, "base"), (1.0, "fine-tuned")):
+        ax.axvline(x, color="gray", ls=":", lw=1)
+        ax.text(x, ax.get_ylim()[1], f" {name}", va="top", fontsize=8, color="gray")
+    ax.set_xlabel("RLG scale w")
+    ax.set_ylabel(result["reward"])
+    ax.set_title(f"RL guidance sweep ({result['n']} images per scale)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rlg_sweep(out_dir: str, scales: Sequence[float], reward: str, model: str = DEFAULT_MODEL,
+              lora_dir: Optional[str] = None, prompts: Optional[str] = None, seed: int = 0, steps: int = 20,
+              guidance_scale: float = 4.5, num_images: int = 24) -> dict:
+    """Score each RLG scale with ``reward`` on the same prompts and seeds; write JSON, plot and grids.
+
+    Returns {"per_scale": [{"scale", "mean", "sem", "n", "grid"}], "reward", "model", "lora", ...}."""
+    from . import rewards
+
+    if lora_dir is None:
+        raise ValueError("an RLG sweep needs --lora DIR (the fine-tuned adapter)")
+    scorer = rewards.get(reward)  # unknown names fail before any sampling
+    texts = sweep_prompts(prompts, num_images)
+    pipe = load_rlg_pipeline(model, lora_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for w in scales:
+        images = sample_at_scale(pipe, texts, w, seed, steps, guidance_scale)
+        scores = torch.as_tensor(scorer(images, texts)).float().flatten()
+        n = scores.numel()
+        sem = scores.std().item() / math.sqrt(n) if n > 1 else 0.0
+        grid = f"grid_w{w:g}.png"
+        _save_images(images, os.path.join(out_dir, grid), texts, f"w={w:g}")
+        rows.append({"scale": w, "mean": scores.mean().item(), "sem": sem, "n": n, "grid": grid})
+        print(f"RLG w={w:g}: {reward} {rows[-1]['mean']:.4f} ± {sem:.4f} (n={n})")
+    result = {"reward": reward, "model": model, "lora": lora_dir, "seed": seed, "steps": steps,
+              "guidance_scale": guidance_scale, "n": len(texts), "prompts": prompts or "toy held-out",
+              "per_scale": rows}
+    with open(os.path.join(out_dir, "rlg_sweep.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot_sweep(result, os.path.join(out_dir, "rlg_sweep.png"))
+    return result

@@ -1,0 +1,73 @@
+"""``flowalign sample``: one scale -> PNG, a scale list -> reward sweep (JSON, plot, grids), one-line errors."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from PIL import Image
+
+from flowalign import lora
+from flowalign.cli import main
+from flowalign.models import adapter_for
+from flowalign.models.tiny import tiny_sd3_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """(pipeline folder, LoRA folder): a tiny SD3 pipeline (no T5) and a random nonzero LoRA for it."""
+    root = tmp_path_factory.mktemp("tiny")
+    pipe = tiny_sd3_pipeline(with_t5=False)
+    pipe.save_pretrained(str(root / "model"))
+    params = lora.add_lora(adapter_for(pipe), rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    lora.save_lora(adapter_for(pipe), str(root / "lora"))
+    return str(root / "model"), str(root / "lora")
+
+
+def test_sample_single_png(tiny_model, tmp_path):
+    model, lora_dir = tiny_model
+    out = tmp_path / "img.png"
+    assert main(["sample", "--model", model, "--lora", lora_dir, "--rlg-scale", "1.5", "--prompt", "a red circle",
+                 "--out", str(out), "--steps", "2", "--guidance-scale", "3"]) == 0
+    assert Image.open(out).size == (32, 32)
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", model, "--lora", lora_dir, "--rlg-scale", "0.5", "--prompt", "a red circle",
+                 "--out", str(grid), "--steps", "1", "--num-images", "2"]) == 0
+    assert Image.open(grid).size[0] > 64
+
+
+def test_sample_sweep(tiny_model, tmp_path):
+    model, lora_dir = tiny_model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\ntwo blue squares\n")
+    out = tmp_path / "sweep"
+    assert main(["sample", "--model", model, "--lora", lora_dir, "--rlg-scale", "0,1,2", "--reward",
+                 "jpeg_compressibility", "--prompts", str(prompts), "--num-images", "3", "--steps", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "rlg_sweep.json").read_text())
+    assert [r["scale"] for r in result["per_scale"]] == [0.0, 1.0, 2.0]
+    assert all(r["n"] == 3 and isinstance(r["mean"], float) for r in result["per_scale"])
+    assert len({r["mean"] for r in result["per_scale"]}) == 3  # the scale changes the images
+    for name in ["rlg_sweep.png"] + [r["grid"] for r in result["per_scale"]]:
+        assert Image.open(out / name).size[0] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model", "--prompt", "x"], "model folder '/nonexistent/model' not found"),
+    (["--lora", "/nonexistent/lora", "--prompt", "x"], "LoRA folder '/nonexistent/lora' not found"),
+    (["--rlg-scale", "0,a,1", "--reward", "toy_geneval"], "is not a number or a comma-separated list"),
+    (["--rlg-scale", "0,1"], "add --reward NAME"),
+    (["--rlg-scale", "1"], "--prompt is required"),
+    (["--rlg-scale", "0,1", "--reward", "nope"], "unknown reward 'nope'"),
+])
+def test_bad_input_one_line(tiny_model, tmp_path, capsys, args, message):
+    model, lora_dir = tiny_model
+    base = ["sample", "--model", model, "--lora", lora_dir, "--out", str(tmp_path / "o.png")]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowalign: error: ") and message in err and "\n" not in err, err
