@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -25,6 +24,7 @@ from .ema import EMA
 from .models import load_adapter
 from .prompts import PromptSource
 from .rewards import get as get_reward
+from .rewards.guard import safe_scores
 from .rollout import rescore, rollout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,15 +62,11 @@ class GRPOTrainer:
 
     # --- one iteration -----------------------------------------------------------------------------
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards [B] and a validity mask [B]: NaN/inf rewards are left out of the advantages."""
-        scores = self.reward(images, prompts).float()
-        valid = torch.isfinite(scores)
-        n_bad = int((~valid).sum())
-        if n_bad:
-            self.bad_rewards += n_bad
-            warnings.warn(f"reward {getattr(self.reward, 'name', 'reward')} returned {n_bad} non-finite scores; "
-                          "those samples are left out of the advantages")
-        return torch.where(valid, scores, torch.zeros_like(scores)), valid
+        """Rewards [B] and a validity mask [B]: NaN/inf scores, and images the reward raised on, are left
+        out of the advantages (with a warning; counted in ``bad_rewards``)."""
+        scores, valid, n_bad = safe_scores(self.reward, images, prompts)
+        self.bad_rewards += n_bad
+        return scores, valid
 
     def _rollout(self):
         c, s = self.cfg, self.cfg.sampling

@@ -1,0 +1,40 @@
+"""`flowalign demo --quick` end to end on the shipped pipeline: the report folder and its numbers."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from flowalign.cli import main
+from flowalign.config import DEFAULT_MODEL
+
+
+@pytest.mark.skipif(not os.path.isdir(DEFAULT_MODEL), reason=f"shipped pipeline missing at {DEFAULT_MODEL}")
+def test_quick_demo_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for side in ("base", "aligned"):
+        assert 0.0 <= metrics[side]["toy_geneval"] <= 1.0
+        assert set(metrics[side]["per_task"]) == {"single_object", "colors", "counting", "two_object",
+                                                  "color_attr", "position"}
+        assert metrics[side]["n"] == metrics["heldout_images"] == 12
+    assert metrics["samples"] == metrics["iterations"] * 8
+    assert metrics["delta"] == pytest.approx(metrics["aligned"]["toy_geneval"] - metrics["base"]["toy_geneval"])
+    assert metrics["wall_s"] > 0
+    for png in ("reward_curve.png", "grid.png"):
+        with Image.open(out / png) as im:
+            assert im.width > 200 and im.height > 100
+    report = (out / "report.md").read_text()
+    assert "reward_curve.png" in report and "grid.png" in report
+    assert f"{metrics['base']['toy_geneval']:.3f} -> {metrics['aligned']['toy_geneval']:.3f}" in report
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == metrics["iterations"]
+    assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_demo_with_a_missing_model_fails_in_one_line(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flowalign: error:") and "nope" in err[0]
