@@ -1,0 +1,112 @@
+"""End to end in a real browser: ``flowalign.app`` on a free 127.0.0.1 port with a tiny pipeline and LoRA,
+driven by headless Chromium (selenium + chromedriver): move the RLG slider, click Generate, check both
+images appear and the run used the slider's value. Skipped (with the reason) only when no browser is found;
+``.ci/install-browser`` installs Debian's chromium + chromium-driver."""
+
+import os
+import shutil
+import socket
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,1600"]
+
+
+def _browser():
+    """(chromium binary, chromedriver) or pytest.skip with the reason."""
+    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        reason = "no headless browser: " + ", ".join(
+            n for n, p in (("chromium", binary), ("chromedriver", driver)) if p is None) + \
+            " not found (run .ci/install-browser)"
+        print(reason)
+        pytest.skip(reason)
+    return binary, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    pytest.importorskip("gradio", reason='gradio not installed: pip install -e ".[dev]"')
+    from flowalign import lora
+    from flowalign.app import launch
+    from flowalign.models import adapter_for
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(with_t5=False)
+    pipe.save_pretrained(str(tmp_path / "model"))
+    params = lora.add_lora(adapter_for(pipe), rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    lora.save_lora(adapter_for(pipe), str(tmp_path / "lora"))
+    port = _free_port()
+    ui = launch(str(tmp_path / "model"), str(tmp_path / "lora"), host="127.0.0.1", port=port, block=False,
+                default_steps=2)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        ui.close()
+
+
+def test_generate_in_browser(app_url, tmp_path):
+    binary, driver_path = _browser()
+    webdriver = pytest.importorskip("selenium.webdriver", reason='selenium not installed: pip install -e ".[dev]"')
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        wait = WebDriverWait(driver, 40)
+        driver.get(app_url)
+        slider = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#rlg_scale input[type=range]"))
+        number = driver.find_element(By.CSS_SELECTOR, "#rlg_scale input[type=number]")
+        assert float(number.get_attribute("value")) == pytest.approx(1.0)
+        slider.click()  # focus (a click may also move the thumb): set a known value with the keyboard
+        slider.send_keys(Keys.HOME)  # -> minimum -1.0
+        for _ in range(25):  # 25 x 0.1 -> 1.5
+            slider.send_keys(Keys.ARROW_RIGHT)
+        wait.until(lambda d: abs(float(number.get_attribute("value")) - 1.5) < 1e-6)
+        driver.find_element(By.ID, "generate").click()
+        info = lambda d: d.find_element(By.CSS_SELECTOR, "#info textarea, #info input").get_attribute("value")  # noqa
+        wait.until(lambda d: "w=1.5" in (info(d) or ""))
+        for elem_id in ("base_image", "aligned_image"):
+            img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} img"))
+            assert img.get_attribute("src"), f"{elem_id}: empty img src"
+            wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+    except Exception:
+        driver.save_screenshot(str(tmp_path / "failure.png"))
+        print(f"screenshot: {tmp_path / 'failure.png'}")
+        raise
+    finally:
+        driver.quit()
+
+
+def test_missing_lora_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gradio", reason='gradio not installed: pip install -e ".[dev]"')
+    from flowalign.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no demo_out/ here
+    assert main(["gradio", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no aligned adapter at 'demo_out/lora': run `flowalign demo` first" in err and "\n" not in err
+    assert main(["gradio", "--lora", str(tmp_path / "nope")]) == 2
+    assert "LoRA folder" in capsys.readouterr().err
