@@ -150,6 +150,12 @@ def test_named_adapter_add_lora_and_pipeline_features():
     out = pipe(PROMPT * 2, num_inference_steps=2, guidance_scale=3.0, max_sequence_length=16, output_type="pil",
                callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
     assert steps == [0, 1] and len(out.images) == 2 and out.images[0].size == (32, 32)
+    # a failing forward leaves the adapters as they were (the forward hook runs with always_call)
+    enable_rlg(pipe, 0.0)
+    with pytest.raises(Exception):
+        pipe.transformer(hidden_states=torch.zeros(1, 3, 5, 5), timestep=torch.ones(1))
+    layers = [m for m in pipe.transformer.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")]
+    assert layers and not any(m.disable_adapters for m in layers)
     for bad in (dict(scale=float("nan")), dict(scale=1.0, zero_init_step=-1)):
         with pytest.raises(ValueError):
             enable_rlg(pipe, **bad)
