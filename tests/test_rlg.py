@@ -14,6 +14,15 @@ from flowalign.models.tiny import TINY_BUILDERS
 from flowalign.rlg import disable_rlg, enable_rlg, rlg_mix, rlg_scale
 from flowalign.samplers import flow_ode_step, flow_sde_step
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread (2 threads spin-wait for cores shared with other jobs, 10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 PROMPT = ["a red circle"]
 CALL_KW = {
     "sd3": dict(max_sequence_length=16),

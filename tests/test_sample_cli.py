@@ -15,6 +15,15 @@ from flowalign.models import adapter_for
 from flowalign.models.tiny import tiny_sd3_pipeline
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread (2 threads spin-wait for cores shared with other jobs, 10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """(pipeline folder, LoRA folder): a tiny SD3 pipeline (no T5) and a random nonzero LoRA for it."""
