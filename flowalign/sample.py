@@ -64,7 +64,9 @@ def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None
 
     if _looks_local(model) and not os.path.isdir(model):
         hint = " (the shipped pipeline: run scripts/train_tiny_pipeline.py)" if model == DEFAULT_MODEL else ""
-        raise FileNotFoundError(f"model folder {model!r} not found{hint}: pass --model DIR or a Hub id")
+        what = "is not a folder" if os.path.exists(model) else "not found"
+        raise FileNotFoundError(f"model folder {model!r} {what}{hint}: pass --model DIR (a diffusers pipeline) "
+                                "or a Hub id")
     if lora_dir is not None:
         check_lora_dir(lora_dir)
     pipe = load_pipeline(model)
