@@ -13,6 +13,10 @@ from typing import Any, Optional
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy-sd3")
 
 
+SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "ddim")
+ALGORITHMS = ("grpo", "nft", "crd", "opd")
+
+
 def _help(text: str, default: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": text})
@@ -22,6 +26,11 @@ def _help(text: str, default: Any) -> Any:
 def _choice(section: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def _fraction(section: str, name: str, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"{section}.{name} must be in (0, 1], got {value}")
 
 
 def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
@@ -38,6 +47,8 @@ class ModelConfig:
     lora_alpha: Optional[float] = _help("LoRA alpha (None = 2 r)", None)
     lora_dropout: float = _help("LoRA dropout", 0.0)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
+    device: Optional[str] = _help("where a loaded pipeline runs: cpu | cuda | cuda:N (None = cuda when available)",
+                                  None)
 
     def __post_init__(self):
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -50,15 +61,21 @@ class SamplingConfig:
     num_steps: int = _help("denoising steps per training rollout", 10)
     eval_num_steps: int = _help("denoising steps at evaluation", 10)
     guidance_scale: float = _help("CFG scale of the policy (the policy is the CFG-combined velocity)", 4.5)
-    sampler: str = _help("flow_sde | flow_constant_noise | flow_cps | ddim (SD/SDXL)", "flow_sde")
+    sampler: str = _help("flow_sde | flow_constant_noise | flow_cps | flow_ode (deterministic; CRD/OPD/NFT rollouts) "
+                         "| ddim (SD/SDXL)", "flow_sde")
     noise_level: float = _help("a of the flow SDE / CPS, eta of the constant-noise SDE / DDIM", 0.7)
     sde_window: Optional[tuple] = _help("[start, length]: only these steps are stochastic (Flow-GRPO-Fast)", None)
+    resolution: Optional[int] = _help("image height = width in pixels (None = the pipeline's default size)", None)
+    num_frames: Optional[int] = _help("video frames (Wan; None = the pipeline's default)", None)
 
     def __post_init__(self):
         _positive("sampling", "num_steps", self.num_steps)
+        for name in ("resolution", "num_frames"):
+            if getattr(self, name) is not None:
+                _positive("sampling", name, getattr(self, name))
         _positive("sampling", "eval_num_steps", self.eval_num_steps)
         _positive("sampling", "noise_level", self.noise_level)
-        _choice("sampling", "sampler", self.sampler, ("flow_sde", "flow_constant_noise", "flow_cps", "ddim"))
+        _choice("sampling", "sampler", self.sampler, SAMPLERS)
         if self.sde_window is not None:
             if len(self.sde_window) != 2 or self.sde_window[0] < 0 or self.sde_window[1] < 1 or \
                     self.sde_window[0] + self.sde_window[1] > self.num_steps:
@@ -101,8 +118,12 @@ class TrainConfig:
     out_dir: str = _help("where metrics, samples and the LoRA are written", "runs/train")
     eval_every: int = _help("held-out evaluation every N iterations (0 = only at the end)", 0)
     eval_per_task: int = _help("held-out images per toy task at evaluation", 16)
+    algorithm: str = _help("update rule: grpo (Flow-GRPO) | nft (DiffusionNFT) | crd (Centered Reward Distillation) "
+                           "| opd (DiffusionOPD); its section of the same name configures it", "grpo")
+    reward_options: dict = _help("keyword options of the reward, e.g. {url: http://...} for remote", {})
 
     def __post_init__(self):
+        _choice("train", "algorithm", self.algorithm, ALGORITHMS)
         for name in ("iterations", "prompts_per_iter", "group_size", "minibatch", "lr", "eval_per_task"):
             _positive("train", name, getattr(self, name))
         if self.group_size < 2:
@@ -112,19 +133,184 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class NFTConfig:
+    """DiffusionNFT (SPEC §4): forward-process loss on the old model's samples, no CFG in training."""
+
+    beta: float = _help("implicit-policy step beta in v+- = v_old +- beta (v_theta - v_old) (1; 0.1 for OCR)", 1.0)
+    kl_coef: float = _help("lambda_KL of |v_theta - v_ref|^2 to the adapter-disabled model (0 = no reference pass)",
+                           1e-4)
+    adv_max: float = _help("A_max of the optimality r = clip(A / A_max, -1, 1) / 2 + 1/2", 5.0)
+    num_timesteps: int = _help("forward-process timesteps per update, stratified over the rollout grid", 10)
+    timestep_fraction: float = _help("keep the first (noisiest) fraction of the grid for the timestep draws", 0.99)
+    reduction: str = _help("mean | sum of squared errors over elements (reference: mean)", "mean")
+    old_decay_flat: int = _help("old model = EMA of the policy: hard copy for the first N optimizer steps "
+                                "[uncertain: DiffusionNFT decay type 1 as recalled]", 0)
+    old_decay_rate: float = _help("then decay d = rate * (s - flat) ...", 0.001)
+    old_decay_max: float = _help("... capped at this value (snap <- d snap + (1 - d) theta)", 0.5)
+    inner_epochs: int = _help("passes over each rollout batch", 1)
+
+    def __post_init__(self):
+        _positive("nft", "beta", self.beta)
+        _positive("nft", "kl_coef", self.kl_coef, allow_zero=True)
+        _positive("nft", "adv_max", self.adv_max)
+        _positive("nft", "num_timesteps", self.num_timesteps)
+        _fraction("nft", "timestep_fraction", self.timestep_fraction)
+        _choice("nft", "reduction", self.reduction, ("mean", "sum"))
+        _positive("nft", "old_decay_flat", self.old_decay_flat, allow_zero=True)
+        _positive("nft", "old_decay_rate", self.old_decay_rate, allow_zero=True)
+        if not 0 <= self.old_decay_max < 1:
+            raise ValueError(f"nft.old_decay_max must be in [0, 1), got {self.old_decay_max}")
+        _positive("nft", "inner_epochs", self.inner_epochs)
+
+
+@dataclass(frozen=True)
+class CRDConfig:
+    """Centered Reward Distillation (SPEC §5)."""
+
+    beta: float = _help("KL strength of the target pi_ref exp(R / beta)", 1.0)
+    adv_max: float = _help("A_max: R~ = clip(A, -A_max, A_max) / (2 A_max) + 1/2 and the MSE prefactor A_max / beta",
+                           5.0)
+    centering: str = _help("group (within each prompt's group: the theory) | batch (public code; deviation: "
+                           "log Z(c) does not cancel)", "group")
+    form: str = _help("mse | bce [uncertain]", "mse")
+    center_weighting: str = _help("uniform | softmax [uncertain] (softmax(R~/tau) positive/negative halves)", "uniform")
+    tau: float = _help("temperature of center_weighting=softmax", 1.0)
+    beta_kl: float = _help("KL anchor coefficient at R~ = 1 (reward-adaptive: kl_floor + R~ (beta_kl - kl_floor)); "
+                           "0 = no anchor pass", 0.1)
+    kl_floor: float = _help("KL anchor coefficient at R~ = 0", 1e-4)
+    kl_guidance_scale: float = _help("CFG of the base model (adapter off) in the KL anchor", 4.5)
+    num_timesteps: int = _help("K stratified forward-process timesteps per optimizer step", 20)
+    timestep_fraction: float = _help("draw from the first (noisiest) fraction of the rollout grid (top 99%)", 0.99)
+    steps_per_iter: int = _help("optimizer steps per iteration (the prompt groups are split between them)", 2)
+    sampler_hard_copy_steps: int = _help("the sampler snapshot is a hard copy while s < this, then "
+                                         "d = min(0.0075 (s - N), 0.999)", 75)
+    eps: float = _help("floor of the adaptive weights w = max(mean_d |v - u|, eps)", 1e-5)
+
+    def __post_init__(self):
+        _positive("crd", "beta", self.beta)
+        _positive("crd", "adv_max", self.adv_max)
+        _choice("crd", "centering", self.centering, ("group", "batch"))
+        _choice("crd", "form", self.form, ("mse", "bce"))
+        _choice("crd", "center_weighting", self.center_weighting, ("uniform", "softmax"))
+        _positive("crd", "tau", self.tau)
+        _positive("crd", "beta_kl", self.beta_kl, allow_zero=True)
+        _positive("crd", "kl_floor", self.kl_floor, allow_zero=True)
+        _positive("crd", "kl_guidance_scale", self.kl_guidance_scale)
+        _positive("crd", "num_timesteps", self.num_timesteps)
+        _fraction("crd", "timestep_fraction", self.timestep_fraction)
+        _positive("crd", "steps_per_iter", self.steps_per_iter)
+        _positive("crd", "sampler_hard_copy_steps", self.sampler_hard_copy_steps, allow_zero=True)
+        _positive("crd", "eps", self.eps)
+
+
+TEACHER_KEYS = ("lora", "guidance_scale", "prompts", "reward")
+
+
+@dataclass(frozen=True)
+class OPDConfig:
+    """DiffusionOPD (SPEC §3): per-step reverse KL to each prompt's task teacher on the student's own rollouts."""
+
+    teachers: dict = _help("task -> {lora: folder saved by save_lora, guidance_scale: the teacher's CFG, prompts: "
+                           "that task's prompt source (default train.prompts; 'toy:text' = the toy text task), "
+                           "reward: optional reward name logged for that task}", {})
+    scaling: str = _help("exact (KL) | reference (the published code's scaling); ODE steps always use mean matching",
+                         "exact")
+    reduction: str = _help("mean | sum over elements (reference: mean)", "mean")
+    divergence: Optional[str] = _help("f-divergence weighting of stochastic steps (None = reverse KL)", None)
+    alpha: Optional[float] = _help("alpha of divergence=alpha", None)
+    train_window: Optional[tuple] = _help("[first, last, length]: train `length` consecutive steps placed at random "
+                                          "inside steps first..last each iteration [uncertain]; None = all steps",
+                                          None)
+
+    def __post_init__(self):
+        if not isinstance(self.teachers, dict):
+            raise ValueError("opd.teachers must map task -> {lora: ..., guidance_scale: ...}")
+        for task, t in self.teachers.items():
+            if not isinstance(t, dict) or "lora" not in t:
+                raise ValueError(f"opd.teachers.{task} must be a mapping with at least lora: FOLDER "
+                                 f"(keys: {', '.join(TEACHER_KEYS)})")
+            for key in t:
+                if key not in TEACHER_KEYS:
+                    raise ValueError(f"unknown key opd.teachers.{task}.{key}; valid keys: {', '.join(TEACHER_KEYS)}")
+            g = t.get("guidance_scale", 1.0)
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or g <= 0:
+                raise ValueError(f"opd.teachers.{task}.guidance_scale must be a number > 0, got {g!r}")
+        _choice("opd", "scaling", self.scaling, ("exact", "reference"))
+        _choice("opd", "reduction", self.reduction, ("mean", "sum"))
+        if self.train_window is not None:
+            w = self.train_window
+            if len(w) != 3 or w[0] < 0 or w[2] < 1 or w[1] - w[0] + 1 < w[2]:
+                raise ValueError(f"opd.train_window={list(w)} must be [first, last, length] with "
+                                 "0 <= first, length >= 1 and length <= last - first + 1")
+            object.__setattr__(self, "train_window", tuple(int(v) for v in w))
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    crd: CRDConfig = field(default_factory=CRDConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+
+    def __post_init__(self):
+        """Checks across sections (the ones that only matter for the chosen algorithm)."""
+        algo, s = self.train.algorithm, self.sampling
+        if algo in ("nft", "crd") and s.sampler == "ddim":
+            raise ValueError(f"train.algorithm={algo} uses the rectified-flow forward process: it needs a flow "
+                             "sampler (sampling.sampler=flow_ode, flow_sde, ...) and a flow pipeline (sd3/flux/wan)")
+        if algo == "opd" and not self.opd.teachers:
+            raise ValueError("train.algorithm=opd needs opd.teachers: {task: {lora: FOLDER, guidance_scale: G}}")
+        if algo == "opd" and self.opd.train_window is not None and self.opd.train_window[1] >= s.num_steps:
+            raise ValueError(f"opd.train_window={list(self.opd.train_window)} must lie inside the "
+                             f"{s.num_steps} steps (last <= {s.num_steps - 1})")
+        if algo == "crd" and self.crd.steps_per_iter > self.train.prompts_per_iter:
+            raise ValueError(f"crd.steps_per_iter={self.crd.steps_per_iter} splits the prompt groups between "
+                             f"optimizer steps: it must be <= train.prompts_per_iter={self.train.prompts_per_iter}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "grpo": GRPOConfig, "train": TrainConfig}
+_SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "grpo": GRPOConfig, "train": TrainConfig,
+                    "nft": NFTConfig, "crd": CRDConfig, "opd": OPDConfig}
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "tuple": "a list", "dict": "a mapping"}
+
+
+def _check_type(section: str, key: str, value: Any, annotation: str) -> Any:
+    """``value`` checked against a field annotation ('int', 'Optional[float]', ...); returns it normalised
+    (int -> float for float fields; a YAML 1.1 string like '1e-4' -> float). Fails with one line naming the key."""
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{section}.{key} must be {_TYPE_NAMES.get(base, base)}, got null")
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "tuple": lambda v: isinstance(v, (list, tuple)),
+        "dict": lambda v: isinstance(v, dict),
+    }.get(base)
+    if ok is None or ok(value):
+        return float(value) if base == "float" else value
+    if base == "float" and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    raise ValueError(f"{section}.{key}={value!r} must be {_TYPE_NAMES.get(base, base)}"
+                     f"{' or null' if optional else ''}")
 
 
 def config_from_dict(data: dict) -> Config:
-    """Build a Config from nested dicts; unknown sections or keys fail naming the valid ones."""
+    """Build a Config from nested dicts; unknown sections or keys, and values of the wrong type, fail naming
+    the key and the valid choices."""
     if not isinstance(data, dict):
         raise ValueError(f"a config must be a mapping of sections ({', '.join(_SECTION_CLASSES)}), got {type(data).__name__}")
     parts = {}
@@ -132,22 +318,93 @@ def config_from_dict(data: dict) -> Config:
         if section not in _SECTION_CLASSES:
             raise ValueError(f"unknown config section {section!r}; valid sections: {', '.join(_SECTION_CLASSES)}")
         cls = _SECTION_CLASSES[section]
-        valid = {f.name for f in dataclasses.fields(cls)}
-        for key in values or {}:
-            if key not in valid:
-                raise ValueError(f"unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}")
-        parts[section] = cls(**(values or {}))
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping of keys, got {values!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        checked = {}
+        for key, value in (values or {}).items():
+            if key not in fields:
+                raise ValueError(f"unknown key {section}.{key}; valid keys: {', '.join(sorted(fields))}")
+            checked[key] = _check_type(section, key, value, str(fields[key].type))
+        parts[section] = cls(**checked)
     return Config(**parts)
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts (tuples as lists), ready for YAML/JSON."""
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
 
 
 def with_overrides(cfg: Config, overrides: dict) -> Config:
-    """A new Config with ``{"section.key": value}`` replaced (validated again)."""
+    """A new Config with ``{"section.key": value}`` replaced (validated again). Mapping fields take deeper keys,
+    e.g. ``{"opd.teachers.ocr.lora": "runs/ocr/lora"}``."""
     data = config_to_dict(cfg)
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
-        data.setdefault(section, {})[key] = value
+        if not key:
+            raise ValueError(f"override {dotted!r} must name section.key (sections: {', '.join(_SECTION_CLASSES)})")
+        key, *deeper = key.split(".")
+        if deeper and section not in _SECTION_CLASSES:
+            raise ValueError(f"unknown config section {section!r}; valid sections: {', '.join(_SECTION_CLASSES)}")
+        target = data.setdefault(section, {})
+        if deeper:
+            if not isinstance(target, dict) or not isinstance(target.get(key, {}), dict) or \
+                    (section in data and key not in target):
+                raise ValueError(f"override {dotted!r}: {section}.{key} is not a mapping field")
+            target = target.setdefault(key, {})
+            for part in deeper[:-1]:
+                if not isinstance(target.setdefault(part, {}), dict):
+                    raise ValueError(f"override {dotted!r}: {part} is not a mapping")
+                target = target[part]
+            key = deeper[-1]
+        target[key] = value
     return config_from_dict(data)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.lr=1e-3", "sampling.sde_window=[0, 2]"]`` -> ``{"train.lr": 0.001, ...}``; each value is read
+    with yaml.safe_load (numbers, booleans, null, lists, mappings; anything else stays a string)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or "." not in key or not key.split(".")[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: cannot read the value as YAML ({str(err).splitlines()[0]})") from None
+    return out
+
+
+def load_config(path: str, overrides: Optional[list[str] | dict] = None) -> Config:
+    """Read a YAML config file and apply ``section.key=value`` overrides; every error is one line naming the
+    file or key."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+    data = {} if data is None else data
+    try:
+        cfg = config_from_dict(data)
+        if overrides:
+            cfg = with_overrides(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    return cfg

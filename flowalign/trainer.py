@@ -1,7 +1,9 @@
 """Orchestration only: rollouts -> rewards -> advantages -> updates -> metrics and LoRA on disk.
 
-The math lives in ``flowalign.algorithms`` and ``flowalign.samplers``; this file wires a pipeline
-adapter, a reward and a prompt source into the loop, and writes ``metrics.jsonl`` per iteration.
+The math lives in ``flowalign.algorithms`` (each algorithm's loss and its update rule) and
+``flowalign.samplers``; this file wires a pipeline adapter, rewards and prompt sources into the loop, dispatches
+the update on ``cfg.train.algorithm`` (the explicit table ``ALGORITHMS``), and writes ``metrics.jsonl`` per
+iteration.
 """
 
 from __future__ import annotations
@@ -18,30 +20,39 @@ from tqdm import tqdm
 
 from . import lora
 from .algorithms.advantages import group_advantages, group_ids_from_prompts
-from .algorithms.grpo import grpo_step_loss
+from .algorithms.crd import CRDUpdate
+from .algorithms.grpo import GRPOUpdate
+from .algorithms.nft import NFTUpdate
+from .algorithms.opd import OPDUpdate
 from .config import Config
 from .ema import EMA
 from .models import load_adapter
 from .prompts import PromptSource
 from .rewards import get as get_reward
 from .rewards.guard import safe_scores
-from .rollout import rescore, rollout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# cfg.train.algorithm -> its update rule (flowalign.algorithms.*)
+ALGORITHMS = {"grpo": GRPOUpdate, "nft": NFTUpdate, "crd": CRDUpdate, "opd": OPDUpdate}
 
-class GRPOTrainer:
-    """Flow-GRPO on any supported pipeline (SPEC §2).
 
-    One iteration: ``prompts_per_iter`` prompts x ``group_size`` samples are rolled out with the SDE
-    sampler and scored; group advantages are computed; every stochastic step of every sample is re-scored
-    by the current policy and the clipped loss (+ beta KL to the adapter-disabled model) is minimised.
+class Trainer:
+    """Any algorithm of ``ALGORITHMS`` on any supported pipeline.
+
+    One iteration: ``prompts_per_iter`` prompts (per task, for OPD) x ``group_size`` samples are rolled out by the
+    algorithm's rollout policy and scored; group advantages are computed; the algorithm's update rule takes its
+    optimizer step(s). ``reward``: a Reward for every row (default: ``train.reward``; for OPD each task's
+    optional ``reward``), or a dict task -> Reward.
     """
 
     def __init__(self, cfg: Config, adapter=None, reward=None):
         self.cfg = cfg
         torch.manual_seed(cfg.train.seed)
-        self.adapter = adapter if adapter is not None else load_adapter(cfg.model.path, family=cfg.model.family)
+        if adapter is None:
+            device = cfg.model.device or ("cuda" if torch.cuda.is_available() else None)
+            adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device)
+        self.adapter = adapter
         if cfg.model.dtype != "float32":
             lora.set_precision(self.adapter, _DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
@@ -50,8 +61,8 @@ class GRPOTrainer:
             lora.set_gradient_checkpointing(self.adapter, True)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.reward = reward if reward is not None else get_reward(cfg.train.reward)
-        self.prompts = PromptSource(cfg.train.prompts)
+        self.rewards, self.prompt_sources = self._tasks(reward)
+        self.reward, self.prompts = next(iter(self.rewards.values())), next(iter(self.prompt_sources.values()))
         self.rng = np.random.default_rng(cfg.train.seed)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.iteration = 0
@@ -59,79 +70,86 @@ class GRPOTrainer:
         self.bad_rewards = 0
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         self.metrics_path = os.path.join(cfg.train.out_dir, "metrics.jsonl")
+        self.algorithm = ALGORITHMS[cfg.train.algorithm](cfg, self.adapter, self.params, self.optimizer,
+                                                         self.generator)
+
+    def _tasks(self, reward) -> tuple[dict, dict]:
+        """({task: Reward or None}, {task: PromptSource}); one task (None) except for OPD."""
+        t = self.cfg.train
+        if t.algorithm != "opd":
+            r = reward if reward is not None else get_reward(t.reward, **t.reward_options)
+            return {None: r}, {None: PromptSource(t.prompts)}
+        rewards, sources = {}, {}
+        for task, spec in self.cfg.opd.teachers.items():
+            if isinstance(reward, dict):
+                rewards[task] = reward.get(task)
+            else:
+                rewards[task] = reward if reward is not None else (get_reward(spec["reward"]) if spec.get("reward")
+                                                                   else None)
+            sources[task] = PromptSource(spec.get("prompts") or t.prompts)
+        return rewards, sources
 
     # --- one iteration -----------------------------------------------------------------------------
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards [B] and a validity mask [B]: NaN/inf scores, and images the reward raised on, are left
-        out of the advantages (with a warning; counted in ``bad_rewards``)."""
-        scores, valid, n_bad = safe_scores(self.reward, images, prompts)
-        self.bad_rewards += n_bad
-        return scores, valid
+    def _sample_prompts(self) -> tuple[list[str], list]:
+        """prompts_per_iter prompts from each task's source, each repeated group_size times (consecutive rows)."""
+        g, n = self.cfg.train.group_size, self.cfg.train.prompts_per_iter
+        prompts, tasks = [], []
+        for task, source in self.prompt_sources.items():
+            for p in source.sample(n, self.rng):
+                prompts += [p] * g
+                tasks += [task] * g
+        return prompts, tasks
 
-    def _rollout(self):
-        c, s = self.cfg, self.cfg.sampling
-        prompts = [p for p in self.prompts.sample(c.train.prompts_per_iter, self.rng) for _ in range(c.train.group_size)]
-        return rollout(self.adapter, prompts, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                       sampler=s.sampler, noise_level=s.noise_level, sde_window=s.sde_window,
-                       group_size=c.train.group_size, generator=self.generator, record_means=c.grpo.guard)
-
-    def _update(self, traj, adv: torch.Tensor, valid: torch.Tensor) -> dict:
-        g, t = self.cfg.grpo, self.cfg.train
-        steps = traj.stochastic_steps
-        # Samples with zero advantage only feed the KL term: skip them when there is none (same gradient).
-        active = valid & ((adv != 0) | (g.beta > 0))
-        rows = torch.nonzero(active).flatten()
-        stats = {"ratio": [], "clip_frac": [], "kl": [], "logp_diff": None, "loss": []}
-        if rows.numel() == 0 or not steps:
-            return {"update_samples": 0}
-        for _ in range(g.inner_epochs):
-            perm = rows[torch.randperm(rows.numel(), generator=self.generator)]
-            for mb in perm.split(t.minibatch):
-                self.optimizer.zero_grad(set_to_none=True)
-                for k in steps:
-                    new = rescore(self.adapter, traj, k, index=mb)
-                    ref = None
-                    if g.beta > 0:
-                        with torch.no_grad(), lora.adapter_disabled(self.adapter):
-                            ref = rescore(self.adapter, traj, k, index=mb)
-                    out = grpo_step_loss(new, traj.log_probs[mb, k], adv[mb], g.clip_range, beta=g.beta, ref_step=ref,
-                                         kl_scaling=g.kl_scaling, guard=g.guard,
-                                         mean_old=None if traj.means is None else traj.means[mb, k])
-                    (out.loss / len(steps)).backward()
-                    if stats["logp_diff"] is None:  # on-policy check: before any update of this batch
-                        stats["logp_diff"] = (new.log_prob().detach() - traj.log_probs[mb, k]).abs().mean().item()
-                    stats["ratio"].append(out.ratio)
-                    stats["clip_frac"].append(out.clip_frac.item())
-                    stats["kl"].append(out.kl.mean().item())
-                    stats["loss"].append(out.loss.item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-                self.optimizer.step()
-        ratio = torch.cat(stats["ratio"])
-        return {"update_samples": int(rows.numel()), "loss": float(np.mean(stats["loss"])),
-                "logp_diff": stats["logp_diff"], "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
-                "ratio_min": ratio.min().item(), "clip_frac": float(np.mean(stats["clip_frac"])),
-                "kl": float(np.mean(stats["kl"])), "grad_norm": float(grad_norm)}
+    def _score(self, traj, tasks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [B] and a validity mask [B]: NaN/inf scores, images the reward raised on, and rows of a task
+        without a reward are left out of the advantages (bad scores warned about and counted in ``bad_rewards``)."""
+        if all(r is None for r in self.rewards.values()):
+            n = traj.batch_size
+            return torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool)
+        with torch.no_grad():
+            images = self.adapter.decode(traj.final)
+        if len(self.rewards) == 1:
+            scores, valid, n_bad = safe_scores(next(iter(self.rewards.values())), images, traj.prompts)
+            self.bad_rewards += n_bad
+            return scores, valid
+        rewards = torch.full((traj.batch_size,), float("nan"))
+        valid = torch.zeros(traj.batch_size, dtype=torch.bool)
+        for task, reward in self.rewards.items():
+            rows = [i for i, x in enumerate(tasks) if x == task]
+            if reward is None or not rows:
+                continue
+            scores, ok, n_bad = safe_scores(reward, images[rows], [traj.prompts[i] for i in rows])
+            self.bad_rewards += n_bad
+            rewards[rows], valid[rows] = scores.float().cpu(), ok.cpu()
+        return rewards, valid
 
     def step(self) -> dict:
         """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl)."""
         t0 = time.perf_counter()
-        traj = self._rollout()
+        prompts, tasks = self._sample_prompts()
+        traj = self.algorithm.rollout(prompts)
         t1 = time.perf_counter()
-        with torch.no_grad():
-            images = self.adapter.decode(traj.final)
-        rewards, valid = self._score(images, traj.prompts)
+        rewards, valid = self._score(traj, tasks)
         adv = group_advantages(rewards, group_ids_from_prompts(traj.prompts), std_mode=self.cfg.grpo.adv_std,
                                clip=self.cfg.grpo.adv_clip, valid=valid)
+        adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
         t2 = time.perf_counter()
-        metrics = self._update(traj, adv, valid)
+        metrics = self.algorithm.update(traj, adv=adv, valid=valid, rewards=rewards, tasks=tasks)
         if self.ema is not None:
             self.ema.update()
         t3 = time.perf_counter()
         self.iteration += 1
         self.samples_seen += len(traj.prompts)
-        metrics.update(iteration=self.iteration, samples=self.samples_seen, reward_mean=rewards[valid].mean().item(),
-                       reward_std=rewards[valid].std().item(), invalid_rewards=int((~valid).sum()),
+        valid = valid.cpu()
+        ok = rewards[valid]
+        metrics.update(iteration=self.iteration, samples=self.samples_seen,
+                       reward_mean=ok.mean().item() if ok.numel() else None,
+                       reward_std=ok.std().item() if ok.numel() else None, invalid_rewards=int((~valid).sum()),
                        time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2)
+        if len(self.rewards) > 1:
+            for task in self.rewards:
+                m = valid & torch.tensor([x == task for x in tasks])
+                metrics[f"reward_{task}"] = rewards[m].mean().item() if m.any() else None
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         return metrics
@@ -139,11 +157,11 @@ class GRPOTrainer:
     def train(self, iterations: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
         history = []
         n = iterations if iterations is not None else self.cfg.train.iterations
-        bar = tqdm(range(n), desc="grpo")
+        bar = tqdm(range(n), desc=self.cfg.train.algorithm)
         for _ in bar:
             m = self.step()
             history.append(m)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", ratio=f"{m.get('ratio_mean', 1):.4f}")
+            bar.set_postfix(**self.algorithm.progress(m))
             if callback is not None:
                 callback(m)
         return history
@@ -156,3 +174,35 @@ class GRPOTrainer:
         out_dir = out_dir or os.path.join(self.cfg.train.out_dir, "lora")
         with self.evaluation_weights():
             return lora.save_lora(self.adapter, out_dir)
+
+
+# Kept for existing callers (the demo, tests): the trainer runs Flow-GRPO with the default train.algorithm.
+GRPOTrainer = Trainer
+
+
+def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) -> dict:
+    """Train with ``cfg`` and write into ``train.out_dir``: ``config.yaml`` (the resolved config), a fresh
+    ``metrics.jsonl``, ``lora/`` (EMA weights when EMA is on) and ``reward_curve.png`` (the per-iteration reward,
+    or the loss when no reward is logged, e.g. OPD without task rewards). Returns a summary dict."""
+    import yaml
+
+    from .config import config_to_dict
+    from .report import plot_reward_curve
+
+    out = cfg.train.out_dir
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(log):
+        os.remove(log)  # a fresh run owns its per-iteration log
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    t0 = time.time()
+    trainer = Trainer(cfg, adapter=adapter, reward=reward)
+    history = trainer.train() if progress else [trainer.step() for _ in range(cfg.train.iterations)]
+    lora_dir = trainer.save_lora(os.path.join(out, "lora"))
+    key = "reward_mean" if any(m.get("reward_mean") is not None for m in history) else "loss"
+    curve = [m for m in history if m.get(key) is not None]
+    plot_path = os.path.join(out, "reward_curve.png")
+    plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}")
+    return {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir, "metrics": log,
+            "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0}

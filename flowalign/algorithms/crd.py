@@ -21,6 +21,7 @@ whole batch as the public implementation does (prompts mixed: log Z(c) does NOT 
 Snapshots (updated once per epoch after the optimizer step, s = optimizer-step count):
 ``snap <- d snap + (1 - d) theta`` with d = ``old_decay(s)`` (the v_old inside l) or ``sampler_decay(s)``
 (the rollout policy); d <= 0 is a hard copy.
+``CRDUpdate`` is the update rule the trainer drives (old and sampler models = shadow copies of the LoRA weights).
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .. import lora
+from ..rollout import Trajectory
+from .advantages import group_ids_from_prompts
+from .base import Snapshot, UpdateRule, forward_timesteps, randn_like, require_flow
+from .nft import forward_process
 
 CENTERINGS = ("group", "batch")
 FORMS = ("mse", "bce")
@@ -285,3 +293,85 @@ def stratified_timesteps(
     u = torch.rand(num_draws, generator=generator, dtype=torch.float64)
     pos = (lo + (u * width).floor().long()).clamp(max=kept - 1)
     return ts[pos], pos
+
+
+# ---- update rule ------------------------------------------------------------------------------------
+
+
+class CRDUpdate(UpdateRule):
+    """CRD (SPEC §5) on a trainer state.
+
+    Two :class:`Snapshot` s of the LoRA weights, both starting equal to them: the sampler (rolls out, with the
+    configured sampler: ODE at guidance 1 in the paper's setting) and old (v_old inside l). Update: the prompt
+    groups (shuffled) are split into ``crd.steps_per_iter`` optimizer steps; for each, ``crd.num_timesteps``
+    stratified draws t from the rollout grid, and for each t every micro-batch of WHOLE groups
+    (``train.minibatch // group_size`` groups) gets fresh noise, ``l = implicit_log_ratio(v_theta, v_old, u)``
+    (guidance 1), the KL anchor distance to the base model (adapter disabled) at CFG ``crd.kl_guidance_scale``,
+    and ``crd_loss``; gradients accumulate over draws and micro-batches. After the iteration, with s the
+    optimizer-step count: ``old <- old_decay(s)``, ``sampler <- sampler_decay(s)`` (SPEC schedules).
+    Metrics: loss, main, kl, ``log_ratio_abs_first`` (mean |l| of the first micro-batch: 0 while old == current),
+    residual_abs, grad_norm, old_decay, sampler_decay, optimizer_steps, update_samples.
+    """
+
+    name = "crd"
+
+    def __init__(self, cfg, adapter, params, optimizer, generator):
+        super().__init__(cfg, adapter, params, optimizer, generator)
+        require_flow(adapter, "crd")
+        self.old = Snapshot(self.params)
+        self.sampler = Snapshot(self.params)
+
+    def rollout(self, prompts):
+        with self.sampler.swapped_in():
+            return super().rollout(prompts)
+
+    def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards=None, tasks=None) -> dict:
+        c, t = self.cfg.crd, self.cfg.train
+        reward = normalized_reward(adv, c.adv_max)
+        gids = group_ids_from_prompts(traj.prompts)
+        groups = torch.unique(gids[valid])
+        if groups.numel() == 0:
+            return {"update_samples": 0}
+        groups = groups[torch.randperm(groups.numel(), generator=self.generator)]
+        per_mb = max(1, t.minibatch // t.group_size)
+        stats = {"loss": [], "main": [], "kl": [], "residual": [], "first": None}
+        grad_norm = 0.0
+        for chunk in torch.tensor_split(groups, min(c.steps_per_iter, groups.numel())):
+            batches = [torch.nonzero(torch.isin(gids, g)).flatten() for g in chunk.split(per_mb)]
+            n_valid = float(valid[torch.cat(batches)].sum())
+            self.optimizer.zero_grad(set_to_none=True)
+            draws = forward_timesteps(traj, c.num_timesteps, c.timestep_fraction, self.generator)
+            for timestep, sigma in draws:
+                for rows in batches:
+                    x0, cond, mask = traj.final[rows], traj.cond.select(rows), valid[rows]
+                    fp = forward_process(x0, sigma, noise=randn_like(x0, self.generator))
+                    with torch.no_grad(), self.old.swapped_in():
+                        v_old = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
+                    v = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
+                    l = implicit_log_ratio(v, v_old, fp.target, eps=c.eps)
+                    dist = None
+                    if c.beta_kl > 0:
+                        ref_cond = self.adapter.encode_prompts(cond.prompts, c.kl_guidance_scale)
+                        with torch.no_grad(), lora.adapter_disabled(self.adapter):
+                            v_ref = self.adapter.predict(fp.x_t, timestep, ref_cond, c.kl_guidance_scale)
+                        dist = kl_anchor_distance(v, v_ref)
+                    out = crd_loss(l, reward[rows], gids[rows], beta=c.beta, adv_max=c.adv_max, centering=c.centering,
+                                   form=c.form, center_weighting=c.center_weighting, tau=c.tau, kl_distance=dist,
+                                   beta_kl=c.beta_kl, kl_floor=c.kl_floor, mask=mask)
+                    # micro-batch means weighted by their valid samples: the loss of the whole chunk, averaged over draws
+                    (out.loss * float(mask.sum()) / max(n_valid, 1.0) / len(draws)).backward()
+                    if stats["first"] is None:
+                        stats["first"] = l.detach()[mask].abs().mean().item()
+                    stats["loss"].append(out.loss.item())
+                    stats["main"].append(out.main.item())
+                    stats["kl"].append(out.kl.item())
+                    stats["residual"].append(out.residual[mask].abs().mean().item())
+            grad_norm = self.optimizer_step()
+        s = self.optimizer_steps
+        d_old, d_sampler = old_decay(s), sampler_decay(s, c.sampler_hard_copy_steps)
+        self.old.update(d_old)
+        self.sampler.update(d_sampler)
+        return {"update_samples": int(valid.sum()), "loss": float(np.mean(stats["loss"])),
+                "main": float(np.mean(stats["main"])), "kl": float(np.mean(stats["kl"])),
+                "log_ratio_abs_first": stats["first"], "residual_abs": float(np.mean(stats["residual"])),
+                "grad_norm": grad_norm, "old_decay": d_old, "sampler_decay": d_sampler, "optimizer_steps": s}

@@ -8,6 +8,7 @@ GRPO-Guard normalises the ratio: with ``dmu = mu_theta - mu_old`` and the step s
 ``b = mean_d(dmu^2) / (2 s^2)`` and ``rho~ = exp((logp_theta - logp_old + b) s)``; for
 ``x' = mu_old + s xi`` the exponent is exactly ``mean_d(xi dmu)``. Its loss is reweighted by ``1/Delta``.
 Log-probs use the mean reduction over elements, as the reference code (and its clip ranges) assume.
+``GRPOUpdate`` is the update rule the trainer drives (re-scoring recorded rollouts with the current policy).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
+from .. import lora
+from ..rollout import Trajectory, rescore
 from ..samplers import GaussianStep
+from .base import UpdateRule, configured_rollout
 
 
 def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
@@ -89,3 +94,59 @@ def grpo_step_loss(
     clipped = ((ratio - 1).abs() > clip_range).float()
     return GRPOStepLoss(loss=loss, policy=per_sample.detach() - beta * kl.detach(), kl=kl.detach(), ratio=ratio,
                         clip_frac=(clipped * weights).sum() / weights.sum().clamp_min(1.0))
+
+
+# ---- update rule ------------------------------------------------------------------------------------
+
+
+class GRPOUpdate(UpdateRule):
+    """Flow-GRPO (SPEC §2): the live policy rolls out with the SDE sampler; every stochastic step of every
+    sample is re-scored by the current policy and the clipped loss (+ beta KL to the adapter-disabled model)
+    is minimised, one optimizer step per minibatch (``train.minibatch``) per inner epoch (``grpo.inner_epochs``).
+    Metrics: ``logp_diff`` (mean |logp recomputed - logp rollout| before any update: the on-policy check),
+    ratio mean/min/max, clip_frac, kl, loss, grad_norm, update_samples.
+    """
+
+    name = "grpo"
+
+    def rollout(self, prompts):
+        return configured_rollout(self.adapter, prompts, self.cfg, self.generator, record_means=self.cfg.grpo.guard)
+
+    def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards=None, tasks=None) -> dict:
+        g, t = self.cfg.grpo, self.cfg.train
+        steps = traj.stochastic_steps
+        # Samples with zero advantage only feed the KL term: skip them when there is none (same gradient).
+        active = valid & ((adv != 0) | (g.beta > 0))
+        rows = torch.nonzero(active).flatten()
+        stats = {"ratio": [], "clip_frac": [], "kl": [], "logp_diff": None, "loss": []}
+        if rows.numel() == 0 or not steps:
+            return {"update_samples": 0}
+        for _ in range(g.inner_epochs):
+            perm = rows[torch.randperm(rows.numel(), generator=self.generator)]
+            for mb in perm.split(t.minibatch):
+                self.optimizer.zero_grad(set_to_none=True)
+                for k in steps:
+                    new = rescore(self.adapter, traj, k, index=mb)
+                    ref = None
+                    if g.beta > 0:
+                        with torch.no_grad(), lora.adapter_disabled(self.adapter):
+                            ref = rescore(self.adapter, traj, k, index=mb)
+                    out = grpo_step_loss(new, traj.log_probs[mb, k], adv[mb], g.clip_range, beta=g.beta, ref_step=ref,
+                                         kl_scaling=g.kl_scaling, guard=g.guard,
+                                         mean_old=None if traj.means is None else traj.means[mb, k])
+                    (out.loss / len(steps)).backward()
+                    if stats["logp_diff"] is None:  # on-policy check: before any update of this batch
+                        stats["logp_diff"] = (new.log_prob().detach() - traj.log_probs[mb, k]).abs().mean().item()
+                    stats["ratio"].append(out.ratio)
+                    stats["clip_frac"].append(out.clip_frac.item())
+                    stats["kl"].append(out.kl.mean().item())
+                    stats["loss"].append(out.loss.item())
+                grad_norm = self.optimizer_step()
+        ratio = torch.cat(stats["ratio"])
+        return {"update_samples": int(rows.numel()), "loss": float(np.mean(stats["loss"])),
+                "logp_diff": stats["logp_diff"], "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
+                "ratio_min": ratio.min().item(), "clip_frac": float(np.mean(stats["clip_frac"])),
+                "kl": float(np.mean(stats["kl"])), "grad_norm": grad_norm}
+
+    def progress(self, metrics: dict) -> dict:
+        return {"reward": f"{metrics['reward_mean']:.3f}", "ratio": f"{metrics.get('ratio_mean', 1):.4f}"}

@@ -17,19 +17,23 @@ states by switching adapters (no extra model copies): ``teacher_for_task`` and `
 Optional f-divergence hook: ``divergence=`` multiplies the per-sample loss by the detached, batch-normalised
 ``h(r)`` of the exact transition density ratio r = p_T(x') / p_S(x') (``fdistill.transition_weights``); the
 default (None / "reverse_kl") is the plain objective above.
+``OPDUpdate`` is the update rule the trainer drives (teachers = frozen LoRA folders loaded next to the student).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from typing import Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .. import lora
 from ..models.base import PipelineAdapter
 from ..rollout import Trajectory, rescore
 from ..samplers import GaussianStep
+from .base import UpdateRule
 from .fdistill import transition_weights
 
 SCALINGS = ("exact", "reference")
@@ -142,19 +146,24 @@ def teacher_step(
     did not record. ``like``: a step of the batch's layout (default: re-scored from the first task's rows)."""
     tasks = _check_tasks(tasks, traj.batch_size)
     parts = []
-    with torch.no_grad():
-        for task in dict.fromkeys(tasks):
-            t = teacher_for_task(task, teachers)
-            rows = torch.tensor([i for i, x in enumerate(tasks) if x == task], dtype=torch.long)
-            cond = traj.cond.select(rows)
-            if cond.uncond is None:
-                cond = adapter.encode_prompts(cond.prompts, t.guidance_scale)
-            with lora.using_adapter(adapter, t.adapter_name):
-                step = rescore(adapter, traj, step_index, index=rows, guidance_scale=t.guidance_scale, cond=cond)
-            parts.append((rows, step))
+    for task in dict.fromkeys(tasks):
+        rows = torch.tensor([i for i, x in enumerate(tasks) if x == task], dtype=torch.long)
+        parts.append((rows, teacher_rescore(adapter, traj, step_index, rows, teacher_for_task(task, teachers))))
     if like is None:
         like = _expand_layout(parts[0][1], traj.batch_size)
     return _combine(parts, like)
+
+
+def teacher_rescore(adapter: PipelineAdapter, traj: Trajectory, step_index: int, rows: torch.Tensor,
+                    teacher: Teacher) -> GaussianStep:
+    """One teacher's transition at step k for rows ``rows`` (no grad): its LoRA adapter active, its own CFG
+    (prompts re-encoded when that CFG needs unconditional embeddings the rollout did not record)."""
+    with torch.no_grad():
+        cond = traj.cond.select(rows)
+        if cond.uncond is None:
+            cond = adapter.encode_prompts(cond.prompts, teacher.guidance_scale)
+        with lora.using_adapter(adapter, teacher.adapter_name):
+            return rescore(adapter, traj, step_index, index=rows, guidance_scale=teacher.guidance_scale, cond=cond)
 
 
 def _expand_layout(step: GaussianStep, n: int) -> GaussianStep:
@@ -206,3 +215,89 @@ def opd_rescore_loss(
         per_sample = per_sample + loss_k.detach()
         per_step.append(mean_k.detach())
     return OPDLoss(loss=total, per_sample=per_sample, per_step=torch.stack(per_step))
+
+
+# ---- update rule ------------------------------------------------------------------------------------
+
+
+def load_teachers(adapter: PipelineAdapter, specs: Mapping[str, Mapping]) -> dict[str, Teacher]:
+    """Load each task's teacher LoRA folder as a frozen adapter ``teacher_<task>`` on the student's base.
+
+    specs: task -> {lora: folder (``lora.save_lora`` / diffusers format), guidance_scale: the teacher's CFG}.
+    The student's adapter stays active and trainable."""
+    teachers = {}
+    for task, spec in specs.items():
+        path = spec["lora"]
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"teacher LoRA for task {task!r} not found at {path!r}: train it first (e.g. "
+                                    "flowalign train with that task's reward) or set opd.teachers."
+                                    f"{task}.lora=FOLDER")
+        name = f"teacher_{task}"
+        lora.load_lora(adapter, path, adapter_name=name, trainable=False)
+        teachers[task] = Teacher(name, float(spec.get("guidance_scale", 1.0)))
+    return teachers
+
+
+def train_steps(num_steps: int, window: Optional[tuple], generator: Optional[torch.Generator]) -> list[int]:
+    """Steps trained this iteration: all, or ``length`` consecutive steps placed uniformly at random inside
+    ``first..last`` for window = (first, last, length) [uncertain reading of "a window of 3 steps in [0, 5]"]."""
+    if window is None:
+        return list(range(num_steps))
+    first, last, length = window
+    if last >= num_steps:
+        raise ValueError(f"train window {list(window)} does not fit in {num_steps} steps")
+    start = first + int(torch.randint(last - first - length + 2, (1,), generator=generator))
+    return list(range(start, start + length))
+
+
+class OPDUpdate(UpdateRule):
+    """DiffusionOPD (SPEC §3) on a trainer state.
+
+    The student (the live LoRA) rolls out with the configured sampler and CFG (the paper: ODE, CFG 4.5).
+    Teachers are frozen LoRA adapters loaded from ``opd.teachers`` folders; each row's task (the trainer samples
+    prompts per task from that teacher's ``prompts``) picks its teacher and its CFG. Update: for every trained
+    step k and every task-homogeneous minibatch the student re-scores the step with grad, the teacher without,
+    and ``opd_step_loss`` (exact KL / reference scaling; mean matching on deterministic steps) is summed over
+    steps and averaged over the batch; ONE optimizer step per iteration (a full cycle over the tasks).
+    Rewards are not used (they are only logged when a task names one). Metrics: loss, ``loss_<task>``,
+    ``per_step`` (list), steps, grad_norm, update_samples.
+    """
+
+    name = "opd"
+    uses_rewards = False
+
+    def __init__(self, cfg, adapter, params, optimizer, generator):
+        super().__init__(cfg, adapter, params, optimizer, generator)
+        self.teachers = load_teachers(adapter, cfg.opd.teachers)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.teachers)
+
+    def update(self, traj: Trajectory, adv=None, valid=None, rewards=None, tasks=None) -> dict:
+        c, t = self.cfg.opd, self.cfg.train
+        tasks = _check_tasks(tasks, traj.batch_size)
+        steps = train_steps(traj.num_steps, c.train_window, self.generator)
+        by_task = {task: torch.tensor([i for i, x in enumerate(tasks) if x == task], dtype=torch.long)
+                   for task in dict.fromkeys(tasks)}
+        n = traj.batch_size
+        per_task = {task: 0.0 for task in by_task}
+        per_step = []
+        self.optimizer.zero_grad(set_to_none=True)
+        for k in steps:
+            step_total = 0.0
+            for task, rows in by_task.items():
+                teacher = teacher_for_task(task, self.teachers)
+                for mb in rows.split(t.minibatch):
+                    student = rescore(self.adapter, traj, k, index=mb)
+                    loss = opd_step_loss(student, teacher_rescore(self.adapter, traj, k, mb, teacher), c.scaling,
+                                         c.reduction, c.divergence, c.alpha)
+                    (loss.sum() / n).backward()
+                    per_task[task] += loss.detach().sum().item()
+                    step_total += loss.detach().sum().item()
+            per_step.append(step_total / n)
+        grad_norm = self.optimizer_step()
+        out = {"update_samples": n, "loss": float(np.sum(per_step)), "per_step": per_step, "steps": steps,
+               "grad_norm": grad_norm}
+        out.update({f"loss_{task}": per_task[task] / len(rows) for task, rows in by_task.items()})
+        return out

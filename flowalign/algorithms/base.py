@@ -1,0 +1,129 @@
+"""What every update rule shares: the :class:`UpdateRule` interface the trainer drives, weight
+:class:`Snapshot` s (old / sampler models as shadow copies of the LoRA parameters), the configured rollout,
+and forward-process timestep draws. No I/O.
+
+An update rule owns one algorithm's side of an iteration: which weights roll out (``rollout``) and how a
+scored batch becomes optimizer steps (``update``), including any snapshot updates after them. The trainer
+owns everything else (prompts, rewards, advantages, EMA, metrics, checkpoints).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from ..rollout import Trajectory, rollout
+
+
+class Snapshot:
+    """A shadow copy of some parameters (e.g. the LoRA weights) that can be swapped in for a forward pass.
+
+    ``update(d)``: ``snap <- d snap + (1 - d) theta`` (d <= 0: exact copy). ``swapped_in()``: inside the block
+    the live parameters hold the snapshot's values; they are restored exactly afterwards. Costs two copies of
+    the parameters per swap (cheap for LoRA) and no second model.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.params = list(params)
+        self.tensors = [p.detach().clone() for p in self.params]
+
+    def update(self, decay: float) -> None:
+        from .crd import ema_update_  # crd.py imports this module
+
+        ema_update_(self.tensors, self.params, decay)
+
+    @contextmanager
+    @torch.no_grad()
+    def swapped_in(self) -> Iterator[None]:
+        live = [p.detach().clone() for p in self.params]
+        for s, p in zip(self.tensors, self.params):
+            p.copy_(s)
+        try:
+            yield
+        finally:
+            for v, p in zip(live, self.params):
+                p.copy_(v)
+
+
+def configured_rollout(adapter, prompts: Sequence[str], cfg, generator: torch.Generator,
+                       record_means: bool = False) -> Trajectory:
+    """``rollout`` with the ``sampling`` section of the config (steps, CFG, sampler, noise, SDE window, size).
+
+    With a stochastic sampler each group of ``train.group_size`` consecutive rows shares its initial noise (the
+    SDE makes the samples differ, as in Flow-GRPO); with the deterministic ``flow_ode`` every row draws its own
+    noise, else a group would hold identical samples and zero advantages."""
+    s = cfg.sampling
+    group_size = 1 if s.sampler == "flow_ode" else cfg.train.group_size
+    return rollout(adapter, prompts, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                   sampler=s.sampler, noise_level=s.noise_level, sde_window=s.sde_window,
+                   group_size=group_size, generator=generator, record_means=record_means,
+                   height=s.resolution, width=s.resolution, num_frames=s.num_frames)
+
+
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like x (float32, on x's device), drawn on the generator's device."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32, device=dev).to(x.device)
+
+
+def forward_timesteps(traj: Trajectory, num_draws: int, fraction: float,
+                      generator: Optional[torch.Generator]) -> list[tuple[torch.Tensor, float]]:
+    """K stratified draws from the rollout's own grid (``stratified_timesteps``): a list of
+    (denoiser timestep in scheduler units, t = sigma in [0, 1]) for the forward process ``x_t = (1-t) x0 + t eps``."""
+    from .crd import stratified_timesteps  # crd.py imports this module
+
+    values, positions = stratified_timesteps(traj.timesteps, num_draws, fraction, generator)
+    return [(traj.timesteps[int(k)], float(traj.sigmas[int(k)])) for k in positions]
+
+
+def require_flow(adapter, algorithm: str) -> None:
+    if not getattr(adapter, "is_flow", False):
+        raise ValueError(f"{algorithm} trains on the rectified-flow forward process: it needs a flow-matching "
+                         f"pipeline (sd3, flux, wan), not {getattr(adapter, 'family', '?')}")
+
+
+class UpdateRule:
+    """One algorithm's rollout policy and update step on a shared trainer state.
+
+    Args:
+        cfg: the full Config (each rule reads its own section).
+        adapter: the pipeline adapter with the trainable LoRA adapter active.
+        params: the trainable LoRA parameters; optimizer: their optimizer.
+        generator: the trainer's torch.Generator (rollout noise, shuffles, forward-process noise).
+
+    Subclasses implement ``update``; ``rollout`` defaults to the live policy with the sampling section.
+    ``optimizer_steps`` counts the optimizer steps taken so far.
+    """
+
+    name = "base"
+    uses_rewards = True
+
+    def __init__(self, cfg, adapter, params, optimizer, generator: torch.Generator):
+        self.cfg, self.adapter, self.params, self.optimizer, self.generator = cfg, adapter, list(params), optimizer, generator
+        self.optimizer_steps = 0
+
+    def rollout(self, prompts: Sequence[str]) -> Trajectory:
+        return configured_rollout(self.adapter, prompts, self.cfg, self.generator)
+
+    def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards: torch.Tensor,
+               tasks: Sequence[Optional[str]]) -> dict:
+        """Optimizer step(s) on one scored batch -> metrics. adv, valid, rewards: [B]; tasks: one per row."""
+        raise NotImplementedError
+
+    def optimizer_step(self) -> float:
+        """Clip the gradient to train.grad_clip, step, count; returns the gradient norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer_steps += 1
+        return float(grad_norm)
+
+    def progress(self, metrics: dict) -> dict:
+        """Short values for the progress bar."""
+        out = {}
+        if metrics.get("reward_mean") is not None:
+            out["reward"] = f"{metrics['reward_mean']:.3f}"
+        if metrics.get("loss") is not None:
+            out["loss"] = f"{metrics['loss']:.4g}"
+        return out

@@ -1,0 +1,140 @@
+"""Every algorithm's update rule driven by the one trainer, on a tiny in-process SD3 pipeline: on-policy /
+neutral values at step 0, snapshot decays, and OPD's per-prompt teachers."""
+
+import pytest
+import torch
+
+from flowalign import lora
+from flowalign.algorithms.crd import old_decay, sampler_decay
+from flowalign.algorithms.nft import old_model_decay
+from flowalign.algorithms.opd import train_steps
+from flowalign.config import Config, CRDConfig, NFTConfig, OPDConfig, SamplingConfig, TrainConfig
+from flowalign.models import adapter_for
+from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.rewards import Reward
+from flowalign.trainer import ALGORITHMS, GRPOTrainer, Trainer
+
+
+class MeanPixel(Reward):
+    name = "mean_pixel"
+
+    def score(self, images, prompts, metadata=None):
+        return images.mean(dim=(1, 2, 3))
+
+
+def _cfg(tmp_path, algorithm, sampling=None, **sections):
+    train = dict(prompts_per_iter=2, group_size=3, minibatch=6, lr=1e-2, out_dir=str(tmp_path), algorithm=algorithm)
+    train.update(sections.pop("train", {}))
+    return Config(sampling=sampling or SamplingConfig(num_steps=3, guidance_scale=1.0, sampler="flow_ode"),
+                  train=TrainConfig(**train), **sections)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return adapter_for(tiny_sd3_pipeline(image_size=16))
+
+
+def _clone(params):
+    return [p.detach().clone() for p in params]
+
+
+def test_table_and_alias():
+    assert set(ALGORITHMS) == {"grpo", "nft", "crd", "opd"} and GRPOTrainer is Trainer
+    assert Config().train.algorithm == "grpo"
+
+
+def test_nft_step_neutral_at_start_old_model_decays_and_rolls_out(tmp_path):
+    cfg = _cfg(tmp_path, "nft", nft=NFTConfig(num_timesteps=2))
+    tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())
+    theta0 = _clone(tr.params)
+    m = tr.step()
+    # old == current before the first update: v+ = v- = v_old, so both halves of the loss agree
+    assert m["pos_minus_neg_first"] == pytest.approx(0.0, abs=1e-6)
+    assert m["update_samples"] == 6 and m["optimizer_steps"] == 1
+    theta1 = _clone(tr.params)
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, theta1))
+    d = old_model_decay(1, 0, 0.001, 0.5)
+    assert m["old_decay"] == d
+    for s, a, b in zip(tr.algorithm.old.tensors, theta0, theta1):
+        torch.testing.assert_close(s, d * a + (1 - d) * b)
+    # the rollout uses the old model and leaves the live weights untouched
+    prompts = ["a red circle"] * 3
+    tr.generator.manual_seed(5)
+    traj = tr.algorithm.rollout(prompts)
+    assert all(torch.equal(p, t) for p, t in zip(tr.params, theta1))
+    with tr.algorithm.old.swapped_in():
+        tr.generator.manual_seed(5)
+        ref = tr.algorithm.__class__.__mro__[1].rollout(tr.algorithm, prompts)
+    torch.testing.assert_close(traj.final, ref.final, rtol=0, atol=0)
+    assert m["pos_minus_neg_first"] is not None and tr.step()["pos_minus_neg_first"] > 0
+
+
+def test_crd_log_ratio_zero_at_start_and_snapshot_schedules(tmp_path):
+    cfg = _cfg(tmp_path, "crd", crd=CRDConfig(num_timesteps=2, steps_per_iter=1, beta_kl=0.1, kl_guidance_scale=2.0))
+    tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())
+    theta0 = _clone(tr.params)
+    m = tr.step()
+    assert m["log_ratio_abs_first"] == 0.0  # old == current at s = 0: l = 0 exactly
+    assert m["optimizer_steps"] == 1 and m["old_decay"] == old_decay(1) and m["sampler_decay"] == sampler_decay(1)
+    theta1 = _clone(tr.params)
+    d = old_decay(1)
+    for s, a, b in zip(tr.algorithm.old.tensors, theta0, theta1):
+        torch.testing.assert_close(s, d * a + (1 - d) * b)
+    for s, b in zip(tr.algorithm.sampler.tensors, theta1):
+        assert torch.equal(s, b)  # hard copy while s < 75
+    m2 = tr.step()
+    assert m2["log_ratio_abs_first"] > 0 and m2["old_decay"] == old_decay(2)
+
+
+def test_crd_two_optimizer_steps_per_iteration_whole_groups(tmp_path):
+    cfg = _cfg(tmp_path, "crd", crd=CRDConfig(num_timesteps=1, steps_per_iter=2, beta_kl=0.0),
+               train=dict(minibatch=4))  # 4 // 3 -> one whole group per micro-batch
+    tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())
+    m = tr.step()
+    assert m["optimizer_steps"] == 2 and m["update_samples"] == 6
+
+
+def test_flow_ode_rollout_rows_differ_within_a_group(tmp_path):
+    tr = Trainer(_cfg(tmp_path, "crd", crd=CRDConfig(num_timesteps=1, steps_per_iter=1)), adapter=_tiny(),
+                 reward=MeanPixel())
+    traj = tr.algorithm.rollout(["a red circle"] * 3)
+    assert not torch.equal(traj.latents[0, 0], traj.latents[1, 0])
+
+
+def _save_teacher(path, perturb: bool):
+    ad = _tiny()
+    params = lora.add_lora(ad, rank=4)
+    if perturb:
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.3)
+    return lora.save_lora(ad, str(path))
+
+
+def test_opd_each_prompt_uses_its_tasks_teacher(tmp_path):
+    same = _save_teacher(tmp_path / "same", perturb=False)   # LoRA B = 0: equals the untrained student
+    other = _save_teacher(tmp_path / "other", perturb=True)
+    opd = OPDConfig(teachers={"same": {"lora": same, "guidance_scale": 2.0, "prompts": "toy:colors"},
+                              "other": {"lora": other, "guidance_scale": 1.0, "prompts": "toy:text"}})
+    cfg = _cfg(tmp_path / "run", "opd", sampling=SamplingConfig(num_steps=3, guidance_scale=2.0, sampler="flow_ode"),
+               opd=opd, train=dict(group_size=2))
+    tr = Trainer(cfg, adapter=_tiny())
+    assert set(lora.adapter_names(tr.adapter)) == {"default", "teacher_same", "teacher_other"}
+    assert lora.active_adapter(tr.adapter) == "default"
+    frozen = _clone(lora.lora_parameters(tr.adapter, "teacher_other"))
+    prompts, tasks = tr._sample_prompts()
+    assert tasks == ["same"] * 4 + ["other"] * 4
+    assert all(p.startswith("the text") for p, t in zip(prompts, tasks) if t == "other")
+    assert not any(p.startswith("the text") for p, t in zip(prompts, tasks) if t == "same")
+    m = tr.step()
+    assert m["loss_same"] == 0.0  # same weights and same CFG as the student: zero distillation loss
+    assert m["loss_other"] > 0 and m["reward_mean"] is None and m["update_samples"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(frozen, lora.lora_parameters(tr.adapter, "teacher_other")))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.params)
+
+
+def test_opd_train_window():
+    g = torch.Generator().manual_seed(0)
+    assert train_steps(4, None, g) == [0, 1, 2, 3]
+    starts = {train_steps(10, (0, 5, 3), g)[0] for _ in range(200)}
+    assert starts == {0, 1, 2, 3}  # 3 consecutive steps inside 0..5
