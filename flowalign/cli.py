@@ -35,6 +35,20 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_training(cfg)
+    final = summary["final"]
+    reward = final.get("reward_mean")
+    print(f"{cfg.train.algorithm}: {summary['iterations']} iterations, {summary['samples']} samples in "
+          f"{summary['wall_s']:.0f}s" + (f", last reward_mean {reward:.4f}" if reward is not None else "")
+          + f"; wrote {summary['metrics']}, {summary['lora']}, {summary['plot']}")
+    return 0
+
+
 def _gradio(args: argparse.Namespace) -> int:
     try:
         from .app import launch
@@ -75,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-images", type=int, default=None, help="images (single: default 1; sweep: per "
                                                                      "scale, default 24)")
     sample.set_defaults(func=_sample)
+
+    train = sub.add_parser("train", help="train a LoRA with any algorithm from a YAML config (see configs/)")
+    train.add_argument("config", help="YAML config file, e.g. configs/toy_grpo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="override config values (each value read as YAML), e.g. train.lr=1e-4 "
+                            "sampling.sde_window=[0,2] opd.teachers.ocr.lora=runs/ocr/lora")
+    train.set_defaults(func=_train)
 
     app = sub.add_parser("gradio", help="web app: base vs RL-guided images side by side")
     app.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: the shipped one)")
