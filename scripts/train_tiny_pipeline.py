@@ -113,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=400)
     ap.add_argument("--dataset", type=int, default=40_000, help="(prompt, render) pairs encoded for stage 3")
-    ap.add_argument("--steps", type=int, default=5000, help="denoiser optimizer steps")
+    ap.add_argument("--steps", type=int, default=4000, help="denoiser optimizer steps")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--eval-per-task", type=int, default=16)
     args = ap.parse_args(argv)

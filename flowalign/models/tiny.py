@@ -35,24 +35,46 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _merge_pair(seq: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(seq[i] + seq[i + 1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
 def clip_vocab(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
-    """CLIP BPE vocabulary and merges: every byte char (with and without ``</w>``), then a left-to-right
-    merge chain per word so that each listed word is one token. Returns (vocab, merges)."""
+    """CLIP BPE vocabulary and merges in which every listed word is ONE token.
+
+    The merges are learned by BPE training on the word list (each word once): start from characters (the last
+    one with ``</w>``), repeatedly merge the most frequent adjacent pair (ties: first seen) until every word
+    is a single token. Applying learned merges in rank order reproduces the training segmentation, so unlike
+    hand-made per-word merge chains, merges of different words cannot collide (``a n`` from "and" splitting
+    "triangle"). Every byte character, with and without ``</w>``, stays in the vocabulary for unseen text.
+    Returns (vocab, merges as "left right" strings).
+    """
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(w.lower() for w in words) if w]
     merges: list[str] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        if len(word) < 2:
-            continue
-        prefix = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            right = ch + "</w>" if i == len(word) - 1 else ch
-            merges.append(f"{prefix} {right}")
-            prefix = prefix + right
-            tokens.append(prefix)
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        pair = max(counts, key=counts.get)
+        merges.append(f"{pair[0]} {pair[1]}")
+        tokens.append(pair[0] + pair[1])
+        seqs = [_merge_pair(seq, pair) for seq in seqs]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return vocab, list(dict.fromkeys(merges))
+    return vocab, merges
 
 
 def tiny_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16, save_dir: Optional[str] = None):
