@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .config import DEFAULT_MODEL
+from .models import pipeline_call_kwargs
 from .rlg import enable_rlg
 from .sample import check_lora_dir, load_rlg_pipeline
 
@@ -47,7 +48,8 @@ class RLGApp:
 
     def _image(self, prompt: str, seed: int, steps: int, cfg: float):
         out = self.pipe(prompt=[prompt], num_inference_steps=steps, guidance_scale=cfg,
-                        generator=torch.Generator().manual_seed(seed), output_type="pil")
+                        generator=torch.Generator().manual_seed(seed), output_type="pil",
+                        **pipeline_call_kwargs(self.pipe))
         img = out.images[0]
         if max(img.size) < DISPLAY_SIZE:
             k = DISPLAY_SIZE // max(img.size)

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from .models import pipeline_call_kwargs
 from .toy import GENEVAL_TASKS, prompts_in_split, toy_geneval
 
 
@@ -35,7 +36,7 @@ def sample_images(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 10, 
         chunk = list(prompts[start : start + batch_size])
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                   output_type="pt")
+                   output_type="pt", **pipeline_call_kwargs(pipe))
         images.append(out.images.float().clamp(0, 1).cpu())
     return torch.cat(images)
 

@@ -16,6 +16,8 @@ from .base import (
     SamplingGrid,
     detect_family,
     load_pipeline,
+    pipeline_call_kwargs,
+    t5_sequence_length,
 )
 from .flux import FluxAdapter
 from .sd import SDAdapter, SDXLAdapter
@@ -48,5 +50,5 @@ def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, d
 __all__ = [
     "ADAPTERS", "Conditioning", "DDIMAdapter", "FlowAdapter", "FluxAdapter", "ModelNotFoundError", "PipelineAdapter",
     "SD3Adapter", "SDAdapter", "SDXLAdapter", "SamplingGrid", "WanAdapter", "adapter_for", "detect_family",
-    "load_adapter", "load_pipeline",
+    "load_adapter", "load_pipeline", "pipeline_call_kwargs", "t5_sequence_length",
 ]

@@ -72,13 +72,41 @@ class SamplingGrid:
         return int(self.timesteps.shape[0])
 
 
+_T5_TOKENIZERS = ("tokenizer_3", "tokenizer_2", "tokenizer")  # SD3, FLUX, Wan hold their T5 under these
+
+
+def t5_sequence_length(pipe, default: int) -> int:
+    """The T5/UMT5 token length to encode prompts with: ``min(default, tokenizer.model_max_length)``.
+
+    Pipelines pad T5 prompts to ``max_sequence_length`` (SD3 __call__: 256); tokens past the tokenizer's own
+    limit carry nothing but padding, cost attention compute and, for a model trained with shorter prompts
+    (the shipped toy pipeline: 16), feed it inputs it never saw. Non-T5 pipelines get ``default``.
+    """
+    for name in _T5_TOKENIZERS:
+        tok = getattr(pipe, name, None)
+        if tok is not None and "T5" in type(tok).__name__:
+            limit = getattr(tok, "model_max_length", default)
+            return int(min(default, limit)) if limit and limit < 1_000_000 else default
+    return default
+
+
+def pipeline_call_kwargs(pipe, default: int = 256) -> dict:
+    """Extra ``pipe(...)`` kwargs so direct pipeline calls encode prompts as the adapters do."""
+    import inspect
+
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        return {"max_sequence_length": t5_sequence_length(pipe, default)}
+    return {}
+
+
 class PipelineAdapter:
     """Base class: one subclass per pipeline family (``sd3``, ``flux``, ``sd``, ``sdxl``, ``wan``).
 
     Args:
         pipe: the diffusers pipeline (used in place; its weights are not copied).
         negative_prompt: text of the unconditional branch for CFG (default "").
-        max_sequence_length: T5/UMT5 token length for families that use it.
+        max_sequence_length: T5/UMT5 token length for families that use it; capped at the T5 tokenizer's
+            ``model_max_length`` (see :func:`t5_sequence_length`).
     """
 
     family: str = ""
@@ -96,7 +124,7 @@ class PipelineAdapter:
                             "use flowalign.models.adapter_for(pipe) to pick the right adapter")
         self.pipe = pipe
         self.negative_prompt = negative_prompt
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = t5_sequence_length(pipe, max_sequence_length)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---- properties -------------------------------------------------------------------------
