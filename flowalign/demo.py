@@ -12,27 +12,26 @@ import os
 import time
 
 from . import lora
-from .config import DEFAULT_MODEL, Config, GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
+from .config import DEFAULT_MODEL, Config, load_config
 from .evaluate import evaluate_toy
 from .report import image_grid, plot_reward_curve
 from .trainer import GRPOTrainer
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy_grpo.yaml")
 GRID_COLUMNS = 8  # first held-out images of each task, cycled, for the before/after grid
 
 
 def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bool = False,
                 model: str = DEFAULT_MODEL) -> Config:
-    """The demo's fixed budget: fits 15 minutes on a 2-core CPU (``quick``: a ~1-minute smoke run)."""
-    iterations = steps if steps is not None else (2 if quick else 60)
-    return Config(
-        model=ModelConfig(path=model, lora_rank=16),
-        sampling=SamplingConfig(num_steps=10, eval_num_steps=10, guidance_scale=4.5, sampler="flow_sde",
-                                noise_level=0.7, sde_window=(0, 4)),
-        grpo=GRPOConfig(clip_range=1e-2, beta=0.0, adv_std="global"),
-        train=TrainConfig(reward="toy_geneval", prompts="toy", iterations=iterations,
-                          prompts_per_iter=2 if quick else 8, group_size=4 if quick else 8, minibatch=32,
-                          lr=1e-3, seed=seed, out_dir=out_dir, eval_per_task=2 if quick else 24),
-    )
+    """The demo's recipe is ``configs/toy_grpo.yaml`` (its fixed budget fits 15 minutes on a 2-core CPU);
+    ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number of iterations."""
+    overrides = {"model.path": model, "train.seed": seed, "train.out_dir": out_dir}
+    if quick:
+        overrides.update({"train.iterations": 2, "train.prompts_per_iter": 2, "train.group_size": 4,
+                          "train.eval_per_task": 2})
+    if steps is not None:
+        overrides["train.iterations"] = steps
+    return load_config(DEMO_CONFIG, overrides)
 
 
 def _grid_indices(prompts: list[str], per_task: int) -> list[int]:
