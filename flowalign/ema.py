@@ -1,42 +1,30 @@
-"""Exponential moving average of trainable parameters: ``ema <- d ema + (1 - d) theta``."""
+"""Exponential moving average of trainable parameters for evaluation: ``ema <- d ema + (1 - d) theta``.
+
+A :class:`~flowalign.algorithms.base.Snapshot` with a fixed decay; ``swapped_in()`` evaluates with it.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
+from .algorithms.base import Snapshot
 
-class EMA:
+
+class EMA(Snapshot):
     def __init__(self, params: Sequence[torch.nn.Parameter], decay: float):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.params = list(params)
+        super().__init__(params)
         self.decay = decay
-        self.shadow = [p.detach().clone() for p in self.params]
 
-    @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - self.decay)
-
-    @contextmanager
-    @torch.no_grad()
-    def swapped_in(self) -> Iterator[None]:
-        """Evaluate with the EMA weights inside the block; the live weights come back after it."""
-        live = [p.detach().clone() for p in self.params]
-        for s, p in zip(self.shadow, self.params):
-            p.copy_(s)
-        try:
-            yield
-        finally:
-            for v, p in zip(live, self.params):
-                p.copy_(v)
+    def update(self) -> None:  # type: ignore[override]
+        super().update(self.decay)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+        return {"decay": self.decay, "shadow": [t.clone() for t in self.tensors]}
 
     def load_state_dict(self, state: dict) -> None:
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
+        for t, v in zip(self.tensors, state["shadow"]):
+            t.copy_(v)

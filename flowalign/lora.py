@@ -37,10 +37,41 @@ LORA_TARGET_MODULES: dict[str, list[str]] = {
 _SAVE_PREFIX = {"transformer": "transformer", "unet": "unet"}  # <prefix>_lora_layers in save_lora_weights
 
 
-def _lora_modules(adapter: PipelineAdapter):
+def lora_layers(module: torch.nn.Module) -> list:
+    """The peft tuner layers (LoRA-wrapped Linears) inside ``module``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in adapter.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _lora_modules(adapter: PipelineAdapter):
+    return lora_layers(adapter.denoiser)
+
+
+@contextmanager
+def keep_grad_flags(layers) -> Iterator[None]:
+    """peft's enable_adapters / set_adapter switch requires_grad on; put every LoRA flag back afterwards."""
+    params = [p for m in layers for n, p in m.named_parameters() if "lora_" in n]
+    flags = [p.requires_grad for p in params]
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def layers_disabled(layers) -> Iterator[None]:
+    """All given LoRA layers bypassed (the base model) inside the block; state and grad flags restored after."""
+    was_off = [m.disable_adapters for m in layers]
+    with keep_grad_flags(layers):
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m, off in zip(layers, was_off):
+                m.enable_adapters(not off)
 
 
 def adapter_names(adapter: PipelineAdapter) -> list[str]:
@@ -135,16 +166,10 @@ def using_adapter(adapter: PipelineAdapter, adapter_name: str) -> Iterator[None]
 
 @contextmanager
 def adapter_disabled(adapter: PipelineAdapter) -> Iterator[None]:
-    """Run the base model: all LoRA layers bypassed inside the block, restored after (no weight copy)."""
-    mods = _lora_modules(adapter)
-    was_disabled = [m.disable_adapters for m in mods]
-    for m in mods:
-        m.enable_adapters(False)
-    try:
+    """Run the base model: all LoRA layers bypassed inside the block, restored after (no weight copy);
+    frozen adapters (teachers) stay frozen."""
+    with layers_disabled(_lora_modules(adapter)):
         yield
-    finally:
-        for m, off in zip(mods, was_disabled):
-            m.enable_adapters(not off)
 
 
 def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "default") -> str:

@@ -50,6 +50,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from .lora import keep_grad_flags, layers_disabled, lora_layers
+
 _ATTR = "_flowalign_rlg"
 DENOISER_NAMES = ("transformer", "transformer_2", "unet")
 
@@ -66,42 +68,6 @@ def rlg_mix(out_ref: torch.Tensor, out_theta: torch.Tensor, scale: float) -> tor
     return (ref + scale * (out_theta.float() - ref)).to(out_theta.dtype)
 
 
-def _lora_layers(module: torch.nn.Module) -> list:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def _lora_params(layers) -> list[torch.nn.Parameter]:
-    return [p for m in layers for n, p in m.named_parameters() if "lora_" in n]
-
-
-@contextmanager
-def _keep_grad_flags(layers) -> Iterator[None]:
-    """peft's enable/set_adapter toggle requires_grad; put the flags back as they were."""
-    params = _lora_params(layers)
-    flags = [p.requires_grad for p in params]
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
-@contextmanager
-def _adapters_off(layers) -> Iterator[None]:
-    """All LoRA layers bypassed (the base model), restored after."""
-    was_off = [m.disable_adapters for m in layers]
-    with _keep_grad_flags(layers):
-        for m in layers:
-            m.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for m, off in zip(layers, was_off):
-                m.enable_adapters(not off)
-
-
 @contextmanager
 def _only_adapter(layers, name: Optional[str]) -> Iterator[None]:
     """Only adapter ``name`` active (None: leave the active adapters as they are), restored after."""
@@ -109,7 +75,7 @@ def _only_adapter(layers, name: Optional[str]) -> Iterator[None]:
         yield
         return
     previous = [list(m.active_adapters) for m in layers]
-    with _keep_grad_flags(layers):
+    with keep_grad_flags(layers):
         for m in layers:  # a layer without ``name`` then runs no adapter (peft skips unknown names)
             m.set_adapter(name)
         try:
@@ -181,7 +147,7 @@ def _make_hooks(state: _RLGState, layers: list):
             mode = "ref"  # base model only: one evaluation
         else:
             mode = "mix"  # this call is the theta branch; the post-hook adds the reference branch
-        ctx = _adapters_off(layers) if mode == "ref" else _only_adapter(layers, state.adapter_name)
+        ctx = layers_disabled(layers) if mode == "ref" else _only_adapter(layers, state.adapter_name)
         ctx.__enter__()
         open_ctx.append((ctx, mode))
         return None
@@ -195,7 +161,7 @@ def _make_hooks(state: _RLGState, layers: list):
             return None
         state.inside = True
         try:
-            with _adapters_off(layers):
+            with layers_disabled(layers):
                 ref = mod(*args, **kwargs)
         finally:
             state.inside = False
@@ -206,7 +172,7 @@ def _make_hooks(state: _RLGState, layers: list):
 
 def _denoisers(pipe) -> list[torch.nn.Module]:
     found = [getattr(pipe, n, None) for n in DENOISER_NAMES]
-    return [d for d in found if isinstance(d, torch.nn.Module) and _lora_layers(d)]
+    return [d for d in found if isinstance(d, torch.nn.Module) and lora_layers(d)]
 
 
 def enable_rlg(pipe, scale: float, adapter_name: Optional[str] = None, zero_init_step: int = 0):
@@ -231,13 +197,13 @@ def enable_rlg(pipe, scale: float, adapter_name: Optional[str] = None, zero_init
         raise ValueError(f"{type(pipe).__name__} has no LoRA adapter on its denoiser: load one with "
                          "pipe.load_lora_weights(dir) before enable_rlg")
     if adapter_name is not None:
-        names = {n for d in dens for m in _lora_layers(d) for n in m._get_available_adapters()}
+        names = {n for d in dens for m in lora_layers(d) for n in m._get_available_adapters()}
         if adapter_name not in names:
             raise ValueError(f"no LoRA adapter named {adapter_name!r} (have: {', '.join(sorted(names))})")
     disable_rlg(pipe)  # calling again: new settings, hooks installed once, fresh step count
     state = _RLGState(scale=scale, adapter_name=adapter_name, zero_init_step=int(zero_init_step))
     for den in dens:
-        pre, post = _make_hooks(state, _lora_layers(den))
+        pre, post = _make_hooks(state, lora_layers(den))
         state.handles.append(den.register_forward_pre_hook(pre, with_kwargs=True))
         # always_call: the hook also runs when forward raises, so the adapters are switched back on
         state.handles.append(den.register_forward_hook(post, with_kwargs=True, always_call=True))

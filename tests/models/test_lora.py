@@ -90,3 +90,18 @@ def test_mixed_precision_and_checkpointing(gen, h):
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
     v.square().mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_adapter_disabled_keeps_a_frozen_active_adapter_frozen():
+    # peft's enable_adapters(True) sets requires_grad on the active adapter; a frozen teacher must stay frozen.
+    from flowalign.models import adapter_for
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    adapter = adapter_for(tiny_sd3_pipeline(image_size=16))
+    teacher = lora.add_lora(adapter, rank=4, adapter_name="teacher", trainable=False)
+    lora.set_active_adapter(adapter, "teacher")
+    assert not any(p.requires_grad for p in teacher)
+    with lora.adapter_disabled(adapter):
+        pass
+    assert not any(p.requires_grad for p in teacher)
+    assert lora.active_adapter(adapter) == "teacher"
