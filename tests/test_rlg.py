@@ -1,10 +1,6 @@
 """RL Guidance: bit-exact endpoints, linear mix, one evaluation at w in {0, 1}, zero_init_step, and the
 SPEC §7 Gaussian check (base N(0,1), fine-tuned N(mu,1) -> scale w samples N(w mu, 1))."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
 
@@ -14,14 +10,6 @@ from flowalign.models.tiny import TINY_BUILDERS
 from flowalign.rlg import disable_rlg, enable_rlg, rlg_mix, rlg_scale
 from flowalign.samplers import flow_ode_step, flow_sde_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread (2 threads spin-wait for cores shared with other jobs, 10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 PROMPT = ["a red circle"]
 CALL_KW = {

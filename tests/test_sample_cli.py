@@ -1,10 +1,7 @@
 """``flowalign sample``: one scale -> PNG, a scale list -> reward sweep (JSON, plot, grids), one-line errors."""
 
 import json
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,15 +10,6 @@ from flowalign import lora
 from flowalign.cli import main
 from flowalign.models import adapter_for
 from flowalign.models.tiny import tiny_sd3_pipeline
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread (2 threads spin-wait for cores shared with other jobs, 10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +49,11 @@ def test_sample_sweep(tiny_model, tmp_path):
     result = json.loads((out / "rlg_sweep.json").read_text())
     assert [r["scale"] for r in result["per_scale"]] == [0.0, 1.0, 2.0]
     assert all(r["n"] == 3 and isinstance(r["mean"], float) for r in result["per_scale"])
-    assert len({r["mean"] for r in result["per_scale"]}) == 3  # the scale changes the images
     for name in ["rlg_sweep.png"] + [r["grid"] for r in result["per_scale"]]:
         assert Image.open(out / name).size[0] > 0
+    # The scale changes the images (JPEG size in kB is too coarse a witness on 3 tiny images).
+    grids = [np.asarray(Image.open(out / r["grid"]).convert("RGB")) for r in result["per_scale"]]
+    assert not np.array_equal(grids[0], grids[1]) and not np.array_equal(grids[1], grids[2])
 
 
 @pytest.mark.parametrize("args, message", [
