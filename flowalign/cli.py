@@ -7,11 +7,11 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     from .config import DEFAULT_MODEL
+    from .demo import DEMO_CONFIG, run_demo
 
-    run_demo(args.out, seed=args.seed, steps=args.steps, quick=args.quick, model=args.model or DEFAULT_MODEL)
+    run_demo(args.out, seed=args.seed, steps=args.steps, quick=args.quick, model=args.model or DEFAULT_MODEL,
+             config=args.config or DEMO_CONFIG)
     return 0
 
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--quick", action="store_true", help="a <= 2-minute smoke run")
     demo.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
+    demo.add_argument("--config", default=None, help="GRPO recipe YAML (default: configs/toy_grpo.yaml)")
     demo.set_defaults(func=_demo)
 
     from .config import DEFAULT_MODEL

@@ -22,16 +22,17 @@ GRID_COLUMNS = 8  # first held-out images of each task, cycled, for the before/a
 
 
 def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bool = False,
-                model: str = DEFAULT_MODEL) -> Config:
+                model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG) -> Config:
     """The demo's recipe is ``configs/toy_grpo.yaml`` (its fixed budget fits 15 minutes on a 2-core CPU);
-    ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number of iterations."""
+    ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number of iterations; ``config``
+    names another GRPO recipe (YAML) to run the same report with."""
     overrides = {"model.path": model, "train.seed": seed, "train.out_dir": out_dir}
     if quick:
         overrides.update({"train.iterations": 2, "train.prompts_per_iter": 2, "train.group_size": 4,
                           "train.eval_per_task": 2})
     if steps is not None:
         overrides["train.iterations"] = steps
-    return load_config(DEMO_CONFIG, overrides)
+    return load_config(config, overrides)
 
 
 def _grid_indices(prompts: list[str], per_task: int) -> list[int]:
@@ -40,10 +41,10 @@ def _grid_indices(prompts: list[str], per_task: int) -> list[int]:
 
 
 def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None, quick: bool = False,
-             model: str = DEFAULT_MODEL) -> dict:
+             model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG) -> dict:
     """Run the demo and write the report folder; returns the metrics written to metrics.json."""
     t0 = time.time()
-    cfg = demo_config(out_dir, seed, steps, quick, model)
+    cfg = demo_config(out_dir, seed, steps, quick, model, config)
     os.makedirs(out_dir, exist_ok=True)
     metrics_log = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(metrics_log):
