@@ -6,7 +6,26 @@ and make the tiny-model tests many times slower.
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """(pipeline folder, LoRA folder): a saved tiny SD3 pipeline (no T5) and a random nonzero LoRA for it."""
+    from flowalign import lora
+    from flowalign.models import adapter_for
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    pipe = tiny_sd3_pipeline(with_t5=False)
+    pipe.save_pretrained(str(root / "model"))
+    params = lora.add_lora(adapter_for(pipe), rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    lora.save_lora(adapter_for(pipe), str(root / "lora"))
+    return str(root / "model"), str(root / "lora")

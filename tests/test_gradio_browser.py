@@ -10,7 +10,6 @@ import socket
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
-import torch
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,23 +37,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def app_url(tmp_path):
+def app_url(tiny_model):
     pytest.importorskip("gradio", reason='gradio not installed: pip install -e ".[dev]"')
-    from flowalign import lora
     from flowalign.app import launch
-    from flowalign.models import adapter_for
-    from flowalign.models.tiny import tiny_sd3_pipeline
 
-    pipe = tiny_sd3_pipeline(with_t5=False)
-    pipe.save_pretrained(str(tmp_path / "model"))
-    params = lora.add_lora(adapter_for(pipe), rank=4)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    lora.save_lora(adapter_for(pipe), str(tmp_path / "lora"))
+    model, lora_dir = tiny_model
     port = _free_port()
-    ui = launch(str(tmp_path / "model"), str(tmp_path / "lora"), host="127.0.0.1", port=port, block=False,
-                default_steps=2)
+    ui = launch(model, lora_dir, host="127.0.0.1", port=port, block=False, default_steps=2)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

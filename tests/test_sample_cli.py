@@ -1,29 +1,12 @@
 """``flowalign sample``: one scale -> PNG, a scale list -> reward sweep (JSON, plot, grids), one-line errors."""
 
 import json
+
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from flowalign import lora
 from flowalign.cli import main
-from flowalign.models import adapter_for
-from flowalign.models.tiny import tiny_sd3_pipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """(pipeline folder, LoRA folder): a tiny SD3 pipeline (no T5) and a random nonzero LoRA for it."""
-    root = tmp_path_factory.mktemp("tiny")
-    pipe = tiny_sd3_pipeline(with_t5=False)
-    pipe.save_pretrained(str(root / "model"))
-    params = lora.add_lora(adapter_for(pipe), rank=4)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    lora.save_lora(adapter_for(pipe), str(root / "lora"))
-    return str(root / "model"), str(root / "lora")
 
 
 def test_sample_single_png(tiny_model, tmp_path):
