@@ -271,7 +271,6 @@ class Config:
                              f"optimizer steps: it must be <= train.prompts_per_iter={self.train.prompts_per_iter}")
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "grpo": GRPOConfig, "train": TrainConfig,
                     "nft": NFTConfig, "crd": CRDConfig, "opd": OPDConfig}
 

@@ -62,12 +62,6 @@ def configured_rollout(adapter, prompts: Sequence[str], cfg, generator: torch.Ge
                    height=s.resolution, width=s.resolution, num_frames=s.num_frames)
 
 
-def randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise shaped like x (float32, on x's device), drawn on the generator's device."""
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32, device=dev).to(x.device)
-
-
 def forward_timesteps(traj: Trajectory, num_draws: int, fraction: float,
                       generator: Optional[torch.Generator]) -> list[tuple[torch.Tensor, float]]:
     """K stratified draws from the rollout's own grid (``stratified_timesteps``): a list of

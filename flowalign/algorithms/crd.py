@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from .. import lora
 from ..rollout import Trajectory
 from .advantages import group_ids_from_prompts
-from .base import Snapshot, UpdateRule, forward_timesteps, randn_like, require_flow
+from ..samplers._checks import randn_like
+from .base import Snapshot, UpdateRule, forward_timesteps, require_flow
 from .nft import forward_process
 
 CENTERINGS = ("group", "batch")

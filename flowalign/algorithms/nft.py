@@ -31,7 +31,8 @@ import torch
 
 from .. import lora
 from ..rollout import Trajectory
-from .base import Snapshot, UpdateRule, forward_timesteps, randn_like, require_flow
+from ..samplers._checks import randn_like
+from .base import Snapshot, UpdateRule, forward_timesteps, require_flow
 
 _REDUCTIONS = ("mean", "sum")
 
