@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -46,6 +47,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{cfg.train.algorithm}: {summary['iterations']} iterations, {summary['samples']} samples in "
           f"{summary['wall_s']:.0f}s" + (f", last reward_mean {reward:.4f}" if reward is not None else "")
           + f"; wrote {summary['metrics']}, {summary['lora']}, {summary['plot']}")
+    key, base, aligned = summary["headline"], summary["base"], summary["aligned"]
+    if key:
+        print(f"held-out {key}: base {base[key]:.3f} -> aligned {aligned[key]:.3f} (n={aligned['n']}; "
+              f"{os.path.join(cfg.train.out_dir, 'evals.jsonl')})")
     return 0
 
 

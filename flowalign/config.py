@@ -60,6 +60,7 @@ class ModelConfig:
 class SamplingConfig:
     num_steps: int = _help("denoising steps per training rollout", 10)
     eval_num_steps: int = _help("denoising steps at evaluation", 10)
+    eval_guidance_scale: Optional[float] = _help("CFG scale at held-out evaluation (None = guidance_scale)", None)
     guidance_scale: float = _help("CFG scale of the policy (the policy is the CFG-combined velocity)", 4.5)
     sampler: str = _help("flow_sde | flow_constant_noise | flow_cps | flow_ode (deterministic; CRD/OPD/NFT rollouts) "
                          "| ddim (SD/SDXL)", "flow_sde")
@@ -118,6 +119,10 @@ class TrainConfig:
     out_dir: str = _help("where metrics, samples and the LoRA are written", "runs/train")
     eval_every: int = _help("held-out evaluation every N iterations (0 = only at the end)", 0)
     eval_per_task: int = _help("held-out images per toy task at evaluation", 16)
+    eval_prompts: Optional[str] = _help("held-out prompts: a toy spec or a text file (None = the held-out split of "
+                                        "toy training prompts; a training prompt file has none)", None)
+    eval_rewards: tuple = _help("extra rewards scored at held-out evaluation, e.g. [clip_score] (one not trained on "
+                               "shows reward hacking)", ())
     algorithm: str = _help("update rule: grpo (Flow-GRPO) | nft (DiffusionNFT) | crd (Centered Reward Distillation) "
                            "| opd (DiffusionOPD); its section of the same name configures it", "grpo")
     reward_options: dict = _help("keyword options of the reward, e.g. {url: http://...} for remote", {})

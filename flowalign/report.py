@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def plot_reward_curve(history: Sequence[dict], path: str, key: str = "reward_mean", evals: Sequence[tuple] = (),
-                      title: str = "training reward") -> None:
+                      title: str = "training reward", evals_label: str = "held-out") -> None:
     """Per-iteration ``key`` (dots), its running mean (line), and optional held-out points (iteration, value)."""
     import matplotlib
 
@@ -26,7 +26,7 @@ def plot_reward_curve(history: Sequence[dict], path: str, key: str = "reward_mea
         smooth = np.convolve(vals, np.ones(w) / w, mode="valid")
         ax.plot(its[w - 1 :], smooth, "-", label=f"running mean ({w})")
     if evals:
-        ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="k", label="held-out")
+        ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="k", label=evals_label)
     ax.set_xlabel("iteration")
     ax.set_ylabel(key)
     ax.set_title(title)

@@ -26,9 +26,11 @@ from .algorithms.nft import NFTUpdate
 from .algorithms.opd import OPDUpdate
 from .config import Config
 from .ema import EMA
+from .heldout import HeldoutEval, toy_tasks
 from .models import load_adapter
 from .prompts import PromptSource
 from .rewards import get as get_reward
+from .report import image_grid
 from .rewards.guard import safe_scores
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,6 +72,10 @@ class Trainer:
         self.bad_rewards = 0
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         self.metrics_path = os.path.join(cfg.train.out_dir, "metrics.jsonl")
+        self.evals_path = os.path.join(cfg.train.out_dir, "evals.jsonl")
+        self.heldout = self._heldout()
+        self.evals: list[dict] = []
+        self._base_images = None
         self.algorithm = ALGORITHMS[cfg.train.algorithm](cfg, self.adapter, self.params, self.optimizer,
                                                          self.generator)
 
@@ -88,6 +94,42 @@ class Trainer:
                                                                    else None)
             sources[task] = PromptSource(spec.get("prompts") or t.prompts)
         return rewards, sources
+
+    def _heldout(self) -> Optional[HeldoutEval]:
+        """The held-out evaluator (see flowalign.heldout), or None when the prompts have no held-out split."""
+        t, s = self.cfg.train, self.cfg.sampling
+        if t.eval_prompts is not None:
+            sources = [t.eval_prompts]
+        else:
+            sources = [src.spec for src in self.prompt_sources.values()]
+            if any(toy_tasks(spec) is None for spec in sources):
+                return None  # a prompt file has no held-out split: set train.eval_prompts
+        train_rewards = {src.spec: self.rewards[task] for task, src in self.prompt_sources.items()}
+        if t.eval_prompts is not None:
+            train_rewards[t.eval_prompts] = self.reward
+        guidance = s.eval_guidance_scale if s.eval_guidance_scale is not None else s.guidance_scale
+        return HeldoutEval(sources, t.eval_per_task, s.eval_num_steps, guidance, train_rewards, t.eval_rewards)
+
+    def evaluate(self, base: bool = False) -> Optional[dict]:
+        """Held-out scores of the adapter-disabled base (``base``) or of the evaluation weights (EMA when on),
+        appended to ``evals.jsonl``; also writes ``eval_grid.png`` (base row vs the latest weights, same seeds)."""
+        if self.heldout is None:
+            return None
+        t0 = time.perf_counter()
+        with (lora.adapter_disabled(self.adapter) if base else self.evaluation_weights()):
+            scores, images = self.heldout(self.adapter.pipe)
+        row = {"iteration": self.iteration, "samples": self.samples_seen, "weights": "base" if base else "lora",
+               **scores, "time_eval": time.perf_counter() - t0}
+        self.evals.append(row)
+        with open(self.evals_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        cols = _grid_columns(self.heldout.tasks)
+        if base:
+            self._base_images = images[cols]
+        elif self._base_images is not None:
+            image_grid([self._base_images, images[cols]], ["base", f"it {self.iteration}"],
+                       [self.heldout.prompts[i] for i in cols], os.path.join(self.cfg.train.out_dir, "eval_grid.png"))
+        return row
 
     # --- one iteration -----------------------------------------------------------------------------
     def _sample_prompts(self) -> tuple[list[str], list]:
@@ -158,10 +200,13 @@ class Trainer:
         history = []
         n = iterations if iterations is not None else self.cfg.train.iterations
         bar = tqdm(range(n), desc=self.cfg.train.algorithm)
-        for _ in bar:
+        for i in bar:
             m = self.step()
             history.append(m)
             bar.set_postfix(**self.algorithm.progress(m))
+            every = self.cfg.train.eval_every
+            if every > 0 and self.iteration % every == 0 and i < n - 1:  # the caller evaluates the end
+                self.evaluate()
             if callback is not None:
                 callback(m)
         return history
@@ -174,6 +219,19 @@ class Trainer:
         out_dir = out_dir or os.path.join(self.cfg.train.out_dir, "lora")
         with self.evaluation_weights():
             return lora.save_lora(self.adapter, out_dir)
+
+
+def _grid_columns(tasks: list, n: int = 8) -> list[int]:
+    """Indices of up to n held-out images, taking each task's first images in turn."""
+    order = list(dict.fromkeys(tasks))
+    firsts = {task: [i for i, x in enumerate(tasks) if x == task] for task in order}
+    cols, k = [], 0
+    while len(cols) < min(n, len(tasks)):
+        for task in order:
+            if k < len(firsts[task]) and len(cols) < n:
+                cols.append(firsts[task][k])
+        k += 1
+    return cols
 
 
 # Kept for existing callers (the demo, tests): the trainer runs Flow-GRPO with the default train.algorithm.
@@ -192,17 +250,35 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "metrics.jsonl")
-    if os.path.exists(log):
-        os.remove(log)  # a fresh run owns its per-iteration log
+    for name in ("metrics.jsonl", "evals.jsonl"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))  # a fresh run owns its logs
     with open(os.path.join(out, "config.yaml"), "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     t0 = time.time()
     trainer = Trainer(cfg, adapter=adapter, reward=reward)
+    base = trainer.evaluate(base=True)
     history = trainer.train() if progress else [trainer.step() for _ in range(cfg.train.iterations)]
+    aligned = trainer.evaluate()
     lora_dir = trainer.save_lora(os.path.join(out, "lora"))
     key = "reward_mean" if any(m.get("reward_mean") is not None for m in history) else "loss"
     curve = [m for m in history if m.get(key) is not None]
     plot_path = os.path.join(out, "reward_curve.png")
-    plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}")
+    headline = _headline(base)
+    evals = [(e["iteration"], e[headline]) for e in trainer.evals] if headline else ()
+    plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}", evals=evals,
+                      evals_label=f"held-out {headline}")
     return {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir, "metrics": log,
-            "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0}
+            "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0,
+            "base": base, "aligned": aligned, "headline": headline}
+
+
+def _headline(scores: Optional[dict]) -> Optional[str]:
+    """The held-out score to quote: toy_geneval, else ocr, else the first reward key."""
+    if not scores:
+        return None
+    for key in ("toy_geneval", "ocr"):
+        if key in scores:
+            return key
+    keys = [k for k, v in scores.items() if "/" not in k and isinstance(v, float) and not k.startswith("time_")]
+    return keys[0] if keys else None

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 SMALL = ["sampling.num_steps=2", "sampling.sde_window=null", "train.iterations=1", "train.prompts_per_iter=1",
          "train.group_size=2", "train.minibatch=4", "nft.num_timesteps=1", "crd.num_timesteps=1",
-         "crd.steps_per_iter=1", "opd.train_window=null"]
+         "crd.steps_per_iter=1", "opd.train_window=null", "train.eval_per_task=1"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -108,7 +108,13 @@ def test_toy_config_runs_end_to_end(tmp_path, tiny_model, name, capsys):
     assert rc == 0, capsys.readouterr().err
     row = _check_outputs(out)
     assert 0.0 <= row["reward_mean"] <= 1.0 and row["samples"] == 2
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "held-out toy_geneval: base " in printed
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [(e["iteration"], e["weights"]) for e in evals] == [(0, "base"), (1, "lora")]
+    assert all(e["n"] == 6 and 0 <= e["toy_geneval"] <= 1 and "toy_geneval/position" in e for e in evals)
+    with Image.open(out / "eval_grid.png") as im:
+        assert im.width > 6 * 16
 
 
 def test_toy_opd_runs_with_teacher_folders(tmp_path, tiny_model, capsys):

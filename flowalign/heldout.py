@@ -1,0 +1,135 @@
+"""Held-out evaluation during training: a fixed prompt set, fixed seeds, scored by verifiable rewards.
+
+The prompt set comes from ``train.eval_prompts`` (a toy spec or a text file) or, by default, from the training
+prompts: a toy spec ('toy', 'toy:text', 'toy:counting,colors'; for OPD each teacher's) gives ``eval_per_task``
+held-out prompts per task (the toy world's held-out split, never trained on). A plain prompt file has no
+held-out split, so it is only evaluated when ``train.eval_prompts`` names one.
+
+Scores (one dict per evaluation, keys ``<reward>`` and ``<reward>/<task>``):
+  * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met) and ``toy_geneval_strict``;
+  * toy text prompts    -> ``ocr`` (needs rapidocr);
+  * other prompts       -> the training reward(s);
+  * every prompt        -> each of ``train.eval_rewards`` (e.g. clip_score: a reward the run did not train on,
+    to see reward hacking).
+Image i is sampled with ``torch.Generator().manual_seed(seed + i)`` at ``sampling.eval_num_steps`` and
+``sampling.eval_guidance_scale`` (default: ``sampling.guidance_scale``), so before/after rows match.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+
+from .evaluate import sample_images
+
+EVAL_SEED = 10_000  # far from the training seeds
+
+
+def toy_tasks(spec: str) -> Optional[tuple[str, ...]]:
+    """'toy' -> the GenEval tasks; 'toy:text,counting' -> those tasks ('geneval' expands); else None."""
+    from .toy import GENEVAL_TASKS, TASKS
+
+    if spec == "toy":
+        return tuple(GENEVAL_TASKS)
+    if not spec.startswith("toy:"):
+        return None
+    names = [t.strip() for t in spec[4:].split(",") if t.strip()]
+    tasks = tuple(t for n in names for t in (GENEVAL_TASKS if n == "geneval" else (n,)))
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"prompt source {spec!r}: unknown toy task {', '.join(bad) or '(none)'}")
+    return tasks
+
+
+def heldout_rows(spec: str, per_task: int) -> list[tuple[str, str]]:
+    """(prompt, task) rows of the held-out set of ``spec``: ``per_task`` per toy task (held-out split, cycled),
+    or every line of a prompt file (task ``"file"``)."""
+    from .toy import prompts_in_split
+
+    tasks = toy_tasks(spec)
+    if tasks is None:
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"held-out prompt file {spec!r} not found: set train.eval_prompts to a text "
+                                    "file (one prompt per line) or a toy spec such as 'toy'")
+        with open(spec, encoding="utf-8") as f:
+            rows = [(line.strip(), "file") for line in f if line.strip()]
+        if not rows:
+            raise ValueError(f"held-out prompt file {spec!r} has no prompts: write one prompt per line")
+        return rows
+    rows = []
+    for task in tasks:
+        pool = prompts_in_split(task, "heldout")
+        rows += [(pool[i % len(pool)], task) for i in range(per_task)]
+    return rows
+
+
+class HeldoutEval:
+    """Callable ``(pipe) -> (scores dict, images [N,3,H,W])`` on a fixed held-out set; see the module doc.
+
+    ``sources``: prompt specs (one per task of the run); ``train_rewards``: {source spec: Reward or None}, used
+    for prompts that are not toy prompts; ``extra``: reward names scored on every prompt.
+    """
+
+    def __init__(self, sources: Sequence[str], per_task: int, steps: int, guidance_scale: float,
+                 train_rewards: Optional[dict] = None, extra: Sequence[str] = (), seed: int = EVAL_SEED,
+                 batch_size: int = 32):
+        self.rows = [row for spec in dict.fromkeys(sources) for row in heldout_rows(spec, per_task)]
+        self.source_of = {}
+        for spec in sources:
+            for _, task in heldout_rows(spec, per_task):
+                self.source_of.setdefault(task, spec)
+        self.prompts = [p for p, _ in self.rows]
+        self.tasks = [t for _, t in self.rows]
+        self.steps, self.guidance_scale, self.seed, self.batch_size = steps, guidance_scale, seed, batch_size
+        self.train_rewards = train_rewards or {}
+        self.extra = tuple(extra)
+        self._cache = {}
+
+    def _reward(self, name: str):
+        from .rewards import get as get_reward
+
+        if name not in self._cache:
+            self._cache[name] = get_reward(name)
+        return self._cache[name]
+
+    @torch.no_grad()
+    def __call__(self, pipe) -> tuple[dict, torch.Tensor]:
+        images = sample_images(pipe, self.prompts, self.seed, self.steps, self.guidance_scale, self.batch_size,
+                               desc="held-out eval")
+        return self.score(images), images
+
+    def score(self, images: torch.Tensor) -> dict:
+        """Scores of images [N,3,H,W] (in the order of ``self.prompts``) -> {key: mean}."""
+        from .toy import GENEVAL_TASKS, TEXT_TASK, toy_geneval
+
+        by_task = defaultdict(list)
+        for i, task in enumerate(self.tasks):
+            by_task[task].append(i)
+        out, totals = {}, defaultdict(list)  # totals: reward -> per-image scores over all its prompts
+
+        def record(name: str, task: str, values: torch.Tensor) -> None:
+            out[f"{name}/{task}"] = values.float().mean().item()
+            totals[name].append(values.float())
+
+        for task, idx in by_task.items():
+            prompts = [self.prompts[i] for i in idx]
+            if task in GENEVAL_TASKS:
+                frac, strict, _ = toy_geneval(images[idx], prompts)
+                record("toy_geneval", task, torch.as_tensor(frac))
+                record("toy_geneval_strict", task, torch.as_tensor(strict))
+            elif task == TEXT_TASK:
+                record("ocr", task, self._reward("ocr")(images[idx], prompts))
+            else:
+                reward = self.train_rewards.get(self.source_of.get(task))
+                if reward is not None:
+                    record(reward.name, task, reward(images[idx], prompts))
+            for name in self.extra:
+                if not (name == "toy_geneval" and task in GENEVAL_TASKS) and not (name == "ocr" and task == TEXT_TASK):
+                    record(name, task, self._reward(name)(images[idx], prompts))
+        for name, parts in totals.items():
+            out[name] = torch.cat(parts).mean().item()
+        out["n"] = len(self.prompts)
+        return out
