@@ -95,6 +95,10 @@ class HeldoutEval:
             self._cache[name] = get_reward(name)
         return self._cache[name]
 
+    def use_reward(self, name: str, reward) -> None:
+        """Score ``name`` with this Reward instead of ``rewards.get(name)`` (e.g. clip_score on a local CLIP)."""
+        self._cache[name] = reward
+
     @torch.no_grad()
     def __call__(self, pipe) -> tuple[dict, torch.Tensor]:
         images = sample_images(pipe, self.prompts, self.seed, self.steps, self.guidance_scale, self.batch_size,
