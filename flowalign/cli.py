@@ -54,6 +54,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import bench_scale, run_bench
+
+    command = "flowalign " + shlex.join(args.argv)
+    if args.scale:
+        try:
+            bench_scale(args.scale.split(","), args.out, resolution=args.scale_resolution, batch=args.scale_batch,
+                        rank=args.scale_rank, command=command)
+        except RuntimeError as err:  # no GPU
+            print(f"flowalign: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}/scale.json and scale.md")
+        return 0
+    configs = {}
+    for item in args.config:
+        alg, eq, path = item.partition("=")
+        if not eq or not alg or not path:
+            raise ValueError(f"--config {item!r} must look like ALGORITHM=PATH, e.g. --config nft=configs/toy_nft.yaml")
+        configs[alg] = path
+    samples = args.budget_samples if args.budget_samples or args.budget_seconds else 3840
+    run_bench(args.out, [a for a in args.algorithms.split(",") if a], budget_samples=samples,
+              budget_seconds=args.budget_seconds, configs=configs, overrides=args.overrides, model=args.model,
+              seed=args.seed, eval_every=args.eval_every, eval_per_task=args.eval_per_task,
+              clip_model=args.clip_model, command=command)
+    print(f"wrote {args.out}/bench.json, bench.md, sample_efficiency.png, cost_breakdown.png")
+    return 0
+
+
 def _gradio(args: argparse.Namespace) -> int:
     try:
         from .app import launch
@@ -103,6 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
                             "sampling.sde_window=[0,2] opd.teachers.ocr.lora=runs/ocr/lora")
     train.set_defaults(func=_train)
 
+    bench = sub.add_parser("bench", help="benchmark algorithms: held-out reward vs reward queries and wall time, "
+                                         "per-iteration cost; --scale: GPU throughput at SD3.5-M / FLUX size")
+    bench.add_argument("--out", default="bench_out", help="output folder (created)")
+    bench.add_argument("--algorithms", default="grpo,nft,crd", help="comma-separated, each run with its "
+                                                                   "configs/toy_<alg>.yaml recipe")
+    bench.add_argument("--config", action="append", default=[], metavar="ALG=PATH",
+                       help="recipe of one algorithm instead of configs/toy_<alg>.yaml (repeatable)")
+    bench.add_argument("--budget-samples", type=int, default=None,
+                       help="reward queries (scored samples) per algorithm (default 3840 unless --budget-seconds)")
+    bench.add_argument("--budget-seconds", type=float, default=None,
+                       help="training wall time per algorithm (evaluation excluded); with --budget-samples: "
+                            "whichever comes first")
+    bench.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N iterations")
+    bench.add_argument("--eval-per-task", type=int, default=24, help="held-out images per toy task")
+    bench.add_argument("--seed", type=int, default=0, help="train.seed of every algorithm")
+    bench.add_argument("--model", default=None, help="pipeline folder (default: each recipe's, the shipped one)")
+    bench.add_argument("--clip-model", default="tiny", help="CLIP of the untrained held-out clip_score "
+                                                             "(default: the shipped tiny CLIP)")
+    bench.add_argument("--scale", default=None, metavar="sd35m,flux",
+                       help="GPU only: time LoRA fwd/bwd of these transformers (real configs, random weights) "
+                            "with and without gradient checkpointing, instead of the algorithm benchmark")
+    bench.add_argument("--scale-resolution", type=int, default=512, help="--scale image size in pixels")
+    bench.add_argument("--scale-batch", type=int, default=1, help="--scale images per call")
+    bench.add_argument("--scale-rank", type=int, default=32, help="--scale LoRA rank")
+    bench.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="config overrides applied to every algorithm, e.g. train.prompts_per_iter=4")
+    bench.set_defaults(func=_bench)
+
     app = sub.add_parser("gradio", help="web app: base vs RL-guided images side by side")
     app.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: the shipped one)")
     app.add_argument("--lora", default="demo_out/lora", help="LoRA folder (default: the one `flowalign demo` writes)")
@@ -114,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that record how they were run
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
