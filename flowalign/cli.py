@@ -98,13 +98,13 @@ def _gradio(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowalign", description="Align diffusion/flow generators to rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="align the shipped pipeline with Flow-GRPO and write a report folder")
+    demo = sub.add_parser("demo", help="align the shipped pipeline (DiffusionNFT) and write a report folder")
     demo.add_argument("--out", default="demo_out", help="report folder (created)")
-    demo.add_argument("--steps", type=int, default=None, help="GRPO iterations (default: the fixed demo budget)")
+    demo.add_argument("--steps", type=int, default=None, help="training iterations (default: the fixed demo budget)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--quick", action="store_true", help="a <= 2-minute smoke run")
     demo.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
-    demo.add_argument("--config", default=None, help="GRPO recipe YAML (default: configs/toy_grpo.yaml)")
+    demo.add_argument("--config", default=None, help="recipe YAML, any algorithm (default: configs/toy_demo.yaml)")
     demo.set_defaults(func=_demo)
 
     from .config import DEFAULT_MODEL

@@ -1,4 +1,4 @@
-"""``flowalign demo``: align the shipped tiny pipeline to the toy GenEval reward with Flow-GRPO, and report.
+"""``flowalign demo``: align the shipped tiny pipeline to the toy GenEval reward (DiffusionNFT), and report.
 
 Writes to ``--out``: ``metrics.json`` (held-out toy_geneval before/after, overall and per task, samples,
 wall time), ``reward_curve.png``, ``grid.png`` (base vs aligned on the same seeds), ``report.md``,
@@ -13,84 +13,114 @@ import time
 
 from . import lora
 from .config import DEFAULT_MODEL, Config, load_config
-from .evaluate import evaluate_toy
-from .report import image_grid, plot_reward_curve
-from .trainer import GRPOTrainer
+from .report import plot_reward_curve
+from .trainer import Trainer
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy_grpo.yaml")
-GRID_COLUMNS = 8  # first held-out images of each task, cycled, for the before/after grid
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy_demo.yaml")
 
 
 def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bool = False,
                 model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG) -> Config:
-    """The demo's recipe is ``configs/toy_grpo.yaml`` (its fixed budget fits 15 minutes on a 2-core CPU);
-    ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number of iterations; ``config``
-    names another GRPO recipe (YAML) to run the same report with."""
+    """The demo's recipe is ``configs/toy_demo.yaml`` (DiffusionNFT; its fixed budget fits 15 minutes on a
+    2-core CPU); ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number of iterations;
+    ``config`` names another recipe (any algorithm, e.g. configs/toy_grpo.yaml) to run the same report with."""
     overrides = {"model.path": model, "train.seed": seed, "train.out_dir": out_dir}
     if quick:
         overrides.update({"train.iterations": 2, "train.prompts_per_iter": 2, "train.group_size": 4,
-                          "train.eval_per_task": 2})
+                          "train.eval_per_task": 2, "train.eval_every": 0})
     if steps is not None:
         overrides["train.iterations"] = steps
     return load_config(config, overrides)
 
 
-def _grid_indices(prompts: list[str], per_task: int) -> list[int]:
-    tasks = len(prompts) // per_task
-    return [(i % tasks) * per_task + i // tasks for i in range(min(GRID_COLUMNS, len(prompts)))]
+ALGORITHM_NAMES = {"grpo": "Flow-GRPO", "nft": "DiffusionNFT", "crd": "Centered Reward Distillation",
+                   "opd": "DiffusionOPD"}
+BASE_GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.5, 7.0)  # the base is also reported at these CFG scales (its best one too)
 
 
 def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None, quick: bool = False,
              model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG) -> dict:
-    """Run the demo and write the report folder; returns the metrics written to metrics.json."""
+    """Run the demo and write the report folder; returns the metrics written to metrics.json.
+
+    Base and aligned are scored on the same held-out prompts and seeds at the recipe's evaluation CFG
+    (``sampling.eval_guidance_scale``); the base is also scored at ``BASE_GUIDANCE_SWEEP`` so the report shows
+    the gain over the base at its own best CFG, not only at the recipe's."""
     t0 = time.time()
     cfg = demo_config(out_dir, seed, steps, quick, model, config)
     os.makedirs(out_dir, exist_ok=True)
-    metrics_log = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics_log):
-        os.remove(metrics_log)  # a fresh run owns its per-iteration log
-    trainer = GRPOTrainer(cfg)
-    pipe, s, per_task = trainer.adapter.pipe, cfg.sampling, cfg.train.eval_per_task
-    eval_kw = dict(per_task=per_task, seed=10_000 + seed, steps=s.eval_num_steps, guidance_scale=s.guidance_scale)
-
-    with lora.adapter_disabled(trainer.adapter):
-        base, base_images, prompts = evaluate_toy(pipe, **eval_kw)
-    print(f"base held-out toy_geneval {base['toy_geneval']:.3f} (strict {base['strict']:.3f}, n={base['n']})")
+    for name in ("metrics.jsonl", "evals.jsonl"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))  # a fresh run owns its logs
+    trainer = Trainer(cfg)
+    name = ALGORITHM_NAMES[cfg.train.algorithm]
+    base = _toy_scores(trainer.evaluate(base=True))
+    print(f"base held-out toy_geneval {base['toy_geneval']:.3f} (strict {base['strict']:.3f}, n={base['n']}, "
+          f"CFG {trainer.heldout.guidance_scale:g})")
     history = trainer.train()
-    with trainer.evaluation_weights():
-        aligned, aligned_images, _ = evaluate_toy(pipe, **eval_kw)
+    aligned = _toy_scores(trainer.evaluate())
     print(f"aligned held-out toy_geneval {aligned['toy_geneval']:.3f} (strict {aligned['strict']:.3f})")
     trainer.save_lora(os.path.join(out_dir, "lora"))
+    base_by_cfg = _base_guidance_sweep(trainer, () if quick else BASE_GUIDANCE_SWEEP)
+    best_cfg = max(base_by_cfg, key=lambda g: base_by_cfg[g]) if base_by_cfg else None
 
-    cols = _grid_indices(prompts, per_task)
-    image_grid([base_images[cols], aligned_images[cols]], ["base", "aligned"], [prompts[i] for i in cols],
-               os.path.join(out_dir, "grid.png"))
+    os.replace(os.path.join(out_dir, "eval_grid.png"), os.path.join(out_dir, "grid.png"))
     plot_reward_curve(history, os.path.join(out_dir, "reward_curve.png"),
-                      evals=[(0, base["toy_geneval"]), (trainer.iteration, aligned["toy_geneval"])],
-                      title="Flow-GRPO on the shipped pipeline: toy_geneval")
+                      evals=[(e["iteration"], e["toy_geneval"]) for e in trainer.evals],
+                      title=f"{name} on the shipped pipeline: toy_geneval", evals_label="held-out toy_geneval")
     result = {
         "base": base, "aligned": aligned, "delta": aligned["toy_geneval"] - base["toy_geneval"],
+        "eval_guidance_scale": trainer.heldout.guidance_scale,
+        "base_by_guidance_scale": {f"{g:g}": v for g, v in base_by_cfg.items()},
+        "delta_vs_best_base": (aligned["toy_geneval"] - base_by_cfg[best_cfg]) if best_cfg is not None else None,
         "samples": trainer.samples_seen, "iterations": trainer.iteration, "wall_s": time.time() - t0,
-        "algorithm": "flow_grpo", "model": model, "seed": seed, "heldout_images": base["n"],
+        "algorithm": cfg.train.algorithm, "model": model, "seed": seed, "heldout_images": base["n"],
         "config": {k: {f: (list(v) if isinstance(v, tuple) else v) for f, v in vars(sec).items()}
                    for k, sec in vars(cfg).items()},
     }
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    _write_report(out_dir, result)
+    _write_report(out_dir, result, name)
     print(f"wrote {out_dir}/report.md ({result['wall_s']:.0f} s)")
     return result
 
 
-def _write_report(out_dir: str, r: dict) -> None:
+def _toy_scores(row: dict) -> dict:
+    """A held-out row of Trainer.evaluate -> {"toy_geneval", "strict", "n", "per_task": {task: {fraction, strict, n}}}."""
+    from .toy import GENEVAL_TASKS
+
+    per_task = {t: {"fraction": row[f"toy_geneval/{t}"], "strict": row[f"toy_geneval_strict/{t}"],
+                    "n": row["n"] // len(GENEVAL_TASKS)} for t in GENEVAL_TASKS if f"toy_geneval/{t}" in row}
+    return {"toy_geneval": row["toy_geneval"], "strict": row["toy_geneval_strict"], "n": row["n"],
+            "per_task": per_task}
+
+
+def _base_guidance_sweep(trainer, scales) -> dict:
+    """{CFG scale: held-out toy_geneval of the base} on the demo's held-out prompts and seeds."""
+    out, ev = {}, trainer.heldout
+    keep = ev.guidance_scale
+    try:
+        with lora.adapter_disabled(trainer.adapter):
+            for g in scales:
+                ev.guidance_scale = g
+                out[g] = ev(trainer.adapter.pipe)[0]["toy_geneval"]
+    finally:
+        ev.guidance_scale = keep
+    return out
+
+
+def _write_report(out_dir: str, r: dict, name: str) -> None:
     rows = "\n".join(
         f"| {task} | {r['base']['per_task'][task]['fraction']:.3f} | {r['aligned']['per_task'][task]['fraction']:.3f} "
         f"| {r['base']['per_task'][task]['n']} |" for task in r["base"]["per_task"])
-    text = f"""# flowalign demo: Flow-GRPO on the shipped toy pipeline
+    sweep = ", ".join(f"{v:.3f} at CFG {g}" for g, v in r["base_by_guidance_scale"].items())
+    best = (f"\nThe base at other CFG scales (same prompts and seeds): {sweep}; the aligned model is "
+            f"{r['delta_vs_best_base']:+.3f} over the base at its best CFG.\n") if sweep else ""
+    text = f"""# flowalign demo: {name} on the shipped toy pipeline
 
 Held-out toy_geneval (fraction of the prompt's constraints met), {r['heldout_images']} held-out images, same seeds
-before and after: **{r['base']['toy_geneval']:.3f} -> {r['aligned']['toy_geneval']:.3f}**
+before and after, CFG {r['eval_guidance_scale']:g}: **{r['base']['toy_geneval']:.3f} -> {r['aligned']['toy_geneval']:.3f}**
 (strict all-met: {r['base']['strict']:.3f} -> {r['aligned']['strict']:.3f}).
+{best}
 Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f} s wall in all (seed {r['seed']}).
 
 | task | base | aligned | images |
