@@ -46,12 +46,12 @@ def test_overrides_are_yaml_and_reach_mapping_fields():
     assert o == {"train.lr": "1e-4", "sampling.sde_window": [0, 2], "train.ema_decay": 0, "opd.teachers.a.lora": "x"}
     toy = load_config(os.path.join(ROOT, "configs", "toy_grpo.yaml"), ["train.lr=1e-4", "sampling.sde_window=[0, 2]"])
     assert toy.train.lr == 1e-4 and toy.sampling.sde_window == (0, 2)  # YAML 1.1 reads 1e-4 as a string
-    cfg = load_config(os.path.join(ROOT, "configs", "toy_opd.yaml"), ["opd.teachers.ocr.lora=/tmp/t"])
-    assert cfg.opd.teachers["ocr"]["lora"] == "/tmp/t" and cfg.opd.teachers["ocr"]["guidance_scale"] == 4.5
+    cfg = load_config(os.path.join(ROOT, "configs", "toy_opd.yaml"), ["opd.teachers.spatial.lora=/tmp/t"])
+    assert cfg.opd.teachers["spatial"]["lora"] == "/tmp/t" and cfg.opd.teachers["spatial"]["guidance_scale"] == 1.0
     with pytest.raises(ValueError, match="must look like section.key=value"):
         parse_overrides(["train.lr"])
-    with pytest.raises(ValueError, match="unknown key opd.teachers.ocr.cfg; valid keys: lora, guidance_scale"):
-        with_overrides(cfg, {"opd.teachers.ocr.cfg": 2})
+    with pytest.raises(ValueError, match="unknown key opd.teachers.spatial.cfg; valid keys: lora, guidance_scale"):
+        with_overrides(cfg, {"opd.teachers.spatial.cfg": 2})
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_toy_config_runs_end_to_end(tmp_path, tiny_model, name, capsys):
 
 def test_toy_opd_runs_with_teacher_folders(tmp_path, tiny_model, capsys):
     teachers = []
-    for name in ("geneval", "ocr"):
+    for name in ("spatial", "attributes"):
         ad = adapter_for(tiny_sd3_pipeline(image_size=16))
         lora.add_lora(ad, rank=4)
         teachers.append(f"opd.teachers.{name}.lora={lora.save_lora(ad, str(tmp_path / name))}")
@@ -128,4 +128,4 @@ def test_toy_opd_runs_with_teacher_folders(tmp_path, tiny_model, capsys):
                f"train.out_dir={out}", *teachers, *SMALL])
     assert rc == 0, capsys.readouterr().err
     row = _check_outputs(out)
-    assert row["samples"] == 4 and row["loss"] >= 0 and {"loss_geneval", "loss_ocr"} <= set(row)
+    assert row["samples"] == 4 and row["loss"] >= 0 and {"loss_spatial", "loss_attributes"} <= set(row)
