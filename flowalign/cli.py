@@ -84,6 +84,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_loras
+
+    result = evaluate_loras(args.lora, args.model, prompts=args.prompts, per_task=args.per_task, steps=args.steps,
+                            guidance_scale=args.guidance_scale, out=args.out, reward=args.reward)
+    keys = sorted({k for s in result["scores"].values() for k in s if isinstance(s[k], float) and k != "time_eval"})
+    print("| weights | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for name, s in result["scores"].items():
+        print(f"| {name} | " + " | ".join(f"{s[k]:.3f}" if k in s else "" for k in keys) + " |")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _gradio(args: argparse.Namespace) -> int:
     try:
         from .app import launch
@@ -98,7 +113,7 @@ def _gradio(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowalign", description="Align diffusion/flow generators to rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="align the shipped pipeline (DiffusionNFT) and write a report folder")
+    demo = sub.add_parser("demo", help="align the shipped pipeline (CRD) and write a report folder")
     demo.add_argument("--out", default="demo_out", help="report folder (created)")
     demo.add_argument("--steps", type=int, default=None, help="training iterations (default: the fixed demo budget)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
@@ -125,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-images", type=int, default=None, help="images (single: default 1; sweep: per "
                                                                      "scale, default 24)")
     sample.set_defaults(func=_sample)
+
+    ev = sub.add_parser("eval", help="held-out scores of the base and LoRA folders on the same prompts and seeds")
+    ev.add_argument("lora", nargs="*", help="LoRA folders (written by flowalign train / demo)")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: the shipped one)")
+    ev.add_argument("--prompts", default="toy", help="toy spec (toy, toy:position,...) or a prompt file")
+    ev.add_argument("--reward", default=None, help="reward name for a prompt file's prompts (toy specs use the "
+                                                   "toy world's rewards; a name here is added to them)")
+    ev.add_argument("--per-task", type=int, default=24, help="held-out prompts per toy task")
+    ev.add_argument("--steps", type=int, default=10, help="denoising steps")
+    ev.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale")
+    ev.add_argument("--out", default=None, help="JSON file for the scores")
+    ev.set_defaults(func=_eval)
 
     train = sub.add_parser("train", help="train a LoRA with any algorithm from a YAML config (see configs/)")
     train.add_argument("config", help="YAML config file, e.g. configs/toy_grpo.yaml")
