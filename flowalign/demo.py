@@ -1,4 +1,5 @@
-"""``flowalign demo``: align the shipped tiny pipeline to the toy GenEval reward (DiffusionNFT), and report.
+"""``flowalign demo``: align the shipped tiny pipeline to the toy GenEval reward (Centered Reward Distillation,
+the recipe ``configs/toy_demo.yaml``), and report.
 
 Writes to ``--out``: ``metrics.json`` (held-out toy_geneval before/after, overall and per task, samples,
 wall time), ``reward_curve.png``, ``grid.png`` (base vs aligned on the same seeds), ``report.md``,
@@ -21,9 +22,9 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bool = False,
                 model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG) -> Config:
-    """The demo's recipe is ``configs/toy_demo.yaml`` (DiffusionNFT; its fixed budget fits 15 minutes on a
-    2-core CPU); ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number of iterations;
-    ``config`` names another recipe (any algorithm, e.g. configs/toy_grpo.yaml) to run the same report with."""
+    """The demo's recipe is ``configs/toy_demo.yaml`` (Centered Reward Distillation; its fixed budget fits
+    15 minutes on a 2-core CPU); ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number
+    of iterations; ``config`` names another recipe (any algorithm, e.g. configs/toy_grpo.yaml) to run the same report with."""
     overrides = {"model.path": model, "train.seed": seed, "train.out_dir": out_dir}
     if quick:
         overrides.update({"train.iterations": 2, "train.prompts_per_iter": 2, "train.group_size": 4,
