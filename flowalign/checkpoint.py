@@ -137,8 +137,13 @@ def trainer_state(trainer) -> dict:
         "lora": list(trainer.params), "optimizer": trainer.optimizer.state_dict(),
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "algorithm": trainer.algorithm.state_dict(), "rng": rng, "evals": trainer.evals,
-        "base_images": trainer._base_images,
+        "base_images": _to_uint8(trainer._base_images),
     }
+
+
+def _to_uint8(images: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Images in [0, 1] as uint8 (what the evaluation grid draws; a quarter of the float32 bytes)."""
+    return None if images is None else (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def load_trainer_state(trainer, state: dict) -> None:
@@ -167,7 +172,8 @@ def load_trainer_state(trainer, state: dict) -> None:
     trainer.iteration, trainer.samples_seen = int(state["iteration"]), int(state["samples_seen"])
     trainer.bad_rewards = int(state["bad_rewards"])
     trainer.evals = list(state["evals"])
-    trainer._base_images = state["base_images"]
+    base = state["base_images"]
+    trainer._base_images = None if base is None else base.float() / 255
 
 
 # --- save ------------------------------------------------------------------------------------------------

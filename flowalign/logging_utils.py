@@ -56,6 +56,11 @@ def scalars(row: dict) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
 
 
+def _columns(rows: Sequence[dict]) -> list[str]:
+    """The union of the rows' keys in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def _cell(v) -> str:
     if v is None:
         return ""
@@ -77,7 +82,7 @@ class MetricsLog:
         self.csv = os.path.join(out_dir, METRICS_CSV)
         self.config = config
         self.rows = read_jsonl(self.jsonl)
-        self.columns: list[str] = []
+        self.columns = _columns(self.rows)
         self.modules = {name: _import_logger(name) for name in log_with}
         self.writers: dict = {}  # opened at the first row (tensorboard's purge step is that row's iteration)
 
@@ -98,9 +103,7 @@ class MetricsLog:
         """Keep the rows up to ``iteration`` (a checkpoint's) in both files; later ones are dropped."""
         self.rows = [r for r in self.rows if r.get("iteration", 0) <= iteration]
         write_jsonl(self.jsonl, self.rows)
-        self.columns = []
-        for r in self.rows:
-            self.columns += [k for k in r if k not in self.columns]
+        self.columns = _columns(self.rows)
         self._write_csv()
 
     def _write_csv(self) -> None:

@@ -33,6 +33,9 @@ def test_jsonl_and_csv_hold_the_same_rows(tmp_path):
         f.write('{"iteration": 4, "lo')  # killed mid-write
     with pytest.warns(RuntimeWarning, match="line 4 is not JSON"):
         again = MetricsLog(str(tmp_path))
+    again.log({"iteration": 4, "loss": 1.0})  # a reopened log keeps the earlier rows and columns
+    table = _csv(tmp_path / "metrics.csv")
+    assert [r["iteration"] for r in table] == ["1", "2", "3", "4"] and table[1]["per_step"] == "[1.0, 2.0]"
     again.truncate(2)
     assert [r["iteration"] for r in again.rows] == [1, 2]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
