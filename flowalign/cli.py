@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + (["train.resume=true"] if args.resume else []))
     summary = run_training(cfg)
     final = summary["final"]
     reward = final.get("reward_mean")
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="override config values (each value read as YAML), e.g. train.lr=1e-4 "
                             "sampling.sde_window=[0,2] opd.teachers.ocr.lora=runs/ocr/lora")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in train.out_dir (same as train.resume=true)")
     train.set_defaults(func=_train)
 
     bench = sub.add_parser("bench", help="benchmark algorithms: held-out reward vs reward queries and wall time, "
@@ -198,11 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import FlowalignError
+
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that record how they were run
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    # known failures: bad input, a reward server that is down, NaN training, a full disk, a missing optional
+    # package (its ImportError names the pip command; any other ImportError is a bug): one line, no traceback
+    except (ValueError, FileNotFoundError, ConnectionError, FlowalignError, ImportError) as err:
+        if isinstance(err, ImportError) and "pip install" not in str(err):
+            raise
         print(f"flowalign: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "ddim")
 ALGORITHMS = ("grpo", "nft", "crd", "opd")
+LOGGERS = ("tensorboard", "wandb")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -49,6 +50,8 @@ class ModelConfig:
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
     device: Optional[str] = _help("where a loaded pipeline runs: cpu | cuda | cuda:N (None = cuda when available)",
                                   None)
+    trust_remote_code: bool = _help("let diffusers run Python code shipped with the model (custom pipelines); only "
+                                    "for models you trust", False)
 
     def __post_init__(self):
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -126,9 +129,23 @@ class TrainConfig:
     algorithm: str = _help("update rule: grpo (Flow-GRPO) | nft (DiffusionNFT) | crd (Centered Reward Distillation) "
                            "| opd (DiffusionOPD); its section of the same name configures it", "grpo")
     reward_options: dict = _help("keyword options of the reward, e.g. {url: http://...} for remote", {})
+    checkpoint_every: int = _help("write a checkpoint out_dir/ckpt-<iteration>/ every N iterations (0 = only at the "
+                                  "end); `flowalign train CONFIG --resume` continues from the newest", 0)
+    keep_checkpoints: int = _help("keep the newest N checkpoints, delete older ones (0 = keep all)", 3)
+    resume: bool = _help("continue from the newest complete checkpoint in out_dir (CLI: --resume)", False)
+    max_nan_steps: int = _help("stop (with a checkpoint) after this many optimizer steps in a row skipped for a "
+                               "NaN/inf loss or gradient", 5)
+    log_with: tuple = _help("extra metric loggers besides metrics.jsonl/metrics.csv: tensorboard, wandb (offline "
+                            "unless WANDB_MODE=online or WANDB_API_KEY is set)", ())
 
     def __post_init__(self):
         _choice("train", "algorithm", self.algorithm, ALGORITHMS)
+        _positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        _positive("train", "max_nan_steps", self.max_nan_steps)
+        for name in self.log_with:
+            _choice("train", "log_with", name, LOGGERS)
+        object.__setattr__(self, "log_with", tuple(self.log_with))
         for name in ("iterations", "prompts_per_iter", "group_size", "minibatch", "lr", "eval_per_task"):
             _positive("train", name, getattr(self, name))
         if self.group_size < 2:

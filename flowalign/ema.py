@@ -23,8 +23,4 @@ class EMA(Snapshot):
         super().update(self.decay)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [t.clone() for t in self.tensors]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for t, v in zip(self.tensors, state["shadow"]):
-            t.copy_(v)
+        return {"decay": self.decay, **super().state_dict()}

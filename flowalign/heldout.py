@@ -17,7 +17,6 @@ Image i is sampled with ``torch.Generator().manual_seed(seed + i)`` at ``samplin
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -51,14 +50,10 @@ def heldout_rows(spec: str, per_task: int) -> list[tuple[str, str]]:
 
     tasks = toy_tasks(spec)
     if tasks is None:
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"held-out prompt file {spec!r} not found: set train.eval_prompts to a text "
-                                    "file (one prompt per line) or a toy spec such as 'toy'")
-        with open(spec, encoding="utf-8") as f:
-            rows = [(line.strip(), "file") for line in f if line.strip()]
-        if not rows:
-            raise ValueError(f"held-out prompt file {spec!r} has no prompts: write one prompt per line")
-        return rows
+        from .prompts import read_prompt_file
+
+        return [(p, "file") for p in read_prompt_file(spec, "held-out prompt file", "set train.eval_prompts to a "
+                                                      "text file (one prompt per line) or a toy spec such as 'toy'")]
     rows = []
     for task in tasks:
         pool = prompts_in_split(task, "heldout")

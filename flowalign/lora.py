@@ -14,6 +14,7 @@ LoRA output: ``W x + (alpha / rank) B A x``.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -193,13 +194,16 @@ def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "defau
 
 
 def load_lora(adapter: PipelineAdapter, path: str, adapter_name: str = "default", trainable: bool = False) -> list:
-    """Load a diffusers-format LoRA folder/file as adapter ``adapter_name`` (frozen unless trainable).
-    The previously active adapter stays active. Returns its parameters."""
+    """Load a diffusers-format LoRA folder/file as adapter ``adapter_name`` (frozen unless trainable); safetensors
+    only, never a pickle. The previously active adapter stays active. Returns its parameters."""
     if adapter_name in adapter_names(adapter):
         raise ValueError(f"LoRA adapter {adapter_name!r} already exists; pick another adapter_name")
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        raise ValueError(f"LoRA file {path!r} is not a .safetensors file: flowalign loads no pickled weights; "
+                         "convert it with safetensors.torch.save_file")
     previous = active_adapter(adapter)
     flags = _grad_flags(adapter)
-    adapter.pipe.load_lora_weights(path, adapter_name=adapter_name)
+    adapter.pipe.load_lora_weights(path, adapter_name=adapter_name, use_safetensors=True)
     _restore_grad_flags(flags)
     params = lora_parameters(adapter, adapter_name)
     for p in params:

@@ -8,6 +8,25 @@ import os
 import numpy as np
 
 
+def read_prompt_file(path: str, what: str = "prompt file", hint: str = "pass a text file, one prompt per line"
+                     ) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped. A missing, unreadable, binary or empty file raises
+    FileNotFoundError / ValueError with one line naming ``what`` and the fix (``hint`` for a missing file)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} not found: {hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text (byte {err.start}): save it as UTF-8 text, one prompt "
+                         "per line") from None
+    if any("\x00" in p for p in prompts):
+        raise ValueError(f"{what} {path!r} contains NUL bytes (a binary file?): pass a text file, one prompt per line")
+    if not prompts:
+        raise ValueError(f"{what} {path!r} has no prompts: write one prompt per line")
+    return prompts
+
+
 class PromptSource:
     """Draws prompts with a numpy Generator; ``sample(n, rng) -> list[str]`` of n prompts."""
 
@@ -28,12 +47,7 @@ class PromptSource:
                                  f"toy:TASK[,TASK...] with tasks from geneval, {', '.join(TASKS)}")
             self._prompts, self._tasks = None, tuple(tasks)
             return
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"prompt file {spec!r} not found: pass an existing text file or train.prompts=toy")
-        with open(spec, encoding="utf-8") as f:
-            self._prompts = [line.strip() for line in f if line.strip()]
-        if not self._prompts:
-            raise ValueError(f"prompt file {spec!r} has no prompts: write one prompt per line")
+        self._prompts = read_prompt_file(spec, hint="pass an existing text file or train.prompts=toy")
 
     def sample(self, n: int, rng: np.random.Generator) -> list[str]:
         if self._prompts is None:

@@ -74,7 +74,7 @@ def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir, adapter_name=ADAPTER_NAME)
+        pipe.load_lora_weights(lora_dir, adapter_name=ADAPTER_NAME, use_safetensors=True)
     return pipe
 
 
@@ -117,12 +117,9 @@ def sweep_prompts(prompts: Optional[str], num_images: int) -> list[str]:
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
     if prompts:
-        if not os.path.isfile(prompts):
-            raise FileNotFoundError(f"prompt file {prompts!r} not found: pass a text file, one prompt per line")
-        with open(prompts, encoding="utf-8") as f:
-            pool = [line.strip() for line in f if line.strip()]
-        if not pool:
-            raise ValueError(f"prompt file {prompts!r} has no prompts: write one prompt per line")
+        from .prompts import read_prompt_file
+
+        pool = read_prompt_file(prompts)
     else:
         from .toy import GENEVAL_TASKS, prompts_in_split
 

@@ -2,8 +2,8 @@
 
 The math lives in ``flowalign.algorithms`` (each algorithm's loss and its update rule) and
 ``flowalign.samplers``; this file wires a pipeline adapter, rewards and prompt sources into the loop, dispatches
-the update on ``cfg.train.algorithm`` (the explicit table ``ALGORITHMS``), and writes ``metrics.jsonl`` per
-iteration.
+the update on ``cfg.train.algorithm`` (the explicit table ``ALGORITHMS``), and logs metrics per iteration
+(``flowalign.logging_utils``). Checkpoints, resume and the NaN stop live in ``flowalign.checkpoint``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import lora
+from . import checkpoint, lora
 from .algorithms.advantages import group_advantages, group_ids_from_prompts
 from .algorithms.crd import CRDUpdate
 from .algorithms.grpo import GRPOUpdate
 from .algorithms.nft import NFTUpdate
 from .algorithms.opd import OPDUpdate
-from .config import Config
+from .config import Config, config_to_dict
 from .ema import EMA
 from .heldout import HeldoutEval, toy_tasks
+from .logging_utils import MetricsLog
 from .models import load_adapter
 from .prompts import PromptSource
 from .rewards import get as get_reward
@@ -53,7 +54,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if adapter is None:
             device = cfg.model.device or ("cuda" if torch.cuda.is_available() else None)
-            adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device)
+            adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device,
+                                   trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = adapter
         if cfg.model.dtype != "float32":
             lora.set_precision(self.adapter, _DTYPES[cfg.model.dtype])
@@ -71,7 +73,8 @@ class Trainer:
         self.samples_seen = 0
         self.bad_rewards = 0
         os.makedirs(cfg.train.out_dir, exist_ok=True)
-        self.metrics_path = os.path.join(cfg.train.out_dir, "metrics.jsonl")
+        self.metrics_log = MetricsLog(cfg.train.out_dir, cfg.train.log_with, config_to_dict(cfg))
+        self.metrics_path = self.metrics_log.jsonl
         self.evals_path = os.path.join(cfg.train.out_dir, "evals.jsonl")
         self.heldout = self._heldout()
         self.evals: list[dict] = []
@@ -187,19 +190,22 @@ class Trainer:
         metrics.update(iteration=self.iteration, samples=self.samples_seen,
                        reward_mean=ok.mean().item() if ok.numel() else None,
                        reward_std=ok.std().item() if ok.numel() else None, invalid_rewards=int((~valid).sum()),
+                       nan_steps=self.algorithm.nan_steps,
                        time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2)
         if len(self.rewards) > 1:
             for task in self.rewards:
                 m = valid & torch.tensor([x == task for x in tasks])
                 metrics[f"reward_{task}"] = rewards[m].mean().item() if m.any() else None
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self.metrics_log.log(metrics)
         return metrics
 
-    def train(self, iterations: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    def train(self, iterations: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
+              progress: bool = True) -> list[dict]:
+        """``iterations`` (default train.iterations) steps with periodic evaluation and checkpoints; stops with
+        FlowalignError after train.max_nan_steps skipped (NaN) optimizer steps in a row. Returns their metrics."""
         history = []
         n = iterations if iterations is not None else self.cfg.train.iterations
-        bar = tqdm(range(n), desc=self.cfg.train.algorithm)
+        bar = tqdm(range(n), desc=self.cfg.train.algorithm, disable=not progress)
         for i in bar:
             m = self.step()
             history.append(m)
@@ -207,6 +213,7 @@ class Trainer:
             every = self.cfg.train.eval_every
             if every > 0 and self.iteration % every == 0 and i < n - 1:  # the caller evaluates the end
                 self.evaluate()
+            checkpoint.after_iteration(self)
             if callback is not None:
                 callback(m)
         return history
@@ -240,8 +247,10 @@ GRPOTrainer = Trainer
 
 def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) -> dict:
     """Train with ``cfg`` and write into ``train.out_dir``: ``config.yaml`` (the resolved config), a fresh
-    ``metrics.jsonl``, ``lora/`` (EMA weights when EMA is on) and ``reward_curve.png`` (the per-iteration reward,
-    or the loss when no reward is logged, e.g. OPD without task rewards). Returns a summary dict."""
+    ``metrics.jsonl`` / ``metrics.csv``, ``ckpt-<iteration>/`` checkpoints (at least the last), ``lora/`` (EMA
+    weights when EMA is on) and ``reward_curve.png`` (the per-iteration reward, or the loss when no reward is
+    logged, e.g. OPD without task rewards). With ``train.resume`` it continues the newest checkpoint instead (its
+    logs kept up to it). Returns a summary dict."""
     import yaml
 
     from .config import config_to_dict
@@ -249,16 +258,20 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
 
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
-    log = os.path.join(out, "metrics.jsonl")
-    for name in ("metrics.jsonl", "evals.jsonl"):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))  # a fresh run owns its logs
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    if not cfg.train.resume:
+        checkpoint.start_fresh(out)  # a fresh run owns its logs (an unfinished run's checkpoint is refused)
     t0 = time.time()
     trainer = Trainer(cfg, adapter=adapter, reward=reward)
-    base = trainer.evaluate(base=True)
-    history = trainer.train() if progress else [trainer.step() for _ in range(cfg.train.iterations)]
+    resumed = checkpoint.resume(trainer) if cfg.train.resume else None
+    if resumed:
+        print(f"resuming from {resumed}")
+    with open(os.path.join(out, "config.yaml"), "w") as f:  # after a resume passed the config check
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    base = next((e for e in trainer.evals if e["weights"] == "base"), None) if resumed else trainer.evaluate(base=True)
+    trainer.train(max(cfg.train.iterations - trainer.iteration, 0), progress=progress)
+    checkpoint.save_checkpoint(trainer)  # the end (a no-op when the loop just wrote this iteration)
+    history = trainer.metrics_log.rows  # with a resumed run's earlier iterations
+    trainer.metrics_log.close()
     aligned = trainer.evaluate()
     lora_dir = trainer.save_lora(os.path.join(out, "lora"))
     key = "reward_mean" if any(m.get("reward_mean") is not None for m in history) else "loss"
@@ -268,7 +281,8 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
     evals = [(e["iteration"], e[headline]) for e in trainer.evals] if headline else ()
     plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}", evals=evals,
                       evals_label=f"held-out {headline}")
-    return {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir, "metrics": log,
+    return {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir,
+            "metrics": trainer.metrics_path,
             "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0,
             "base": base, "aligned": aligned, "headline": headline}
 

@@ -29,3 +29,13 @@ def tiny_model(tmp_path_factory):
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     lora.save_lora(adapter_for(pipe), str(root / "lora"))
     return str(root / "model"), str(root / "lora")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe_dir(tmp_path_factory):
+    """A saved tiny SD3 pipeline folder (16 px images, no T5): `model.path` for end-to-end training runs."""
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny16") / "pipe"
+    tiny_sd3_pipeline(image_size=16, with_t5=False).save_pretrained(str(path))
+    return str(path)

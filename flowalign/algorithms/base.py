@@ -9,6 +9,7 @@ owns everything else (prompts, rewards, advantages, EMA, metrics, checkpoints).
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -34,6 +35,13 @@ class Snapshot:
 
         ema_update_(self.tensors, self.params, decay)
 
+    def state_dict(self) -> dict:
+        """{"tensors": [copies of the snapshot tensors]} (for checkpoints)."""
+        return {"tensors": [t.detach().clone() for t in self.tensors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_tensors_(self.tensors, state["tensors"], "snapshot")
+
     @contextmanager
     @torch.no_grad()
     def swapped_in(self) -> Iterator[None]:
@@ -45,6 +53,18 @@ class Snapshot:
         finally:
             for v, p in zip(live, self.params):
                 p.copy_(v)
+
+
+def load_tensors_(targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor], what: str) -> None:
+    """Copy ``values`` into ``targets`` in place (device and dtype of the targets); a count or shape mismatch
+    raises ValueError naming ``what`` (e.g. a checkpoint written with another LoRA rank)."""
+    if len(targets) != len(values):
+        raise ValueError(f"{what}: {len(values)} saved tensors for {len(targets)} parameters")
+    with torch.no_grad():
+        for i, (t, v) in enumerate(zip(targets, values)):
+            if tuple(t.shape) != tuple(v.shape):
+                raise ValueError(f"{what}: saved tensor {i} has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
+            t.copy_(v)
 
 
 def configured_rollout(adapter, prompts: Sequence[str], cfg, generator: torch.Generator,
@@ -88,7 +108,9 @@ class UpdateRule:
         generator: the trainer's torch.Generator (rollout noise, shuffles, forward-process noise).
 
     Subclasses implement ``update``; ``rollout`` defaults to the live policy with the sampling section.
-    ``optimizer_steps`` counts the optimizer steps taken so far.
+    ``optimizer_steps`` counts the optimizer steps taken so far; ``nan_steps`` the steps skipped for a non-finite
+    gradient norm or loss, ``nan_streak`` the current run of them. Subclasses with state of their own (snapshots)
+    extend ``state_dict`` / ``load_state_dict`` (checkpoints, flowalign.checkpoint).
     """
 
     name = "base"
@@ -97,6 +119,8 @@ class UpdateRule:
     def __init__(self, cfg, adapter, params, optimizer, generator: torch.Generator):
         self.cfg, self.adapter, self.params, self.optimizer, self.generator = cfg, adapter, list(params), optimizer, generator
         self.optimizer_steps = 0
+        self.nan_steps = 0
+        self.nan_streak = 0
 
     def rollout(self, prompts: Sequence[str]) -> Trajectory:
         return configured_rollout(self.adapter, prompts, self.cfg, self.generator)
@@ -106,12 +130,28 @@ class UpdateRule:
         """Optimizer step(s) on one scored batch -> metrics. adv, valid, rewards: [B]; tasks: one per row."""
         raise NotImplementedError
 
-    def optimizer_step(self) -> float:
-        """Clip the gradient to train.grad_clip, step, count; returns the gradient norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+    def optimizer_step(self, loss: Optional[float] = None) -> float:
+        """Clip the gradient to train.grad_clip, step, count; returns the gradient norm. A non-finite gradient norm
+        (or ``loss``) skips the step: gradients zeroed, no optimizer step, counted in nan_steps / nan_streak (the
+        trainer stops after train.max_nan_steps in a row)."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
+        if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_steps += 1
+            self.nan_streak += 1
+            return grad_norm
         self.optimizer.step()
         self.optimizer_steps += 1
-        return float(grad_norm)
+        self.nan_streak = 0
+        return grad_norm
+
+    def state_dict(self) -> dict:
+        """Counters (and, in subclasses, snapshots) to checkpoint; tensors may appear anywhere in the dict."""
+        return {"optimizer_steps": self.optimizer_steps, "nan_steps": self.nan_steps, "nan_streak": self.nan_streak}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer_steps, self.nan_steps, self.nan_streak = (int(state[k]) for k in
+                                                                  ("optimizer_steps", "nan_steps", "nan_streak"))
 
     def progress(self, metrics: dict) -> dict:
         """Short values for the progress bar."""

@@ -326,6 +326,14 @@ class CRDUpdate(UpdateRule):
         with self.sampler.swapped_in():
             return super().rollout(prompts)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "old": self.old.state_dict(), "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.old.load_state_dict(state["old"])
+        self.sampler.load_state_dict(state["sampler"])
+
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards=None, tasks=None) -> dict:
         c, t = self.cfg.crd, self.cfg.train
         reward = normalized_reward(adv, c.adv_max)

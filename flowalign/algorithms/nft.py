@@ -211,6 +211,13 @@ class NFTUpdate(UpdateRule):
         with self.old.swapped_in():
             return super().rollout(prompts)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "old": self.old.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.old.load_state_dict(state["old"])
+
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards=None, tasks=None) -> dict:
         c, t = self.cfg.nft, self.cfg.train
         r = optimality(adv, c.adv_max)

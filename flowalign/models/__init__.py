@@ -39,9 +39,11 @@ def adapter_for(pipe, family: str | None = None, **kwargs) -> PipelineAdapter:
     return ADAPTERS[family](pipe, **kwargs)
 
 
-def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, device=None, **kwargs) -> PipelineAdapter:
-    """``adapter_for(load_pipeline(id_or_path, family, torch_dtype))``, moved to ``device`` when given."""
-    pipe = load_pipeline(id_or_path, family=family, torch_dtype=torch_dtype)
+def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, device=None,
+                 trust_remote_code: bool = False, **kwargs) -> PipelineAdapter:
+    """``adapter_for(load_pipeline(id_or_path, family, torch_dtype, trust_remote_code))``, moved to ``device`` when
+    given."""
+    pipe = load_pipeline(id_or_path, family=family, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device is not None:
         pipe = pipe.to(device)
     return adapter_for(pipe, family=family, **kwargs)

@@ -346,10 +346,13 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_pipeline(id_or_path: str, family: Optional[str] = None, torch_dtype=None, **kwargs):
+def load_pipeline(id_or_path: str, family: Optional[str] = None, torch_dtype=None, trust_remote_code: bool = False,
+                  **kwargs):
     """``<PipelineClass>.from_pretrained(id_or_path)`` for a local folder or a Hub id.
 
     family: one of sd3/flux/sd/sdxl/wan; default: read from the folder's ``model_index.json``.
+    Weights load from safetensors files only (never a pickle); code shipped with the model runs only with
+    ``trust_remote_code=True`` (config: ``model.trust_remote_code``).
     Raises ModelNotFoundError with one line saying how to get the model when it is not available offline.
     """
     import diffusers
@@ -370,9 +373,14 @@ def load_pipeline(id_or_path: str, family: Optional[str] = None, torch_dtype=Non
     cls = getattr(diffusers, PIPELINE_BY_FAMILY[family]) if family else diffusers.DiffusionPipeline
     offline = _offline()
     try:
-        pipe = cls.from_pretrained(id_or_path, torch_dtype=torch_dtype, local_files_only=offline, **kwargs)
+        pipe = cls.from_pretrained(id_or_path, torch_dtype=torch_dtype, local_files_only=offline, use_safetensors=True,
+                                   trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         if os.path.isdir(id_or_path):
+            if "safetensors" in str(err):
+                raise ModelNotFoundError(f"{id_or_path!r}: flowalign loads weights from .safetensors files only "
+                                         "(pickled .bin/.pt files can run code); re-save the pipeline with "
+                                         "pipe.save_pretrained(dir, safe_serialization=True)") from None
             raise
         hub = "the Hub is unreachable (HF_HUB_OFFLINE=1)" if offline else f"the Hub download failed ({type(err).__name__})"
         raise ModelNotFoundError(
