@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import lora
+from . import distributed, lora
 from .algorithms.advantages import group_advantages, group_ids_from_prompts
 from .algorithms.crd import CRDUpdate
 from .algorithms.grpo import GRPOUpdate
@@ -50,20 +50,23 @@ class Trainer:
 
     def __init__(self, cfg: Config, adapter=None, reward=None):
         self.cfg = cfg
+        self.dist = distributed.setup()  # one process, or this process's place under accelerate launch / torchrun
         torch.manual_seed(cfg.train.seed)
         if adapter is None:
-            device = cfg.model.device or ("cuda" if torch.cuda.is_available() else None)
+            device = cfg.model.device or self.dist.device
             adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device)
         self.adapter = adapter
         if cfg.model.dtype != "float32":
             lora.set_precision(self.adapter, _DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
                                     dropout=cfg.model.lora_dropout)
+        self.dist.broadcast_(self.params)  # distributed: every process starts from rank 0's LoRA
         if cfg.model.gradient_checkpointing:
             lora.set_gradient_checkpointing(self.adapter, True)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.rewards, self.prompt_sources = self._tasks(reward)
+        self.dist.check(cfg, num_tasks=len(self.prompt_sources))  # distributed: fail fast on what cannot be split
         self.reward, self.prompts = next(iter(self.rewards.values())), next(iter(self.prompt_sources.values()))
         self.rng = np.random.default_rng(cfg.train.seed)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -78,6 +81,7 @@ class Trainer:
         self._base_images = None
         self.algorithm = ALGORITHMS[cfg.train.algorithm](cfg, self.adapter, self.params, self.optimizer,
                                                          self.generator)
+        self.algorithm.dist = self.dist
 
     def _tasks(self, reward) -> tuple[dict, dict]:
         """({task: Reward or None}, {task: PromptSource}); one task (None) except for OPD."""
@@ -113,7 +117,7 @@ class Trainer:
     def evaluate(self, base: bool = False) -> Optional[dict]:
         """Held-out scores of the adapter-disabled base (``base``) or of the evaluation weights (EMA when on),
         appended to ``evals.jsonl``; also writes ``eval_grid.png`` (base row vs the latest weights, same seeds)."""
-        if self.heldout is None:
+        if self.heldout is None or not self.dist.is_main:
             return None
         t0 = time.perf_counter()
         with (lora.adapter_disabled(self.adapter) if base else self.evaluation_weights()):
@@ -166,13 +170,16 @@ class Trainer:
         return rewards, valid
 
     def step(self) -> dict:
-        """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl)."""
+        """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl).
+        Distributed: each process rolls out and scores its shard of the global batch; rewards are gathered."""
         t0 = time.perf_counter()
-        prompts, tasks = self._sample_prompts()
-        traj = self.algorithm.rollout(prompts)
+        prompts, tasks = self._sample_prompts()  # the global batch (the same on every process)
+        mine = self.dist.shard(len(prompts), self.cfg.train.group_size)
+        traj = self.algorithm.rollout(prompts[mine])
         t1 = time.perf_counter()
-        rewards, valid = self._score(traj, tasks)
-        adv = group_advantages(rewards, group_ids_from_prompts(traj.prompts), std_mode=self.cfg.grpo.adv_std,
+        rewards, valid = self._score(traj, tasks[mine])
+        rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
+        adv = group_advantages(rewards, group_ids_from_prompts(prompts), std_mode=self.cfg.grpo.adv_std,
                                clip=self.cfg.grpo.adv_clip, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
         t2 = time.perf_counter()
@@ -181,7 +188,7 @@ class Trainer:
             self.ema.update()
         t3 = time.perf_counter()
         self.iteration += 1
-        self.samples_seen += len(traj.prompts)
+        self.samples_seen += len(prompts)
         valid = valid.cpu()
         ok = rewards[valid]
         metrics.update(iteration=self.iteration, samples=self.samples_seen,
@@ -192,14 +199,15 @@ class Trainer:
             for task in self.rewards:
                 m = valid & torch.tensor([x == task for x in tasks])
                 metrics[f"reward_{task}"] = rewards[m].mean().item() if m.any() else None
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if self.dist.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         return metrics
 
     def train(self, iterations: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
         history = []
         n = iterations if iterations is not None else self.cfg.train.iterations
-        bar = tqdm(range(n), desc=self.cfg.train.algorithm)
+        bar = tqdm(range(n), desc=self.cfg.train.algorithm, disable=not self.dist.is_main)
         for i in bar:
             m = self.step()
             history.append(m)
@@ -217,6 +225,8 @@ class Trainer:
 
     def save_lora(self, out_dir: Optional[str] = None) -> str:
         out_dir = out_dir or os.path.join(self.cfg.train.out_dir, "lora")
+        if not self.dist.is_main:  # distributed: every process holds the same weights; rank 0 writes them
+            return out_dir
         with self.evaluation_weights():
             return lora.save_lora(self.adapter, out_dir)
 
@@ -250,11 +260,13 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "metrics.jsonl")
+    main = distributed.setup().is_main  # distributed: only rank 0 writes files
     for name in ("metrics.jsonl", "evals.jsonl"):
-        if os.path.exists(os.path.join(out, name)):
+        if main and os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))  # a fresh run owns its logs
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    if main:
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     t0 = time.time()
     trainer = Trainer(cfg, adapter=adapter, reward=reward)
     base = trainer.evaluate(base=True)
@@ -266,11 +278,12 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
     plot_path = os.path.join(out, "reward_curve.png")
     headline = _headline(base)
     evals = [(e["iteration"], e[headline]) for e in trainer.evals] if headline else ()
-    plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}", evals=evals,
-                      evals_label=f"held-out {headline}")
+    if main:
+        plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}", evals=evals,
+                          evals_label=f"held-out {headline}")
     return {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir, "metrics": log,
             "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0,
-            "base": base, "aligned": aligned, "headline": headline}
+            "base": base, "aligned": aligned, "headline": headline, "main": main}
 
 
 def _headline(scores: Optional[dict]) -> Optional[str]:

@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ..distributed import SINGLE, Distributed
 from ..rollout import Trajectory, rollout
 
 
@@ -89,17 +90,22 @@ class UpdateRule:
 
     Subclasses implement ``update``; ``rollout`` defaults to the live policy with the sampling section.
     ``optimizer_steps`` counts the optimizer steps taken so far.
+
+    Distributed (``dist``, set by the trainer; see flowalign.distributed): ``rollout`` gets this process's shard
+    of the prompts, ``update`` its trajectory with the GLOBAL adv / valid / rewards / tasks; rules index the
+    trajectory with ``dist.part(rows, traj.batch_size).local`` and weight their loss by its ``share``.
     """
 
     name = "base"
     uses_rewards = True
+    dist: Distributed = SINGLE
 
     def __init__(self, cfg, adapter, params, optimizer, generator: torch.Generator):
         self.cfg, self.adapter, self.params, self.optimizer, self.generator = cfg, adapter, list(params), optimizer, generator
         self.optimizer_steps = 0
 
     def rollout(self, prompts: Sequence[str]) -> Trajectory:
-        return configured_rollout(self.adapter, prompts, self.cfg, self.generator)
+        return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)))
 
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards: torch.Tensor,
                tasks: Sequence[Optional[str]]) -> dict:
@@ -107,7 +113,8 @@ class UpdateRule:
         raise NotImplementedError
 
     def optimizer_step(self) -> float:
-        """Clip the gradient to train.grad_clip, step, count; returns the gradient norm."""
+        """Sum the gradient over processes, clip it to train.grad_clip, step, count; returns the gradient norm."""
+        self.dist.all_reduce_grads(self.params)  # distributed: every process now holds the global gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer_steps += 1
