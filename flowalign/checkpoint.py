@@ -185,8 +185,8 @@ def save_checkpoint(trainer) -> str:
 
     t = trainer.cfg.train
     final = os.path.join(t.out_dir, f"ckpt-{trainer.iteration}")
-    if os.path.isdir(final):
-        return final
+    if os.path.isdir(final) or not getattr(getattr(trainer, "dist", None), "is_main", True):
+        return final  # distributed: rank 0 writes (every rank holds the same weights and optimizer state)
     tmp = final + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,7 +294,8 @@ def resume(trainer) -> str:
                               "--resume to start, or point train.out_dir at the run to continue")
     load_checkpoint(trainer, path)
     trainer.metrics_log.truncate(trainer.iteration)
-    write_jsonl(trainer.evals_path, trainer.evals)
+    if getattr(getattr(trainer, "dist", None), "is_main", True):  # distributed: rank 0 writes, every rank loads
+        write_jsonl(trainer.evals_path, trainer.evals)
     return path
 
 

@@ -42,6 +42,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides + (["train.resume=true"] if args.resume else []))
     summary = run_training(cfg)
+    if not summary["main"]:  # distributed: rank 0 reports
+        return 0
     final = summary["final"]
     reward = final.get("reward_mean")
     print(f"{cfg.train.algorithm}: {summary['iterations']} iterations, {summary['samples']} samples in "

@@ -73,21 +73,25 @@ class MetricsLog:
     """Rows of per-iteration metrics (each with an ``iteration`` key) -> metrics.jsonl, metrics.csv, loggers.
 
     Rows already in ``out_dir/metrics.jsonl`` are kept (``rows``) and new ones appended; ``truncate(it)`` drops
-    rows after iteration ``it`` (a resumed run). ``config``: the run's settings for wandb.
+    rows after iteration ``it`` (a resumed run). ``config``: the run's settings for wandb. ``write=False`` (the
+    non-main processes of a distributed run) keeps the rows in memory only: no files, no loggers.
     """
 
-    def __init__(self, out_dir: str, log_with: Sequence[str] = (), config: Optional[dict] = None):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, log_with: Sequence[str] = (), config: Optional[dict] = None,
+                 write: bool = True):
+        self.out_dir, self.write = out_dir, write
         self.jsonl = os.path.join(out_dir, METRICS_JSONL)
         self.csv = os.path.join(out_dir, METRICS_CSV)
         self.config = config
         self.rows = read_jsonl(self.jsonl)
         self.columns = _columns(self.rows)
-        self.modules = {name: _import_logger(name) for name in log_with}
+        self.modules = {name: _import_logger(name) for name in log_with} if write else {}
         self.writers: dict = {}  # opened at the first row (tensorboard's purge step is that row's iteration)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         with open(self.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         new = [k for k in row if k not in self.columns]
@@ -102,6 +106,8 @@ class MetricsLog:
     def truncate(self, iteration: int) -> None:
         """Keep the rows up to ``iteration`` (a checkpoint's) in both files; later ones are dropped."""
         self.rows = [r for r in self.rows if r.get("iteration", 0) <= iteration]
+        if not self.write:
+            return
         write_jsonl(self.jsonl, self.rows)
         self.columns = _columns(self.rows)
         self._write_csv()

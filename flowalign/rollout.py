@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from .distributed import RowShard
 from .models.base import Conditioning, GeneratorLike, PipelineAdapter
 from .samplers import (
     GaussianStep,
@@ -143,6 +144,9 @@ def _transition(adapter, sampler, noise_level, stochastic, out, x, k, sigmas, al
 def _initial_noise(adapter, batch_size, group_size, generator, height, width, num_frames) -> torch.Tensor:
     if batch_size % group_size:
         raise ValueError(f"batch of {batch_size} prompts is not a multiple of group_size={group_size}")
+    if isinstance(generator, RowShard):  # this process's rows of the global batch's noise (flowalign.distributed)
+        full = _initial_noise(adapter, generator.total, group_size, generator.generator, height, width, num_frames)
+        return full[generator.rows]
     gen = generator[::group_size] if isinstance(generator, (list, tuple)) else generator
     x0 = adapter.prepare_latents(batch_size // group_size, height, width, num_frames, generator=gen)
     return x0.repeat_interleave(group_size, dim=0) if group_size > 1 else x0
@@ -180,7 +184,7 @@ def rollout(
         sde_window: (start, length): only these steps are stochastic, the rest ODE / eta=0 DDIM.
         stochastic_steps: alternatively, explicit indices or an [N] bool mask.
         group_size: G; each block of G consecutive rows starts from the same initial noise.
-        generator: torch.Generator (or one per row) for the initial noise and the step noise.
+        generator: torch.Generator (or one per row, or a distributed ``RowShard``) for the initial and step noise.
         latents: initial noise [B, ...] to use instead of drawing it.
         cond: pre-encoded Conditioning for the prompts (else ``adapter.encode_prompts``).
         reduction: "mean" or "sum" over elements for the recorded log-probs.

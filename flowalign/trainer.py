@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, lora
+from . import checkpoint, distributed, lora
 from .algorithms.advantages import group_advantages, group_ids_from_prompts
 from .algorithms.crd import CRDUpdate
 from .algorithms.grpo import GRPOUpdate
@@ -51,9 +51,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, adapter=None, reward=None):
         self.cfg = cfg
+        self.dist = distributed.setup()  # one process, or this process's place under accelerate launch / torchrun
         torch.manual_seed(cfg.train.seed)
         if adapter is None:
-            device = cfg.model.device or ("cuda" if torch.cuda.is_available() else None)
+            device = cfg.model.device or self.dist.device
             adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device,
                                    trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = adapter
@@ -61,11 +62,13 @@ class Trainer:
             lora.set_precision(self.adapter, _DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
                                     dropout=cfg.model.lora_dropout)
+        self.dist.broadcast_(self.params)  # distributed: every process starts from rank 0's LoRA
         if cfg.model.gradient_checkpointing:
             lora.set_gradient_checkpointing(self.adapter, True)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.rewards, self.prompt_sources = self._tasks(reward)
+        self.dist.check(cfg, num_tasks=len(self.prompt_sources))  # distributed: fail fast on what cannot be split
         self.reward, self.prompts = next(iter(self.rewards.values())), next(iter(self.prompt_sources.values()))
         self.rng = np.random.default_rng(cfg.train.seed)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -73,7 +76,8 @@ class Trainer:
         self.samples_seen = 0
         self.bad_rewards = 0
         os.makedirs(cfg.train.out_dir, exist_ok=True)
-        self.metrics_log = MetricsLog(cfg.train.out_dir, cfg.train.log_with, config_to_dict(cfg))
+        self.metrics_log = MetricsLog(cfg.train.out_dir, cfg.train.log_with, config_to_dict(cfg),
+                                      write=self.dist.is_main)
         self.metrics_path = self.metrics_log.jsonl
         self.evals_path = os.path.join(cfg.train.out_dir, "evals.jsonl")
         self.heldout = self._heldout()
@@ -81,6 +85,7 @@ class Trainer:
         self._base_images = None
         self.algorithm = ALGORITHMS[cfg.train.algorithm](cfg, self.adapter, self.params, self.optimizer,
                                                          self.generator)
+        self.algorithm.dist = self.dist
 
     def _tasks(self, reward) -> tuple[dict, dict]:
         """({task: Reward or None}, {task: PromptSource}); one task (None) except for OPD."""
@@ -116,7 +121,7 @@ class Trainer:
     def evaluate(self, base: bool = False) -> Optional[dict]:
         """Held-out scores of the adapter-disabled base (``base``) or of the evaluation weights (EMA when on),
         appended to ``evals.jsonl``; also writes ``eval_grid.png`` (base row vs the latest weights, same seeds)."""
-        if self.heldout is None:
+        if self.heldout is None or not self.dist.is_main:
             return None
         t0 = time.perf_counter()
         with (lora.adapter_disabled(self.adapter) if base else self.evaluation_weights()):
@@ -169,13 +174,16 @@ class Trainer:
         return rewards, valid
 
     def step(self) -> dict:
-        """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl)."""
+        """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl).
+        Distributed: each process rolls out and scores its shard of the global batch; rewards are gathered."""
         t0 = time.perf_counter()
-        prompts, tasks = self._sample_prompts()
-        traj = self.algorithm.rollout(prompts)
+        prompts, tasks = self._sample_prompts()  # the global batch (the same on every process)
+        mine = self.dist.shard(len(prompts), self.cfg.train.group_size)
+        traj = self.algorithm.rollout(prompts[mine])
         t1 = time.perf_counter()
-        rewards, valid = self._score(traj, tasks)
-        adv = group_advantages(rewards, group_ids_from_prompts(traj.prompts), std_mode=self.cfg.grpo.adv_std,
+        rewards, valid = self._score(traj, tasks[mine])
+        rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
+        adv = group_advantages(rewards, group_ids_from_prompts(prompts), std_mode=self.cfg.grpo.adv_std,
                                clip=self.cfg.grpo.adv_clip, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
         t2 = time.perf_counter()
@@ -184,7 +192,7 @@ class Trainer:
             self.ema.update()
         t3 = time.perf_counter()
         self.iteration += 1
-        self.samples_seen += len(traj.prompts)
+        self.samples_seen += len(prompts)
         valid = valid.cpu()
         ok = rewards[valid]
         metrics.update(iteration=self.iteration, samples=self.samples_seen,
@@ -196,7 +204,7 @@ class Trainer:
             for task in self.rewards:
                 m = valid & torch.tensor([x == task for x in tasks])
                 metrics[f"reward_{task}"] = rewards[m].mean().item() if m.any() else None
-        self.metrics_log.log(metrics)
+        self.metrics_log.log(metrics)  # files and loggers on the main process only
         return metrics
 
     def train(self, iterations: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
@@ -205,7 +213,7 @@ class Trainer:
         FlowalignError after train.max_nan_steps skipped (NaN) optimizer steps in a row. Returns their metrics."""
         history = []
         n = iterations if iterations is not None else self.cfg.train.iterations
-        bar = tqdm(range(n), desc=self.cfg.train.algorithm, disable=not progress)
+        bar = tqdm(range(n), desc=self.cfg.train.algorithm, disable=not (progress and self.dist.is_main))
         for i in bar:
             m = self.step()
             history.append(m)
@@ -224,6 +232,8 @@ class Trainer:
 
     def save_lora(self, out_dir: Optional[str] = None) -> str:
         out_dir = out_dir or os.path.join(self.cfg.train.out_dir, "lora")
+        if not self.dist.is_main:  # distributed: every process holds the same weights; rank 0 writes them
+            return out_dir
         with self.evaluation_weights():
             return lora.save_lora(self.adapter, out_dir)
 
@@ -258,15 +268,17 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
 
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
-    if not cfg.train.resume:
+    main = distributed.setup().is_main  # distributed: only rank 0 writes files
+    if main and not cfg.train.resume:
         checkpoint.start_fresh(out)  # a fresh run owns its logs (an unfinished run's checkpoint is refused)
     t0 = time.time()
     trainer = Trainer(cfg, adapter=adapter, reward=reward)
     resumed = checkpoint.resume(trainer) if cfg.train.resume else None
     if resumed:
         print(f"resuming from {resumed}")
-    with open(os.path.join(out, "config.yaml"), "w") as f:  # after a resume passed the config check
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    if main:
+        with open(os.path.join(out, "config.yaml"), "w") as f:  # after a resume passed the config check
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     base = next((e for e in trainer.evals if e["weights"] == "base"), None) if resumed else trainer.evaluate(base=True)
     trainer.train(max(cfg.train.iterations - trainer.iteration, 0), progress=progress)
     checkpoint.save_checkpoint(trainer)  # the end (a no-op when the loop just wrote this iteration)
@@ -279,12 +291,13 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
     plot_path = os.path.join(out, "reward_curve.png")
     headline = _headline(base)
     evals = [(e["iteration"], e[headline]) for e in trainer.evals] if headline else ()
-    plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}", evals=evals,
-                      evals_label=f"held-out {headline}")
+    if main:
+        plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}", evals=evals,
+                          evals_label=f"held-out {headline}")
     return {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir,
             "metrics": trainer.metrics_path,
             "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0,
-            "base": base, "aligned": aligned, "headline": headline}
+            "base": base, "aligned": aligned, "headline": headline, "main": main}
 
 
 def _headline(scores: Optional[dict]) -> Optional[str]:

@@ -68,8 +68,11 @@ def randn_like(sample: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:
     """Standard normal noise in float32 shaped like ``sample``.
 
     generator: one torch.Generator, a list with one per sample (row i drawn from generator i,
-    as diffusers pipelines accept), or None. Noise is drawn on the generator's device.
+    as diffusers pipelines accept), None, or an object with its own ``randn_like(sample)`` (e.g. one
+    process's rows of a larger batch's noise). Noise is drawn on the generator's device.
     """
+    if hasattr(generator, "randn_like"):
+        return generator.randn_like(sample)
     if isinstance(generator, (list, tuple)):
         if len(generator) != sample.shape[0]:
             raise ValueError(f"generator list has {len(generator)} entries for a batch of {sample.shape[0]}")

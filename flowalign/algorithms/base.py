@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ..distributed import SINGLE, Distributed
 from ..rollout import Trajectory, rollout
 
 
@@ -111,10 +112,15 @@ class UpdateRule:
     ``optimizer_steps`` counts the optimizer steps taken so far; ``nan_steps`` the steps skipped for a non-finite
     gradient norm or loss, ``nan_streak`` the current run of them. Subclasses with state of their own (snapshots)
     extend ``state_dict`` / ``load_state_dict`` (checkpoints, flowalign.checkpoint).
+
+    Distributed (``dist``, set by the trainer; see flowalign.distributed): ``rollout`` gets this process's shard
+    of the prompts, ``update`` its trajectory with the GLOBAL adv / valid / rewards / tasks; rules index the
+    trajectory with ``dist.part(rows, traj.batch_size).local`` and weight their loss by its ``share``.
     """
 
     name = "base"
     uses_rewards = True
+    dist: Distributed = SINGLE
 
     def __init__(self, cfg, adapter, params, optimizer, generator: torch.Generator):
         self.cfg, self.adapter, self.params, self.optimizer, self.generator = cfg, adapter, list(params), optimizer, generator
@@ -123,7 +129,7 @@ class UpdateRule:
         self.nan_streak = 0
 
     def rollout(self, prompts: Sequence[str]) -> Trajectory:
-        return configured_rollout(self.adapter, prompts, self.cfg, self.generator)
+        return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)))
 
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards: torch.Tensor,
                tasks: Sequence[Optional[str]]) -> dict:
@@ -131,9 +137,11 @@ class UpdateRule:
         raise NotImplementedError
 
     def optimizer_step(self, loss: Optional[float] = None) -> float:
-        """Clip the gradient to train.grad_clip, step, count; returns the gradient norm. A non-finite gradient norm
-        (or ``loss``) skips the step: gradients zeroed, no optimizer step, counted in nan_steps / nan_streak (the
-        trainer stops after train.max_nan_steps in a row)."""
+        """Sum the gradient over processes, clip it to train.grad_clip, step, count; returns the gradient norm.
+        A non-finite gradient norm (or ``loss``) skips the step: gradients zeroed, no optimizer step, counted in
+        nan_steps / nan_streak (the trainer stops after train.max_nan_steps in a row). The norm is of the summed
+        gradient, so every process skips together."""
+        self.dist.all_reduce_grads(self.params)  # distributed: every process now holds the global gradient
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
         if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)

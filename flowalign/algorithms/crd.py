@@ -337,7 +337,7 @@ class CRDUpdate(UpdateRule):
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards=None, tasks=None) -> dict:
         c, t = self.cfg.crd, self.cfg.train
         reward = normalized_reward(adv, c.adv_max)
-        gids = group_ids_from_prompts(traj.prompts)
+        gids = group_ids_from_prompts(self.dist.gather_objects(traj.prompts))  # global [B]
         groups = torch.unique(gids[valid])
         if groups.numel() == 0:
             return {"update_samples": 0}
@@ -352,8 +352,12 @@ class CRDUpdate(UpdateRule):
             draws = forward_timesteps(traj, c.num_timesteps, c.timestep_fraction, self.generator)
             for timestep, sigma in draws:
                 for rows in batches:
-                    x0, cond, mask = traj.final[rows], traj.cond.select(rows), valid[rows]
-                    fp = forward_process(x0, sigma, noise=randn_like(x0, self.generator))
+                    part = self.dist.part(rows, traj.batch_size)  # the rows this process holds (all, in one)
+                    x0, cond, mask = traj.final[part.local], traj.cond.select(part.local), valid[part.rows]
+                    noise = randn_like(x0, self.dist.noise(self.generator, part))  # drawn even with no rows here
+                    if not part.size:
+                        continue
+                    fp = forward_process(x0, sigma, noise=noise)
                     with torch.no_grad(), self.old.swapped_in():
                         v_old = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
                     v = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
@@ -364,8 +368,8 @@ class CRDUpdate(UpdateRule):
                         with torch.no_grad(), lora.adapter_disabled(self.adapter):
                             v_ref = self.adapter.predict(fp.x_t, timestep, ref_cond, c.kl_guidance_scale)
                         dist = kl_anchor_distance(v, v_ref)
-                    out = crd_loss(l, reward[rows], gids[rows], beta=c.beta, adv_max=c.adv_max, centering=c.centering,
-                                   form=c.form, center_weighting=c.center_weighting, tau=c.tau, kl_distance=dist,
+                    out = crd_loss(l, reward[part.rows], gids[part.rows], beta=c.beta, adv_max=c.adv_max,
+                                   centering=c.centering, form=c.form, center_weighting=c.center_weighting, tau=c.tau, kl_distance=dist,
                                    beta_kl=c.beta_kl, kl_floor=c.kl_floor, mask=mask)
                     # micro-batch means weighted by their valid samples: the loss of the whole chunk, averaged over draws
                     (out.loss * float(mask.sum()) / max(n_valid, 1.0) / len(draws)).backward()
@@ -380,6 +384,9 @@ class CRDUpdate(UpdateRule):
         d_old, d_sampler = old_decay(s), sampler_decay(s, c.sampler_hard_copy_steps)
         self.old.update(d_old)
         self.sampler.update(d_sampler)
+        if not stats["loss"]:  # distributed: this process held none of the valid rows
+            return {"update_samples": int(valid.sum()), "grad_norm": grad_norm, "old_decay": d_old,
+                    "sampler_decay": d_sampler, "optimizer_steps": s}
         return {"update_samples": int(valid.sum()), "loss": float(np.mean(stats["loss"])),
                 "main": float(np.mean(stats["main"])), "kl": float(np.mean(stats["kl"])),
                 "log_ratio_abs_first": stats["first"], "residual_abs": float(np.mean(stats["residual"])),

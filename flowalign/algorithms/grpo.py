@@ -110,7 +110,8 @@ class GRPOUpdate(UpdateRule):
     name = "grpo"
 
     def rollout(self, prompts):
-        return configured_rollout(self.adapter, prompts, self.cfg, self.generator, record_means=self.cfg.grpo.guard)
+        return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)),
+                                  record_means=self.cfg.grpo.guard)
 
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards=None, tasks=None) -> dict:
         g, t = self.cfg.grpo, self.cfg.train
@@ -125,23 +126,27 @@ class GRPOUpdate(UpdateRule):
             perm = rows[torch.randperm(rows.numel(), generator=self.generator)]
             for mb in perm.split(t.minibatch):
                 self.optimizer.zero_grad(set_to_none=True)
-                for k in steps:
-                    new = rescore(self.adapter, traj, k, index=mb)
+                part = self.dist.part(mb, traj.batch_size)  # the rows of mb this process holds (all, in one)
+                for k in steps if part.size else ():
+                    new = rescore(self.adapter, traj, k, index=part.local)
                     ref = None
                     if g.beta > 0:
                         with torch.no_grad(), lora.adapter_disabled(self.adapter):
-                            ref = rescore(self.adapter, traj, k, index=mb)
-                    out = grpo_step_loss(new, traj.log_probs[mb, k], adv[mb], g.clip_range, beta=g.beta, ref_step=ref,
-                                         kl_scaling=g.kl_scaling, guard=g.guard,
-                                         mean_old=None if traj.means is None else traj.means[mb, k])
-                    (out.loss / len(steps)).backward()
+                            ref = rescore(self.adapter, traj, k, index=part.local)
+                    out = grpo_step_loss(new, traj.log_probs[part.local, k], adv[part.rows], g.clip_range, beta=g.beta,
+                                         ref_step=ref, kl_scaling=g.kl_scaling, guard=g.guard,
+                                         mean_old=None if traj.means is None else traj.means[part.local, k])
+                    (out.loss * part.share / len(steps)).backward()
                     if stats["logp_diff"] is None:  # on-policy check: before any update of this batch
-                        stats["logp_diff"] = (new.log_prob().detach() - traj.log_probs[mb, k]).abs().mean().item()
+                        diff = new.log_prob().detach() - traj.log_probs[part.local, k]
+                        stats["logp_diff"] = diff.abs().mean().item()
                     stats["ratio"].append(out.ratio)
                     stats["clip_frac"].append(out.clip_frac.item())
                     stats["kl"].append(out.kl.mean().item())
                     stats["loss"].append(out.loss.item())
                 grad_norm = self.optimizer_step()
+        if not stats["loss"]:  # distributed: this process held none of the active rows
+            return {"update_samples": int(rows.numel()), "grad_norm": grad_norm}
         ratio = torch.cat(stats["ratio"])
         return {"update_samples": int(rows.numel()), "loss": float(np.mean(stats["loss"])),
                 "logp_diff": stats["logp_diff"], "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),

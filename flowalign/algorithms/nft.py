@@ -231,9 +231,13 @@ class NFTUpdate(UpdateRule):
             for mb in perm.split(t.minibatch):
                 self.optimizer.zero_grad(set_to_none=True)
                 draws = forward_timesteps(traj, c.num_timesteps, c.timestep_fraction, self.generator)
-                x0, cond = traj.final[mb], traj.cond.select(mb)
+                part = self.dist.part(mb, traj.batch_size)  # the rows of mb this process holds (all, in one)
+                x0, cond = traj.final[part.local], traj.cond.select(part.local)
                 for timestep, sigma in draws:
-                    fp = forward_process(x0, sigma, noise=randn_like(x0, self.generator))
+                    noise = randn_like(x0, self.dist.noise(self.generator, part))  # drawn even with no rows here
+                    if not part.size:
+                        continue
+                    fp = forward_process(x0, sigma, noise=noise)
                     with torch.no_grad(), self.old.swapped_in():
                         v_old = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
                     v_ref = None
@@ -241,9 +245,9 @@ class NFTUpdate(UpdateRule):
                         with torch.no_grad(), lora.adapter_disabled(self.adapter):
                             v_ref = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
                     v = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
-                    out = nft_loss(v, v_old, fp.target, r[mb], beta=c.beta, v_ref=v_ref, kl_coef=c.kl_coef,
+                    out = nft_loss(v, v_old, fp.target, r[part.rows], beta=c.beta, v_ref=v_ref, kl_coef=c.kl_coef,
                                    reduction=c.reduction)
-                    (out.loss / len(draws)).backward()
+                    (out.loss * part.share / len(draws)).backward()
                     if stats["first"] is None:
                         stats["first"] = (out.positive - out.negative).abs().mean().item()
                     stats["loss"].append(out.loss.item())
@@ -253,6 +257,9 @@ class NFTUpdate(UpdateRule):
                 grad_norm = self.optimizer_step()
         decay = old_model_decay(self.optimizer_steps, c.old_decay_flat, c.old_decay_rate, c.old_decay_max)
         self.old.update(decay)
+        if not stats["loss"]:  # distributed: this process held none of the valid rows
+            return {"update_samples": int(rows.numel()), "grad_norm": grad_norm, "old_decay": decay,
+                    "optimizer_steps": self.optimizer_steps}
         return {"update_samples": int(rows.numel()), "loss": float(np.mean(stats["loss"])),
                 "positive": float(np.mean(stats["positive"])), "negative": float(np.mean(stats["negative"])),
                 "kl": float(np.mean(stats["kl"])), "pos_minus_neg_first": stats["first"], "grad_norm": grad_norm,

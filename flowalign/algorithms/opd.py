@@ -276,11 +276,11 @@ class OPDUpdate(UpdateRule):
 
     def update(self, traj: Trajectory, adv=None, valid=None, rewards=None, tasks=None) -> dict:
         c, t = self.cfg.opd, self.cfg.train
-        tasks = _check_tasks(tasks, traj.batch_size)
+        tasks = _check_tasks(tasks, traj.batch_size * self.dist.world_size)  # global, one per row
         steps = train_steps(traj.num_steps, c.train_window, self.generator)
         by_task = {task: torch.tensor([i for i, x in enumerate(tasks) if x == task], dtype=torch.long)
                    for task in dict.fromkeys(tasks)}
-        n = traj.batch_size
+        n = len(tasks)
         per_task = {task: 0.0 for task in by_task}
         per_step = []
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,14 +289,19 @@ class OPDUpdate(UpdateRule):
             for task, rows in by_task.items():
                 teacher = teacher_for_task(task, self.teachers)
                 for mb in rows.split(t.minibatch):
-                    student = rescore(self.adapter, traj, k, index=mb)
-                    loss = opd_step_loss(student, teacher_rescore(self.adapter, traj, k, mb, teacher), c.scaling,
-                                         c.reduction, c.divergence, c.alpha)
+                    part = self.dist.part(mb, traj.batch_size)  # the rows of mb this process holds (all, in one)
+                    if not part.size:
+                        continue
+                    student = rescore(self.adapter, traj, k, index=part.local)
+                    loss = opd_step_loss(student, teacher_rescore(self.adapter, traj, k, part.local, teacher),
+                                         c.scaling, c.reduction, c.divergence, c.alpha)
                     (loss.sum() / n).backward()
                     per_task[task] += loss.detach().sum().item()
                     step_total += loss.detach().sum().item()
             per_step.append(step_total / n)
         grad_norm = self.optimizer_step()
+        per_step = self.dist.sum(per_step)  # distributed: the whole batch's losses
+        per_task = dict(zip(per_task, self.dist.sum(list(per_task.values()))))
         out = {"update_samples": n, "loss": float(np.sum(per_step)), "per_step": per_step, "steps": steps,
                "grad_norm": grad_norm}
         out.update({f"loss_{task}": per_task[task] / len(rows) for task, rows in by_task.items()})
