@@ -61,8 +61,8 @@ def _distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     s = run_distill(cfg)
     print(f"f-distill ({cfg.distill.divergence}, {cfg.distill.student_steps}-step student): {s['iterations']} "
-          f"iterations, {s['generator_steps']} student steps in {s['wall_s']:.0f}s; wrote {s['metrics']}, {s['lora']}, "
-          f"{s['samples']}")
+          f"iterations, {s['generator_steps']} student steps in {s['wall_s']:.0f}s; "
+          f"wrote {s['metrics']}, {s['lora']}, {s['samples']}")
     return 0
 
 
