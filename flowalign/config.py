@@ -14,8 +14,9 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "ddim")
-ALGORITHMS = ("grpo", "nft", "crd", "opd")
+ALGORITHMS = ("grpo", "nft", "crd", "opd", "backprop")
 LOGGERS = ("tensorboard", "wandb")
+DIVERGENCES = ("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys")  # flowalign.algorithms.fdistill
 
 
 def _help(text: str, default: Any) -> Any:
@@ -127,7 +128,9 @@ class TrainConfig:
     eval_rewards: tuple = _help("extra rewards scored at held-out evaluation, e.g. [clip_score] (one not trained on "
                                "shows reward hacking)", ())
     algorithm: str = _help("update rule: grpo (Flow-GRPO) | nft (DiffusionNFT) | crd (Centered Reward Distillation) "
-                           "| opd (DiffusionOPD); its section of the same name configures it", "grpo")
+                           "| opd (DiffusionOPD) | backprop (reward backprop); its section of the same name "
+                           "configures it",
+                           "grpo")
     reward_options: dict = _help("keyword options of the reward, e.g. {url: http://...} for remote", {})
     checkpoint_every: int = _help("write a checkpoint out_dir/ckpt-<iteration>/ every N iterations (0 = only at the "
                                   "end); `flowalign train CONFIG --resume` continues from the newest", 0)
@@ -268,6 +271,63 @@ class OPDConfig:
 
 
 @dataclass(frozen=True)
+class BackpropConfig:
+    """Reward backprop (SPEC §8): ODE rollouts, gradient of a differentiable reward through the last K steps."""
+
+    grad_steps: int = _help("K: steps (the last ones) the reward gradient flows through (IPRO: 4; 0 trains nothing)",
+                            4)
+    lambda_reward: float = _help("lambda1 in L = -lambda1 R + lambda2 KL_v (IPRO: 0.1)", 0.1)
+    lambda_kl: float = _help("lambda2: weight of KL_v = sum_{last K} mean_d |v_theta - v_ref|^2 to the "
+                             "adapter-disabled model (IPRO: 1; 0 = no reference pass)", 1.0)
+    ref_guidance_scale: Optional[float] = _help("CFG of the reference in KL_v (None = sampling.guidance_scale)", None)
+
+    def __post_init__(self):
+        _positive("backprop", "grad_steps", self.grad_steps, allow_zero=True)
+        _positive("backprop", "lambda_reward", self.lambda_reward, allow_zero=True)
+        _positive("backprop", "lambda_kl", self.lambda_kl, allow_zero=True)
+        if self.ref_guidance_scale is not None:
+            _positive("backprop", "ref_guidance_scale", self.ref_guidance_scale)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """f-distill (SPEC §6), ``flowalign distill``: the pipeline (teacher, adapter off, CFG) distilled into an
+    S-step CFG-free student LoRA with a fake-score LoRA and a discriminator (flowalign.distill). Prompts, seed,
+    iterations, learning rate, grad clip and out_dir come from the train section; a batch is
+    train.prompts_per_iter x train.group_size rows (each its own noise)."""
+
+    student_steps: int = _help("S: the student's sampling steps from noise (1, 2 or 4 typical)", 2)
+    divergence: str = _help("f-divergence of the generator weights h(r): reverse_kl (h = 1, DMD) | forward_kl | js "
+                            "| hellinger | jeffreys", "js")
+    teacher_guidance_scale: float = _help("CFG of the teacher (adapter disabled), applied in x0 space", 4.5)
+    teacher_steps: int = _help("ODE steps of the teacher samples that are the discriminator's real data", 10)
+    real_samples: int = _help("teacher samples drawn once at the start (the discriminator's real data)", 256)
+    fake_lr: float = _help("AdamW learning rate of the fake-score LoRA", 1e-3)
+    disc_lr: float = _help("AdamW learning rate of the discriminator", 1e-3)
+    generator_every: int = _help("a generator (student) step every N iterations; the fake score and the "
+                                 "discriminator step every iteration (DMD2: 5)", 5)
+    lambda_gan: float = _help("weight of the generator's GAN term softplus(-D(fake))", 1e-3)
+    num_bins: int = _help("time bins of the ratio normalisation r / mean_bin(r)", 10)
+    t_range: tuple = _help("[t_min, t_max]: noise levels of the fake-score, discriminator and generator losses",
+                           (0.02, 0.98))
+    disc_channels: int = _help("width of the discriminator (a small conv net on noised latents)", 32)
+
+    def __post_init__(self):
+        _positive("distill", "student_steps", self.student_steps)
+        _choice("distill", "divergence", self.divergence, DIVERGENCES)
+        _positive("distill", "teacher_guidance_scale", self.teacher_guidance_scale)
+        for name in ("teacher_steps", "real_samples", "fake_lr", "disc_lr", "generator_every", "num_bins",
+                     "disc_channels"):
+            _positive("distill", name, getattr(self, name))
+        _positive("distill", "lambda_gan", self.lambda_gan, allow_zero=True)
+        lo, hi = (float(v) for v in self.t_range) if len(self.t_range) == 2 else (-1.0, -1.0)
+        if not 0 < lo < hi <= 1:
+            raise ValueError(f"distill.t_range={list(self.t_range)} must be [t_min, t_max] with "
+                             "0 < t_min < t_max <= 1")
+        object.__setattr__(self, "t_range", (lo, hi))
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -276,6 +336,8 @@ class Config:
     nft: NFTConfig = field(default_factory=NFTConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
+    backprop: BackpropConfig = field(default_factory=BackpropConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         """Checks across sections (the ones that only matter for the chosen algorithm)."""
@@ -291,10 +353,14 @@ class Config:
         if algo == "crd" and self.crd.steps_per_iter > self.train.prompts_per_iter:
             raise ValueError(f"crd.steps_per_iter={self.crd.steps_per_iter} splits the prompt groups between "
                              f"optimizer steps: it must be <= train.prompts_per_iter={self.train.prompts_per_iter}")
+        if algo == "backprop" and (s.sampler != "flow_ode" or self.backprop.grad_steps > s.num_steps):
+            raise ValueError(f"train.algorithm=backprop differentiates the flow ODE: set sampling.sampler=flow_ode "
+                             f"(got {s.sampler}) and backprop.grad_steps <= sampling.num_steps={s.num_steps}")
 
 
 _SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "grpo": GRPOConfig, "train": TrainConfig,
-                    "nft": NFTConfig, "crd": CRDConfig, "opd": OPDConfig}
+                    "nft": NFTConfig, "crd": CRDConfig, "opd": OPDConfig, "backprop": BackpropConfig,
+                    "distill": DistillConfig}
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",

@@ -102,6 +102,9 @@ class Distributed:
             return
         t = cfg.train
         self.shard(t.prompts_per_iter * num_tasks * t.group_size, t.group_size)
+        if t.algorithm == "backprop":
+            raise ValueError("train.algorithm=backprop does not run on several processes yet: launch it as one "
+                             "process (flowalign train, no accelerate launch / torchrun)")
         if t.algorithm == "crd" and cfg.crd.centering == "batch":
             raise ValueError("crd.centering=batch centres micro-batches that span processes: use crd.centering=group "
                              "in distributed runs")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, lora
 from .algorithms.advantages import group_advantages, group_ids_from_prompts
+from .algorithms.backprop import BackpropUpdate
 from .algorithms.crd import CRDUpdate
 from .algorithms.grpo import GRPOUpdate
 from .algorithms.nft import NFTUpdate
@@ -37,7 +38,7 @@ from .rewards.guard import safe_scores
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # cfg.train.algorithm -> its update rule (flowalign.algorithms.*)
-ALGORITHMS = {"grpo": GRPOUpdate, "nft": NFTUpdate, "crd": CRDUpdate, "opd": OPDUpdate}
+ALGORITHMS = {"grpo": GRPOUpdate, "nft": NFTUpdate, "crd": CRDUpdate, "opd": OPDUpdate, "backprop": BackpropUpdate}
 
 
 class Trainer:
@@ -86,6 +87,8 @@ class Trainer:
         self.algorithm = ALGORITHMS[cfg.train.algorithm](cfg, self.adapter, self.params, self.optimizer,
                                                          self.generator)
         self.algorithm.dist = self.dist
+        if isinstance(self.algorithm, BackpropUpdate):
+            self.algorithm.reward = self.reward  # differentiated, not only scored (checked: differentiable)
 
     def _tasks(self, reward) -> tuple[dict, dict]:
         """({task: Reward or None}, {task: PromptSource}); one task (None) except for OPD."""

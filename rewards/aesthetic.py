@@ -55,6 +55,7 @@ class AestheticReward(Reward):
     ``head``: the MLP weights file."""
 
     name = "aesthetic"
+    differentiable = True  # torch preprocessing, frozen CLIP and MLP
 
     def __init__(self, head: Optional[str] = None, model: str = DEFAULT_CLIP, device: str = "cpu",
                  batch_size: int = 32):

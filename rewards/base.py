@@ -33,6 +33,7 @@ class Reward:
     """
 
     name: str = "reward"
+    differentiable: bool = False  # True when score() is a torch function of tensor images (reward backprop)
 
     def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -51,3 +52,34 @@ class Reward:
         if out.shape != (len(prompts),):
             raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)}, expected [{len(prompts)}]")
         return out
+
+    def score_differentiable(self, images: torch.Tensor, prompts: Sequence[str],
+                             metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
+        """Scores [B] float32 on the images' device with the autograd graph kept: images [B,3,H,W] in [0,1]
+        (video [B,F,3,H,W]: mean over frames), e.g. decoded latents with grad (reward backprop, SPEC §8).
+        Same values as ``__call__``. Raises TypeError for rewards that leave torch (PIL, a detector, OCR, HTTP)."""
+        if not self.differentiable:
+            raise TypeError(f"reward {self.name!r} is not differentiable in torch; reward backprop needs one with "
+                            f"differentiable=True ({', '.join(differentiable_rewards())}) or use a policy-gradient "
+                            "algorithm (grpo, nft, crd)")
+        prompts = list(prompts)
+        if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5) or len(images) != len(prompts):
+            raise ValueError(f"{self.name}: score_differentiable needs a tensor [B,3,H,W] or [B,F,3,H,W] with one "
+                             f"prompt per row, got {type(images).__name__} for {len(prompts)} prompts")
+        if images.dim() == 5:
+            b, f = images.shape[:2]
+            reps = [p for p in prompts for _ in range(f)]
+            meta = None if metadata is None else [m for m in metadata for _ in range(f)]
+            return self.score_differentiable(images.flatten(0, 1), reps, meta).view(b, f).mean(1)
+        out = self.score(images, prompts, metadata)
+        if not isinstance(out, torch.Tensor) or out.shape != (len(prompts),):
+            raise RuntimeError(f"{self.name}.score returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, "
+                               f"expected a tensor [{len(prompts)}]")
+        return out.float()
+
+
+def differentiable_rewards() -> list[str]:
+    """Names in ``REWARDS`` whose class is differentiable (a MultiReward is when all its parts are)."""
+    from . import REWARDS
+
+    return sorted(k for k, cls in REWARDS.items() if getattr(cls, "differentiable", False) is True)

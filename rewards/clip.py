@@ -110,6 +110,7 @@ class ClipScoreReward(Reward):
     """score = scale * cos(image, prompt) per sample, [B] float32."""
 
     name = "clip_score"
+    differentiable = True  # torch preprocessing and a frozen CLIP: gradients reach tensor images
 
     def __init__(self, model: str = DEFAULT_CLIP, tokenizer: Optional[str] = None, backend: str = "hf",
                  scale: float = 1.0, device: str = "cpu", batch_size: int = 32, pretrained: Optional[str] = None):

@@ -77,6 +77,7 @@ class DinoSimilarityReward(Reward):
     """
 
     name = "dino_similarity"
+    differentiable = True  # torch preprocessing and a frozen backbone (head mode: the head too)
 
     def __init__(self, model: str = "facebook/dinov2-small", references=None, reference_features=None,
                  variant: str = "cls", head: bool = False, head_hidden: int = 256, head_path: Optional[str] = None,

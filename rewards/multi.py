@@ -73,10 +73,25 @@ class MultiReward(Reward):
         prompts = list(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
-        raw = {k: r(images, prompts, metadata) for k, r in self.rewards.items()}
+        return self._combine({k: r(images, prompts, metadata) for k, r in self.rewards.items()})
+
+    def _combine(self, raw: dict) -> torch.Tensor:
         norm = {k: self._norm(k, s) for k, s in raw.items()}
         self.last_components, self.last_normalized = raw, norm
         return sum(self.weights[k] * norm[k] for k in norm).to(torch.float32)
+
+    @property
+    def differentiable(self) -> bool:
+        """True when every component is (the weighted, normalised sum is then differentiable too)."""
+        return all(getattr(r, "differentiable", False) for r in self.rewards.values())
+
+    def score_differentiable(self, images: torch.Tensor, prompts: Sequence[str],
+                             metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
+        if not self.differentiable:
+            bad = [k for k, r in self.rewards.items() if not getattr(r, "differentiable", False)]
+            raise TypeError(f"reward 'multi' is not differentiable in torch (components {bad} are not); reward "
+                            "backprop needs every component differentiable")
+        return self._combine({k: r.score_differentiable(images, prompts, metadata) for k, r in self.rewards.items()})
 
     def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         return self(images, prompts, metadata)

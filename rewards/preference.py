@@ -26,6 +26,7 @@ class PickScoreReward(Reward):
     CLIP tokenizer lives (defaults to the LAION ViT-H-14 repo, or ``model`` when that is a folder)."""
 
     name = "pickscore"
+    differentiable = True  # a frozen CLIP on torch-preprocessed images
 
     def __init__(self, model: str = PICKSCORE, tokenizer: Optional[str] = None, divisor: float = 1.0,
                  device: str = "cpu", batch_size: int = 32):
@@ -48,6 +49,7 @@ class HPSReward(Reward):
     """
 
     name = "hps"
+    differentiable = True  # a frozen CLIP on torch-preprocessed images
 
     def __init__(self, model: str = "ViT-H-14", pretrained: Optional[str] = None, backend: str = "open_clip",
                  tokenizer: Optional[str] = None, scale: float = 1.0, device: str = "cpu", batch_size: int = 32):

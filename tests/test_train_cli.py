@@ -22,13 +22,22 @@ SMALL = ["sampling.num_steps=2", "sampling.sde_window=null", "train.iterations=1
          "crd.steps_per_iter=1", "opd.train_window=null", "train.eval_per_task=1"]
 
 
+def cfg_is_distill(path: str) -> bool:
+    """Configs with a distill section run with `flowalign distill` (f-distill), the others with `flowalign train`."""
+    import yaml
+
+    with open(path) as f:
+        return "distill" in (yaml.safe_load(f) or {})
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_parses_and_names_its_command(path):
     with open(path) as f:
         first = f.readline()
-    assert first.startswith(f"# flowalign train configs/{os.path.basename(path)}"), first
+    command = "distill" if cfg_is_distill(path) else "train"
+    assert first.startswith(f"# flowalign {command} configs/{os.path.basename(path)}"), first
     cfg = load_config(path)
-    assert cfg.train.algorithm in ("grpo", "nft", "crd", "opd")
+    assert cfg.train.algorithm in ("grpo", "nft", "crd", "opd", "backprop")
 
 
 def test_expected_configs_exist():

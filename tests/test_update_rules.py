@@ -39,7 +39,10 @@ def _clone(params):
 
 
 def test_table_and_alias():
-    assert set(ALGORITHMS) == {"grpo", "nft", "crd", "opd"} and GRPOTrainer is Trainer
+    from flowalign.config import ALGORITHMS as CONFIG_ALGORITHMS
+
+    assert set(ALGORITHMS) == {"grpo", "nft", "crd", "opd", "backprop"} == set(CONFIG_ALGORITHMS)
+    assert GRPOTrainer is Trainer
     assert Config().train.algorithm == "grpo"
 
 

@@ -82,3 +82,23 @@ def test_contract(case, built):
     torch.testing.assert_close(reward(video, prompts[:2]), frames.mean(1), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="images but"):
         reward(x, prompts[:2])
+
+
+DIFFERENTIABLE = {"clip_score", "dino_similarity", "dino_similarity/patch_mean_clip", "dino_similarity/head",
+                  "pickscore", "hps", "aesthetic"}  # torch all the way from pixels to score (reward backprop)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_differentiable_flag_is_honest(case, built):
+    reward, prompts = built(case)
+    x = toy_images(SHOWN[tuple(prompts)], seed=0)
+    assert reward.differentiable == (case in DIFFERENTIABLE)
+    if not reward.differentiable:
+        with pytest.raises(TypeError, match="is not differentiable in torch"):
+            reward.score_differentiable(x, prompts)
+        return
+    x = x.clone().requires_grad_(True)
+    s = reward.score_differentiable(x, prompts)
+    torch.testing.assert_close(s.detach().cpu(), reward(x.detach(), prompts), atol=1e-5, rtol=1e-5)
+    s.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
