@@ -97,6 +97,9 @@ class GRPOConfig:
     adv_std: str = _help("advantage std: global (whole batch, Flow-GRPO default) | group", "global")
     adv_clip: float = _help("clip advantages to +-adv_clip", 5.0)
     guard: bool = _help("GRPO-Guard ratio normalisation and 1/Delta reweighting", False)
+    kl_divergence: str = _help("f-divergence of the reference regulariser: reverse_kl (the plain KL) | forward_kl | "
+                               "js | hellinger | jeffreys (KL weighted by h(r) of the exact transition ratio)",
+                               "reverse_kl")
     inner_epochs: int = _help("passes over each rollout batch", 1)
 
     def __post_init__(self):
@@ -104,6 +107,7 @@ class GRPOConfig:
         _positive("grpo", "beta", self.beta, allow_zero=True)
         _choice("grpo", "kl_scaling", self.kl_scaling, ("exact", "reference"))
         _choice("grpo", "adv_std", self.adv_std, ("global", "group"))
+        _choice("grpo", "kl_divergence", self.kl_divergence, DIVERGENCES)
         _positive("grpo", "inner_epochs", self.inner_epochs)
 
 

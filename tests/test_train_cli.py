@@ -107,13 +107,14 @@ def _check_outputs(out):
     return rows[0]
 
 
-@pytest.mark.parametrize("name", ["toy_grpo.yaml", "toy_crd.yaml"])
-def test_toy_config_runs_end_to_end(tmp_path, tiny_model, name, capsys):
+@pytest.mark.parametrize("name,extra", [("toy_grpo.yaml", []), ("toy_crd.yaml", []),
+                                        ("toy_grpo.yaml", ["grpo.beta=0.04", "grpo.kl_divergence=js"])])
+def test_toy_config_runs_end_to_end(tmp_path, tiny_model, name, extra, capsys):
     out = tmp_path / "run"
     (out).mkdir()
     (out / "metrics.jsonl").write_text('{"stale": 1}\n')  # a fresh run owns its log
     rc = main(["train", os.path.join(ROOT, "configs", name), f"model.path={tiny_model}", f"train.out_dir={out}",
-               *SMALL])
+               *SMALL, *extra])
     assert rc == 0, capsys.readouterr().err
     row = _check_outputs(out)
     assert 0.0 <= row["reward_mean"] <= 1.0 and row["samples"] == 2

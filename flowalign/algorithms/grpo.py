@@ -22,6 +22,7 @@ import torch
 from .. import lora
 from ..rollout import Trajectory, rescore
 from ..samplers import GaussianStep
+from .fdistill import transition_weights
 from .base import UpdateRule, configured_rollout
 
 
@@ -60,6 +61,7 @@ def grpo_step_loss(
     guard: bool = False,
     mean_old: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
+    divergence: Optional[str] = None,
 ) -> GRPOStepLoss:
     """The GRPO loss of one step.
 
@@ -72,6 +74,9 @@ def grpo_step_loss(
         kl_scaling: "exact" or "reference" (the Flow-GRPO code's x Delta scaling), see GaussianStep.kl.
         guard, mean_old: GRPO-Guard ratio normalisation (needs the rollout's step means) and 1/Delta weight.
         mask: [B] bool, samples to include (invalid rewards are excluded).
+        divergence: f-divergence of the reference regulariser (SPEC §6 (a)): the per-sample KL is weighted by the
+            detached, batch-normalised h(r), r = p_ref(x') / p_theta(x') the exact ratio of the two Gaussian
+            transitions (``fdistill.transition_weights``); None or "reverse_kl" is the plain KL.
     """
     if guard:
         if mean_old is None or new.dt is None:
@@ -87,6 +92,8 @@ def grpo_step_loss(
         if ref_step is None:
             raise ValueError("beta > 0 needs ref_step, the transition of the reference (adapter-disabled) model")
         kl = new.kl(ref_step, scaling=kl_scaling)
+        if divergence not in (None, "reverse_kl"):
+            kl = kl * transition_weights(new, ref_step, divergence)
         per_sample = per_sample + beta * kl
     weights = torch.ones_like(per_sample) if mask is None else mask.float()
     loss = (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
@@ -135,7 +142,8 @@ class GRPOUpdate(UpdateRule):
                             ref = rescore(self.adapter, traj, k, index=part.local)
                     out = grpo_step_loss(new, traj.log_probs[part.local, k], adv[part.rows], g.clip_range, beta=g.beta,
                                          ref_step=ref, kl_scaling=g.kl_scaling, guard=g.guard,
-                                         mean_old=None if traj.means is None else traj.means[part.local, k])
+                                         mean_old=None if traj.means is None else traj.means[part.local, k],
+                                         divergence=g.kl_divergence)
                     (out.loss * part.share / len(steps)).backward()
                     if stats["logp_diff"] is None:  # on-policy check: before any update of this batch
                         diff = new.log_prob().detach() - traj.log_probs[part.local, k]

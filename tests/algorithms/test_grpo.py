@@ -85,3 +85,21 @@ def test_gradient_pushes_mean_towards_positive_advantage_sample():
     assert torch.all(factor > 0)
     torch.testing.assert_close(factor, factor.mean().expand_as(factor), rtol=1e-3, atol=0)
     assert torch.all(v_new.grad[1:] == 0)
+
+
+def test_f_divergence_weights_the_reference_regulariser():
+    """grpo.kl_divergence: the per-sample KL to the reference is weighted by the detached, batch-normalised
+    h(r) of the exact transition ratio r = p_ref(x') / p_theta(x') (SPEC §6 (a)); reverse_kl is the plain KL."""
+    from flowalign.algorithms.fdistill import get_divergence, transition_log_ratio
+
+    old, new, _ = _steps(shift=0.3)
+    ref = old
+    adv = torch.zeros(4)
+    plain = grpo_step_loss(new, old.log_prob(), adv, clip_range=1e-4, beta=0.04, ref_step=ref)
+    same = grpo_step_loss(new, old.log_prob(), adv, clip_range=1e-4, beta=0.04, ref_step=ref, divergence="reverse_kl")
+    torch.testing.assert_close(same.loss, plain.loss)
+    js = grpo_step_loss(new, old.log_prob(), adv, clip_range=1e-4, beta=0.04, ref_step=ref, divergence="js")
+    h = get_divergence("js").log_h(transition_log_ratio(new, ref).double()).exp().float()
+    w = h / h.mean()
+    torch.testing.assert_close(js.loss, 0.04 * (w * new.kl(ref)).mean().detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(w, torch.ones(4))  # the weights are not trivially 1 here
