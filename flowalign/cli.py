@@ -98,11 +98,25 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(items: list[str]) -> dict:
+    """['model=tiny', 'k=1'] -> {'model': 'tiny', 'k': 1} (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--reward-option {item!r} must look like key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_loras
 
     result = evaluate_loras(args.lora, args.model, prompts=args.prompts, per_task=args.per_task, steps=args.steps,
-                            guidance_scale=args.guidance_scale, out=args.out, reward=args.reward)
+                            guidance_scale=args.guidance_scale, out=args.out, reward=args.reward,
+                            reward_options=_options(args.reward_option))
     keys = sorted({k for s in result["scores"].values() for k in s if isinstance(s[k], float) and k != "time_eval"})
     print("| weights | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
@@ -161,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", default="toy", help="toy spec (toy, toy:position,...) or a prompt file")
     ev.add_argument("--reward", default=None, help="reward name for a prompt file's prompts (toy specs use the "
                                                    "toy world's rewards; a name here is added to them)")
+    ev.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="option of --reward, e.g. model=tiny for clip_score with the shipped tiny CLIP (repeatable)")
     ev.add_argument("--per-task", type=int, default=24, help="held-out prompts per toy task")
     ev.add_argument("--steps", type=int, default=10, help="denoising steps")
     ev.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale")

@@ -59,12 +59,13 @@ def evaluate_toy(pipe, per_task: int = 16, seed: int = 10_000, steps: int = 10, 
 
 def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_task: int = 24,
                    steps: int = 10, guidance_scale: float = 1.0, out: str | None = None,
-                   reward: str | None = None) -> dict:
+                   reward: str | None = None, reward_options: dict | None = None) -> dict:
     """Held-out scores of the base and of each LoRA folder on one fixed prompt set and seeds (flowalign.heldout).
 
     Returns (and writes to ``out`` as JSON, when given) ``{"settings": {...}, "scores": {"base": {...},
     lora_dir: {...}}}`` with the ``HeldoutEval`` keys (``toy_geneval``, ``toy_geneval/<task>``, ``ocr``, ``n``);
-    ``reward`` (a name) scores a prompt file's prompts, and every prompt of a toy spec too."""
+    ``reward`` (a name, built with ``reward_options``) scores a prompt file's prompts, and every prompt of a toy
+    spec too."""
     import json
 
     from .heldout import HeldoutEval, toy_tasks
@@ -72,9 +73,11 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
 
     from .rewards import get as get_reward
 
-    scorer = get_reward(reward) if reward else None
+    scorer = get_reward(reward, **(reward_options or {})) if reward else None
     evaluator = HeldoutEval([prompts], per_task, steps, guidance_scale, train_rewards={prompts: scorer},
                             extra=[reward] if reward and toy_tasks(prompts) is not None else [])
+    if scorer is not None:
+        evaluator.use_reward(reward, scorer)
     missing = [name for name in loras if not os.path.exists(name)]
     if missing:  # before any loading
         raise FileNotFoundError(f"LoRA {missing[0]!r} not found: pass a folder written by flowalign train/demo")
@@ -86,7 +89,7 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
         scores[name] = evaluator(pipe)[0]
     result = {"settings": {"model": model, "prompts": prompts, "per_task": per_task, "steps": steps,
                            "guidance_scale": guidance_scale, "seed": evaluator.seed, "n": len(evaluator.prompts),
-                           "reward": reward},
+                           "reward": reward, "reward_options": reward_options or {}},
               "scores": scores}
     if out:
         with open(out, "w") as f:

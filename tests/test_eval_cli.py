@@ -38,3 +38,9 @@ def test_eval_missing_lora_is_one_line(tmp_path, tiny_model, capsys):
                  "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_eval_reward_option_must_be_key_value(tiny_model, capsys):
+    model, _ = tiny_model
+    assert main(["eval", "--model", model, "--reward", "clip_score", "--reward-option", "tiny"]) == 2
+    assert "--reward-option 'tiny' must look like key=value" in capsys.readouterr().err
