@@ -17,6 +17,7 @@ import torch
 
 from ..distributed import SINGLE, Distributed
 from ..rollout import Trajectory, rollout
+from ..samplers._checks import randn_like
 
 
 class Snapshot:
@@ -135,6 +136,15 @@ class UpdateRule:
                tasks: Sequence[Optional[str]]) -> dict:
         """Optimizer step(s) on one scored batch -> metrics. adv, valid, rewards: [B]; tasks: one per row."""
         raise NotImplementedError
+
+    def forward_sample(self, x0: torch.Tensor, sigma: float, part):
+        """The forward-process point ``x_t = (1 - t) x0 + t eps`` (t = sigma) of this process's rows of ``part``
+        (x0: those rows [b, ...]) -> nft.ForwardSample, or None when the process holds none of them. The noise is
+        drawn either way, so the shared generator stays in step across processes (flowalign.distributed)."""
+        from .nft import forward_process  # nft.py imports this module
+
+        noise = randn_like(x0, self.dist.noise(self.generator, part))
+        return forward_process(x0, sigma, noise=noise) if part.size else None
 
     def optimizer_step(self, loss: Optional[float] = None) -> float:
         """Sum the gradient over processes, clip it to train.grad_clip, step, count; returns the gradient norm.

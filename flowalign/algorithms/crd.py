@@ -36,9 +36,7 @@ import torch.nn.functional as F
 from .. import lora
 from ..rollout import Trajectory
 from .advantages import group_ids_from_prompts
-from ..samplers._checks import randn_like
 from .base import Snapshot, UpdateRule, forward_timesteps, require_flow
-from .nft import forward_process
 
 CENTERINGS = ("group", "batch")
 FORMS = ("mse", "bce")
@@ -354,10 +352,9 @@ class CRDUpdate(UpdateRule):
                 for rows in batches:
                     part = self.dist.part(rows, traj.batch_size)  # the rows this process holds (all, in one)
                     x0, cond, mask = traj.final[part.local], traj.cond.select(part.local), valid[part.rows]
-                    noise = randn_like(x0, self.dist.noise(self.generator, part))  # drawn even with no rows here
-                    if not part.size:
+                    fp = self.forward_sample(x0, sigma, part)
+                    if fp is None:  # this process holds none of these rows
                         continue
-                    fp = forward_process(x0, sigma, noise=noise)
                     with torch.no_grad(), self.old.swapped_in():
                         v_old = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
                     v = self.adapter.predict(fp.x_t, timestep, cond, 1.0)

@@ -31,7 +31,6 @@ import torch
 
 from .. import lora
 from ..rollout import Trajectory
-from ..samplers._checks import randn_like
 from .base import Snapshot, UpdateRule, forward_timesteps, require_flow
 
 _REDUCTIONS = ("mean", "sum")
@@ -234,10 +233,9 @@ class NFTUpdate(UpdateRule):
                 part = self.dist.part(mb, traj.batch_size)  # the rows of mb this process holds (all, in one)
                 x0, cond = traj.final[part.local], traj.cond.select(part.local)
                 for timestep, sigma in draws:
-                    noise = randn_like(x0, self.dist.noise(self.generator, part))  # drawn even with no rows here
-                    if not part.size:
+                    fp = self.forward_sample(x0, sigma, part)
+                    if fp is None:  # this process holds none of these rows
                         continue
-                    fp = forward_process(x0, sigma, noise=noise)
                     with torch.no_grad(), self.old.swapped_in():
                         v_old = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
                     v_ref = None
