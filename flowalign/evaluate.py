@@ -68,7 +68,8 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
     spec too."""
     import json
 
-    from .heldout import HeldoutEval, toy_tasks
+    from .heldout import HeldoutEval
+    from .prompts import toy_tasks
     from .models import load_pipeline
 
     from .rewards import get as get_reward

@@ -23,24 +23,9 @@ from typing import Optional, Sequence
 import torch
 
 from .evaluate import sample_images
+from .prompts import toy_tasks
 
 EVAL_SEED = 10_000  # far from the training seeds
-
-
-def toy_tasks(spec: str) -> Optional[tuple[str, ...]]:
-    """'toy' -> the GenEval tasks; 'toy:text,counting' -> those tasks ('geneval' expands); else None."""
-    from .toy import GENEVAL_TASKS, TASKS
-
-    if spec == "toy":
-        return tuple(GENEVAL_TASKS)
-    if not spec.startswith("toy:"):
-        return None
-    names = [t.strip() for t in spec[4:].split(",") if t.strip()]
-    tasks = tuple(t for n in names for t in (GENEVAL_TASKS if n == "geneval" else (n,)))
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ValueError(f"prompt source {spec!r}: unknown toy task {', '.join(bad) or '(none)'}")
-    return tasks
 
 
 def heldout_rows(spec: str, per_task: int) -> list[tuple[str, str]]:
@@ -71,10 +56,11 @@ class HeldoutEval:
     def __init__(self, sources: Sequence[str], per_task: int, steps: int, guidance_scale: float,
                  train_rewards: Optional[dict] = None, extra: Sequence[str] = (), seed: int = EVAL_SEED,
                  batch_size: int = 32):
-        self.rows = [row for spec in dict.fromkeys(sources) for row in heldout_rows(spec, per_task)]
-        self.source_of = {}
-        for spec in sources:
-            for _, task in heldout_rows(spec, per_task):
+        self.rows, self.source_of = [], {}
+        for spec in dict.fromkeys(sources):
+            rows = heldout_rows(spec, per_task)
+            self.rows += rows
+            for _, task in rows:
                 self.source_of.setdefault(task, spec)
         self.prompts = [p for p, _ in self.rows]
         self.tasks = [t for _, t in self.rows]

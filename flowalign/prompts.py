@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -27,27 +28,34 @@ def read_prompt_file(path: str, what: str = "prompt file", hint: str = "pass a t
     return prompts
 
 
+def toy_tasks(spec: str) -> Optional[tuple[str, ...]]:
+    """'toy' -> the GenEval tasks; 'toy:text,counting' -> those tasks ('geneval' expands); any other spec (a
+    prompt file) -> None. An unknown toy task raises ValueError naming the valid ones."""
+    from .toy import GENEVAL_TASKS, TASKS
+
+    if spec == "toy":
+        return tuple(GENEVAL_TASKS)
+    if not spec.startswith("toy:"):
+        return None
+    names = [t.strip() for t in spec[4:].split(",") if t.strip()]
+    tasks = tuple(t for n in names for t in (GENEVAL_TASKS if n == "geneval" else (n,)))
+    bad = [t for t in tasks if t not in TASKS]
+    if not tasks or bad:
+        raise ValueError(f"prompt source {spec!r}: unknown toy task {', '.join(bad) or '(none)'}; use "
+                         f"toy:TASK[,TASK...] with tasks from geneval, {', '.join(TASKS)}")
+    return tasks
+
+
 class PromptSource:
     """Draws prompts with a numpy Generator; ``sample(n, rng) -> list[str]`` of n prompts."""
 
     def __init__(self, spec: str):
         self.spec = spec
-        self._tasks = None
-        if spec == "toy":
-            self._prompts = None
-            return
-        if spec.startswith("toy:"):
-            from .toy import GENEVAL_TASKS, TASKS
-
-            names = [t.strip() for t in spec[4:].split(",") if t.strip()]
-            tasks = [t for n in names for t in (GENEVAL_TASKS if n == "geneval" else (n,))]
-            bad = [t for t in tasks if t not in TASKS]
-            if not tasks or bad:
-                raise ValueError(f"prompt source {spec!r}: unknown toy task {', '.join(bad) or '(none)'}; use "
-                                 f"toy:TASK[,TASK...] with tasks from geneval, {', '.join(TASKS)}")
-            self._prompts, self._tasks = None, tuple(tasks)
-            return
-        self._prompts = read_prompt_file(spec, hint="pass an existing text file or train.prompts=toy")
+        tasks = toy_tasks(spec)
+        self._prompts = None
+        self._tasks = None if spec == "toy" else tasks  # 'toy': the sampler's own default task mix
+        if tasks is None:
+            self._prompts = read_prompt_file(spec, hint="pass an existing text file or train.prompts=toy")
 
     def sample(self, n: int, rng: np.random.Generator) -> list[str]:
         if self._prompts is None:

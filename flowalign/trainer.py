@@ -27,10 +27,10 @@ from .algorithms.nft import NFTUpdate
 from .algorithms.opd import OPDUpdate
 from .config import Config, config_to_dict
 from .ema import EMA
-from .heldout import HeldoutEval, toy_tasks
+from .heldout import HeldoutEval
 from .logging_utils import MetricsLog
 from .models import load_adapter
-from .prompts import PromptSource
+from .prompts import PromptSource, toy_tasks
 from .rewards import get as get_reward
 from .report import image_grid
 from .rewards.guard import safe_scores
