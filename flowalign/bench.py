@@ -340,14 +340,12 @@ def bench_algorithm(cfg, budget_samples: Optional[int] = None, budget_seconds: O
     untrained_reward: a Reward scored as ``clip_score`` at held-out evaluation (None: built by name, which needs
     the default CLIP weights); adapter: a fresh pipeline adapter (None: loaded from ``cfg.model.path``).
     """
+    from .logging_utils import remove_logs
     from .trainer import Trainer
 
     if budget_samples is None and budget_seconds is None:
         raise ValueError("give a budget: budget_samples (reward queries) and/or budget_seconds (training time)")
-    for name in ("metrics.jsonl", "evals.jsonl"):  # a fresh run owns its logs
-        path = os.path.join(cfg.train.out_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
+    remove_logs(cfg.train.out_dir)  # a fresh run owns its logs
     trainer = Trainer(cfg, adapter=adapter)
     if trainer.heldout is None:
         raise ValueError(f"{cfg.train.algorithm}: the prompts have no held-out split: set train.eval_prompts")

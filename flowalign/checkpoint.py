@@ -302,7 +302,7 @@ def resume(trainer) -> str:
 def start_fresh(out_dir: str) -> None:
     """Before a fresh (not resumed) run in ``out_dir``: refuse when it holds an unfinished run's checkpoint
     (continue it with --resume instead), else remove old logs and checkpoints (a fresh run owns its folder)."""
-    from .logging_utils import METRICS_CSV, METRICS_JSONL
+    from .logging_utils import remove_logs
 
     newest = latest_checkpoint(out_dir)
     if newest is not None:
@@ -312,9 +312,7 @@ def start_fresh(out_dir: str) -> None:
             raise CheckpointError(f"{out_dir} holds an unfinished run (checkpoint {newest}): continue it with "
                                   "`flowalign train CONFIG --resume`, or set another train.out_dir (or delete "
                                   f"{out_dir}) to start over")
-    for name in (METRICS_JSONL, METRICS_CSV, "evals.jsonl"):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
+    remove_logs(out_dir)
     for _, path in list_checkpoints(out_dir):
         shutil.rmtree(path)
     prune(out_dir, 0)

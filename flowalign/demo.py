@@ -14,6 +14,7 @@ import time
 
 from . import lora
 from .config import DEFAULT_MODEL, Config, load_config
+from .logging_utils import remove_logs
 from .report import plot_reward_curve
 from .trainer import Trainer
 
@@ -49,9 +50,7 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None,
     t0 = time.time()
     cfg = demo_config(out_dir, seed, steps, quick, model, config)
     os.makedirs(out_dir, exist_ok=True)
-    for name in ("metrics.jsonl", "evals.jsonl"):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))  # a fresh run owns its logs
+    remove_logs(out_dir)  # a fresh run owns its logs
     trainer = Trainer(cfg)
     name = ALGORITHM_NAMES[cfg.train.algorithm]
     base = _toy_scores(trainer.evaluate(base=True))

@@ -24,7 +24,16 @@ from typing import Optional, Sequence
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
+EVALS_JSONL = "evals.jsonl"
 INSTALL_HINTS = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+
+def remove_logs(out_dir: str) -> None:
+    """Delete a previous run's metrics.jsonl, metrics.csv and evals.jsonl in ``out_dir`` (a fresh run owns its
+    logs; checkpoints are flowalign.checkpoint's business)."""
+    for name in (METRICS_JSONL, METRICS_CSV, EVALS_JSONL):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -28,7 +28,7 @@ from .algorithms.opd import OPDUpdate
 from .config import Config, config_to_dict
 from .ema import EMA
 from .heldout import HeldoutEval
-from .logging_utils import MetricsLog
+from .logging_utils import EVALS_JSONL, MetricsLog
 from .models import load_adapter
 from .prompts import PromptSource, toy_tasks
 from .rewards import get as get_reward
@@ -80,7 +80,7 @@ class Trainer:
         self.metrics_log = MetricsLog(cfg.train.out_dir, cfg.train.log_with, config_to_dict(cfg),
                                       write=self.dist.is_main)
         self.metrics_path = self.metrics_log.jsonl
-        self.evals_path = os.path.join(cfg.train.out_dir, "evals.jsonl")
+        self.evals_path = os.path.join(cfg.train.out_dir, EVALS_JSONL)
         self.heldout = self._heldout()
         self.evals: list[dict] = []
         self._base_images = None
