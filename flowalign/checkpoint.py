@@ -40,7 +40,8 @@ _NAME = re.compile(r"ckpt-(\d+)")
 _TENSOR = "__tensor__"
 
 # Settings a checkpoint cannot be resumed under when they changed (the saved state would not fit or mean the same).
-MUST_MATCH = ("model.path", "model.family", "model.lora_rank", "model.lora_alpha", "train.algorithm", "opd.teachers")
+MUST_MATCH = ("model.path", "model.family", "model.lora_rank", "model.lora_alpha", "model.lora_target_modules",
+              "train.algorithm", "opd.teachers")
 # Settings that may change on resume without a warning.
 FREE = ("train.iterations", "train.resume", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
         "train.log_with", "train.max_nan_steps", "train.eval_every", "model.device")

@@ -48,6 +48,9 @@ class ModelConfig:
     lora_rank: int = _help("LoRA rank r", 16)
     lora_alpha: Optional[float] = _help("LoRA alpha (None = 2 r)", None)
     lora_dropout: float = _help("LoRA dropout", 0.0)
+    lora_target_modules: Optional[tuple] = _help("module names (peft target_modules) that get LoRA layers, e.g. "
+                                                 "[attn.to_q, ff.net.2] (None = the family's attention projections)",
+                                                 None)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
     device: Optional[str] = _help("where a loaded pipeline runs: cpu | cuda | cuda:N (None = cuda when available)",
                                   None)
@@ -58,6 +61,12 @@ class ModelConfig:
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model", "family", self.family, (None, "sd3", "flux", "sd", "sdxl", "wan"))
         _positive("model", "lora_rank", self.lora_rank)
+        if self.lora_target_modules is not None:
+            names = tuple(str(m) for m in self.lora_target_modules)
+            if not names or not all(names):
+                raise ValueError("model.lora_target_modules must list module names (e.g. [attn.to_q, attn.to_v]) "
+                                 "or be null for the family's defaults")
+            object.__setattr__(self, "lora_target_modules", names)
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,8 @@ class CRDConfig:
     steps_per_iter: int = _help("optimizer steps per iteration (the prompt groups are split between them)", 2)
     sampler_hard_copy_steps: int = _help("the sampler snapshot is a hard copy while s < this, then "
                                          "d = min(0.0075 (s - N), 0.999)", 75)
+    old_decay_max: float = _help("cap of the v_old snapshot decay min(0.25 + 0.005 s, cap) (SPEC: 0.999)", 0.999)
+    sampler_decay_max: float = _help("cap of the sampler snapshot decay (SPEC: 0.999)", 0.999)
     eps: float = _help("floor of the adaptive weights w = max(mean_d |v - u|, eps)", 1e-5)
 
     def __post_init__(self):
@@ -230,6 +241,9 @@ class CRDConfig:
         _positive("crd", "steps_per_iter", self.steps_per_iter)
         _positive("crd", "sampler_hard_copy_steps", self.sampler_hard_copy_steps, allow_zero=True)
         _positive("crd", "eps", self.eps)
+        for key in ("old_decay_max", "sampler_decay_max"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"crd.{key} must be in [0, 1), got {getattr(self, key)}")
 
 
 TEACHER_KEYS = ("lora", "guidance_scale", "prompts", "reward")

@@ -62,7 +62,7 @@ class Trainer:
         if cfg.model.dtype != "float32":
             lora.set_precision(self.adapter, _DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
-                                    dropout=cfg.model.lora_dropout)
+                                    dropout=cfg.model.lora_dropout, target_modules=cfg.model.lora_target_modules)
         self.dist.broadcast_(self.params)  # distributed: every process starts from rank 0's LoRA
         if cfg.model.gradient_checkpointing:
             lora.set_gradient_checkpointing(self.adapter, True)

@@ -22,6 +22,7 @@ def test_defaults_are_valid_and_frozen():
         ({"grpo": {"kl_scaling": "approx"}}, "choose one of exact, reference"),
         ({"sampling": {"sde_window": [8, 5]}}, "sampling.sde_window=[8, 5]"),
         ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not valid"),
+        ({"crd": {"old_decay_max": 1.0}}, "crd.old_decay_max must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_values_name_the_key(data, needle):

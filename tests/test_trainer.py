@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from flowalign.config import Config, GRPOConfig, SamplingConfig, TrainConfig
+from flowalign.config import Config, GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
 from flowalign.models import adapter_for
 from flowalign.models.tiny import tiny_sd3_pipeline
 from flowalign.rewards import Reward
@@ -78,3 +78,21 @@ def test_saved_lora_loads_into_a_fresh_pipeline(tmp_path):
     ours = tr.adapter.predict(x, torch.tensor(500.0), cond, 1.0)
     theirs = adapter_for(fresh).predict(x, torch.tensor(500.0), adapter_for(fresh).encode_prompts(["a red circle"], 1.0), 1.0)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_target_modules_choose_the_layers_that_train(tmp_path):
+    cfg = Config(
+        model=ModelConfig(lora_rank=2, lora_target_modules=["attn.to_q", "ff.net.2"]),
+        sampling=SamplingConfig(num_steps=3, guidance_scale=2.0, sde_window=(0, 2)),
+        train=TrainConfig(prompts_per_iter=2, group_size=3, minibatch=8, lr=1e-2, out_dir=str(tmp_path)),
+    )
+    tr = GRPOTrainer(cfg, adapter=adapter_for(tiny_sd3_pipeline(image_size=16)), reward=MeanPixel())
+    names = {n.split(".lora_")[0].split("transformer_blocks.")[-1].split(".", 1)[1]
+             for n, p in tr.adapter.denoiser.named_parameters() if "lora_" in n}
+    assert names == {"attn.to_q", "ff.net.2"}
+    n_blocks = len(tr.adapter.denoiser.transformer_blocks)
+    assert len(tr.params) == 2 * 2 * n_blocks  # lora_A and lora_B on two modules per block
+    before = [p.detach().clone() for p in tr.params]
+    tr.step()
+    tr.step()  # B starts at 0: A moves from the second step on
+    assert all(not torch.equal(a, p) for a, p in zip(before, tr.params))

@@ -229,20 +229,25 @@ def crd_loss(
 # ---- snapshot schedules -----------------------------------------------------------------------------
 
 
-def old_decay(step: int) -> float:
-    """Decay of the v_old snapshot (inside l) after optimizer step ``step``: ``min(0.25 + 0.005 s, 0.999)``."""
+def old_decay(step: int, max_decay: float = 0.999) -> float:
+    """Decay of the v_old snapshot (inside l) after optimizer step ``step``: ``min(0.25 + 0.005 s, max_decay)``.
+
+    ``max_decay`` = 0.999 is the SPEC schedule; a lower cap keeps v_old (the anchor of the implicit log-ratio)
+    closer to the current policy, so a short run keeps compounding its tilt instead of converging to
+    ``pi_old exp(R / beta)`` around an almost frozen ``pi_old``.
+    """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return min(0.25 + 0.005 * step, 0.999)
+    return min(0.25 + 0.005 * step, max_decay)
 
 
-def sampler_decay(step: int, hard_copy_steps: int = 75) -> float:
-    """Decay of the sampler snapshot: 0 (hard copy) while s < 75, then ``min(0.0075 (s - 75), 0.999)``."""
+def sampler_decay(step: int, hard_copy_steps: int = 75, max_decay: float = 0.999) -> float:
+    """Decay of the sampler snapshot: 0 (hard copy) while s < 75, then ``min(0.0075 (s - 75), max_decay)``."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step < hard_copy_steps:
         return 0.0
-    return min(0.0075 * (step - hard_copy_steps), 0.999)
+    return min(0.0075 * (step - hard_copy_steps), max_decay)
 
 
 @torch.no_grad()
@@ -307,7 +312,8 @@ class CRDUpdate(UpdateRule):
     (``train.minibatch // group_size`` groups) gets fresh noise, ``l = implicit_log_ratio(v_theta, v_old, u)``
     (guidance 1), the KL anchor distance to the base model (adapter disabled) at CFG ``crd.kl_guidance_scale``,
     and ``crd_loss``; gradients accumulate over draws and micro-batches. After the iteration, with s the
-    optimizer-step count: ``old <- old_decay(s)``, ``sampler <- sampler_decay(s)`` (SPEC schedules).
+    optimizer-step count: ``old <- old_decay(s)``, ``sampler <- sampler_decay(s)`` (SPEC schedules, capped at
+    ``crd.old_decay_max`` / ``crd.sampler_decay_max``).
     Metrics: loss, main, kl, ``log_ratio_abs_first`` (mean |l| of the first micro-batch: 0 while old == current),
     residual_abs, grad_norm, old_decay, sampler_decay, optimizer_steps, update_samples.
     """
@@ -378,7 +384,8 @@ class CRDUpdate(UpdateRule):
                     stats["residual"].append(out.residual[mask].abs().mean().item())
             grad_norm = self.optimizer_step()
         s = self.optimizer_steps
-        d_old, d_sampler = old_decay(s), sampler_decay(s, c.sampler_hard_copy_steps)
+        d_old = old_decay(s, c.old_decay_max)
+        d_sampler = sampler_decay(s, c.sampler_hard_copy_steps, c.sampler_decay_max)
         self.old.update(d_old)
         self.sampler.update(d_sampler)
         if not stats["loss"]:  # distributed: this process held none of the valid rows

@@ -120,6 +120,8 @@ def test_decay_schedules_and_ema_update():
     assert old_decay(0) == 0.25 and old_decay(10) == pytest.approx(0.3) and old_decay(10_000) == 0.999
     assert sampler_decay(0) == 0.0 and sampler_decay(74) == 0.0 and sampler_decay(75) == 0.0
     assert sampler_decay(175) == pytest.approx(0.75) and sampler_decay(10_000) == 0.999
+    assert old_decay(10, max_decay=0.9) == pytest.approx(0.3) and old_decay(10_000, max_decay=0.9) == 0.9
+    assert sampler_decay(175, max_decay=0.5) == 0.5 and sampler_decay(80, max_decay=0.5) == pytest.approx(0.0375)
     snap, p = [torch.zeros(3)], [torch.ones(3)]
     ema_update_(snap, p, 0.75)
     torch.testing.assert_close(snap[0], torch.full((3,), 0.25))
