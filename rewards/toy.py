@@ -1,7 +1,8 @@
 """``toy_geneval``: the verifiable GenEval-style reward of the offline toy world (flowalign.toy).
 
 score = fraction of the prompt's constraints met (object, count, colour, position, colour attribution),
-or, with ``strict=True``, 1 iff all are met.
+or, with ``strict=True``, 1 iff all are met. ``no_extra=True`` adds the check "no more objects than asked"
+(GenEval's checks ignore extras, which aligned models learn to draw): a training-reward option.
 
 The one reward that imports from the core package (at call time): the toy world's detector lives in
 ``flowalign.toy`` (DESIGN.md), which ships in the same distribution, so the import always resolves.
@@ -19,11 +20,12 @@ from .base import Images, Reward
 class ToyGenEvalReward(Reward):
     name = "toy_geneval"
 
-    def __init__(self, strict: bool = False):
+    def __init__(self, strict: bool = False, no_extra: bool = False):
         self.strict = strict
+        self.no_extra = no_extra
 
     def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         from flowalign.toy import toy_geneval  # the toy world lives in the core package
 
-        frac, strict, _ = toy_geneval(images, prompts)
+        frac, strict, _ = toy_geneval(images, prompts, no_extra=self.no_extra)
         return strict if self.strict else frac

@@ -14,6 +14,11 @@ its shape agrees and, if the phrase names one, its colour agrees):
                                                     every (a, b) pair has relation (GenEval's rule)
 
 fraction = (#checks met) / (#checks) in [0, 1]; strict = 1.0 iff all checks are met.
+
+Like GenEval, these checks ignore objects the prompt did not ask for, so an aligned model can gain by
+drawing extras (which also breaks counts and relations). ``no_extra=True`` adds one check,
+``#detections <= #objects asked`` (named "no extra objects", or "no extra objects (n > k)" when it fails),
+for use as a TRAINING reward; held-out evaluation keeps the GenEval checks.
 Text prompts are for the OCR reward and raise here.
 """
 
@@ -36,7 +41,7 @@ def _name(o: ObjectSpec) -> str:
     return f"{o.color} {o.shape}" if o.color else o.shape
 
 
-def checks(spec: SceneSpec, dets: Sequence[Detected]) -> dict[str, bool]:
+def checks(spec: SceneSpec, dets: Sequence[Detected], no_extra: bool = False) -> dict[str, bool]:
     """Named checks of ``spec`` (see the module docstring) evaluated on ``dets``."""
     if spec.task == TEXT_TASK:
         raise ValueError("text prompts are scored by the OCR reward, not by toy GenEval")
@@ -54,27 +59,32 @@ def checks(spec: SceneSpec, dets: Sequence[Detected]) -> dict[str, bool]:
         a, b = spec.objects
         out[f"{_name(a)} {spec.relation} {_name(b)}"] = bool(found[0] and found[1]) and all(
             spec.relation in relations_of(da.bbox, db.bbox) for da in found[0] for db in found[1])
+    if no_extra:
+        asked = sum(o.count for o in spec.objects)
+        out["no extra objects" if len(dets) <= asked else f"no extra objects ({len(dets)} > {asked})"] = (
+            len(dets) <= asked)
     return out
 
 
-def score(prompt: str | SceneSpec, detections: Sequence[Detected]) -> dict:
+def score(prompt: str | SceneSpec, detections: Sequence[Detected], no_extra: bool = False) -> dict:
     """-> {"task", "fraction" (float in [0,1]), "strict" (0.0 or 1.0), "checks" {name: bool}}."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    c = checks(spec, detections)
+    c = checks(spec, detections, no_extra)
     met = sum(c.values())
     return {"task": spec.task, "fraction": met / len(c), "strict": float(met == len(c)), "checks": c}
 
 
-def toy_geneval(images, prompts: Sequence[str | SceneSpec], **detect_kwargs
+def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = False, **detect_kwargs
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, float]]]:
     """Score a batch. images: tensor [B,3,H,W] in [0,1] or a list of PIL images / [3,H,W] tensors.
+    ``no_extra`` adds the "no extra objects" check (module docstring).
 
     Returns (fraction [B] float32, strict [B] float32, {task: {"fraction", "strict", "n"}}),
     the per-task entries being means over the batch items of that task.
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    results = [score(p, detect(im, **detect_kwargs)) for im, p in zip(images, prompts)]
+    results = [score(p, detect(im, **detect_kwargs), no_extra) for im, p in zip(images, prompts)]
     frac = torch.tensor([r["fraction"] for r in results], dtype=torch.float32)
     strict = torch.tensor([r["strict"] for r in results], dtype=torch.float32)
     groups: dict[str, list[dict]] = defaultdict(list)

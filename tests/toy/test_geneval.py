@@ -70,3 +70,32 @@ def test_toy_geneval_batch():
     assert per_task2["counting"] == {"fraction": 0.5, "strict": 0.0, "n": 1} and set(per_task) == set(per_task2)
     with pytest.raises(ValueError, match="images but"):
         toy_geneval(images, prompts[:2])
+
+
+def test_no_extra_check_counts_unrequested_objects():
+    pair = [det("circle", "red", 5, 5), det("square", "blue", 40, 40)]
+    extra = pair + [det("triangle", "green", 5, 40)]
+    prompt = "a red circle and a blue square"
+    assert score(prompt, extra)["fraction"] == 1.0  # GenEval's lenient checks ignore the extra triangle
+    r = score(prompt, extra, no_extra=True)
+    assert r["checks"]["no extra objects (3 > 2)"] is False
+    assert (r["fraction"], r["strict"]) == (0.8, 0.0)
+    assert score(prompt, pair, no_extra=True)["checks"]["no extra objects"] is True
+    assert score("three blue squares", [det("square", "blue", 5 + 18 * i, 20) for i in range(3)],
+                 no_extra=True)["strict"] == 1.0  # a count of three asks for three objects
+    assert score("a circle", [], no_extra=True)["fraction"] == 0.5  # too few is not "extra"
+    frac, strict, _ = toy_geneval([render(s, 64, seed=1)[0] for _, s in sample_batch(4, seed=3)],
+                                  [p for p, _ in sample_batch(4, seed=3)], no_extra=True)
+    assert frac.shape == (4,) and strict.shape == (4,)
+
+
+def test_toy_geneval_reward_no_extra_option():
+    from rewards.toy import ToyGenEvalReward
+
+    img = render("two green squares", 64, seed=0)[0]
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    assert ToyGenEvalReward().score(x, ["two green squares"]).item() == 1.0
+    assert ToyGenEvalReward(no_extra=True).score(x, ["two green squares"]).item() == 1.0
+    assert ToyGenEvalReward().score(x, ["a green square"]).item() == 1.0  # lenient: a square is present
+    # colors task: present(square), present(green square) met, "no extra objects" failed
+    assert ToyGenEvalReward(no_extra=True).score(x, ["a green square"]).item() == pytest.approx(2 / 3)
