@@ -85,13 +85,15 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None,
 
 
 def _toy_scores(row: dict) -> dict:
-    """A held-out row of Trainer.evaluate -> {"toy_geneval", "strict", "n", "per_task": {task: {fraction, strict, n}}}."""
+    """A held-out row of Trainer.evaluate -> {"toy_geneval", "strict", "extra_objects", "n",
+    "per_task": {task: {fraction, strict, extra_objects, n}}}."""
     from .toy import GENEVAL_TASKS
 
     per_task = {t: {"fraction": row[f"toy_geneval/{t}"], "strict": row[f"toy_geneval_strict/{t}"],
-                    "n": row["n"] // len(GENEVAL_TASKS)} for t in GENEVAL_TASKS if f"toy_geneval/{t}" in row}
-    return {"toy_geneval": row["toy_geneval"], "strict": row["toy_geneval_strict"], "n": row["n"],
-            "per_task": per_task}
+                    "extra_objects": row[f"toy_extra_objects/{t}"], "n": row["n"] // len(GENEVAL_TASKS)}
+                for t in GENEVAL_TASKS if f"toy_geneval/{t}" in row}
+    return {"toy_geneval": row["toy_geneval"], "strict": row["toy_geneval_strict"],
+            "extra_objects": row["toy_extra_objects"], "n": row["n"], "per_task": per_task}
 
 
 def _base_guidance_sweep(trainer, scales) -> dict:
@@ -120,6 +122,8 @@ def _write_report(out_dir: str, r: dict, name: str) -> None:
 Held-out toy_geneval (fraction of the prompt's constraints met), {r['heldout_images']} held-out images, same seeds
 before and after, CFG {r['eval_guidance_scale']:g}: **{r['base']['toy_geneval']:.3f} -> {r['aligned']['toy_geneval']:.3f}**
 (strict all-met: {r['base']['strict']:.3f} -> {r['aligned']['strict']:.3f}).
+Images with more objects than the prompt asks for (GenEval's checks ignore them; a rise is reward hacking):
+{r['base']['extra_objects']:.3f} -> {r['aligned']['extra_objects']:.3f}.
 {best}
 Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f} s wall in all (seed {r['seed']}).
 

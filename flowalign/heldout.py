@@ -6,7 +6,9 @@ held-out prompts per task (the toy world's held-out split, never trained on). A 
 held-out split, so it is only evaluated when ``train.eval_prompts`` names one.
 
 Scores (one dict per evaluation, keys ``<reward>`` and ``<reward>/<task>``):
-  * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met) and ``toy_geneval_strict``;
+  * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met), ``toy_geneval_strict`` and
+    ``toy_extra_objects`` (share of images with more objects than asked: GenEval's checks do not see them,
+    so a rising share is reward hacking);
   * toy text prompts    -> ``ocr`` (needs rapidocr);
   * other prompts       -> the training reward(s);
   * every prompt        -> each of ``train.eval_rewards`` (e.g. clip_score: a reward the run did not train on,
@@ -102,9 +104,10 @@ class HeldoutEval:
         for task, idx in by_task.items():
             prompts = [self.prompts[i] for i in idx]
             if task in GENEVAL_TASKS:
-                frac, strict, _ = toy_geneval(images[idx], prompts)
+                frac, strict, per_task = toy_geneval(images[idx], prompts)
                 record("toy_geneval", task, torch.as_tensor(frac))
                 record("toy_geneval_strict", task, torch.as_tensor(strict))
+                record("toy_extra_objects", task, torch.full((len(idx),), per_task[task]["extra_objects"]))
             elif task == TEXT_TASK:
                 record("ocr", task, self._reward("ocr")(images[idx], prompts))
             else:

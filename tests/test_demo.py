@@ -20,6 +20,7 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert set(metrics[side]["per_task"]) == {"single_object", "colors", "counting", "two_object",
                                                   "color_attr", "position"}
         assert metrics[side]["n"] == metrics["heldout_images"] == 12
+        assert 0.0 <= metrics[side]["extra_objects"] <= 1.0
     assert metrics["samples"] == metrics["iterations"] * 8
     assert metrics["delta"] == pytest.approx(metrics["aligned"]["toy_geneval"] - metrics["base"]["toy_geneval"])
     assert metrics["wall_s"] > 0
@@ -29,6 +30,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "reward_curve.png" in report and "grid.png" in report
     assert f"{metrics['base']['toy_geneval']:.3f} -> {metrics['aligned']['toy_geneval']:.3f}" in report
+    assert f"{metrics['base']['extra_objects']:.3f} -> {metrics['aligned']['extra_objects']:.3f}" in report
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == metrics["iterations"]
     assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")

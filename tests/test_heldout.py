@@ -48,6 +48,8 @@ def test_ground_truth_scores_high_and_mismatched_images_lower():
     shifted = ev.prompts[4:] + ev.prompts[:4]  # each image rendered for the next task's prompt
     bad = ev.score(_rendered(shifted))
     assert bad["toy_geneval"] < good["toy_geneval"] - 0.2
+    assert good["toy_extra_objects"] == 0.0  # renders hold exactly the objects asked for
+    assert bad["toy_extra_objects/colors"] == 1.0  # "a red circle" scored on a render of 2-4 counted objects
     # the overall score is the mean over images, i.e. the mean of the equal-sized task means
     assert abs(good["toy_geneval"] - sum(good[f"toy_geneval/{t}"] for t in GENEVAL_TASKS) / 6) < 1e-6
 

@@ -67,11 +67,14 @@ def checks(spec: SceneSpec, dets: Sequence[Detected], no_extra: bool = False) ->
 
 
 def score(prompt: str | SceneSpec, detections: Sequence[Detected], no_extra: bool = False) -> dict:
-    """-> {"task", "fraction" (float in [0,1]), "strict" (0.0 or 1.0), "checks" {name: bool}}."""
+    """-> {"task", "fraction" (float in [0,1]), "strict" (0.0 or 1.0), "checks" {name: bool},
+    "extra_objects" (1.0 iff more objects were detected than the prompt asks for)}."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     c = checks(spec, detections, no_extra)
     met = sum(c.values())
-    return {"task": spec.task, "fraction": met / len(c), "strict": float(met == len(c)), "checks": c}
+    extra = len(detections) > sum(o.count for o in spec.objects)
+    return {"task": spec.task, "fraction": met / len(c), "strict": float(met == len(c)), "checks": c,
+            "extra_objects": float(extra)}
 
 
 def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = False, **detect_kwargs
@@ -79,7 +82,7 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
     """Score a batch. images: tensor [B,3,H,W] in [0,1] or a list of PIL images / [3,H,W] tensors.
     ``no_extra`` adds the "no extra objects" check (module docstring).
 
-    Returns (fraction [B] float32, strict [B] float32, {task: {"fraction", "strict", "n"}}),
+    Returns (fraction [B] float32, strict [B] float32, {task: {"fraction", "strict", "extra_objects", "n"}}),
     the per-task entries being means over the batch items of that task.
     """
     if len(images) != len(prompts):
@@ -91,6 +94,7 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
     for r in results:
         groups[r["task"]].append(r)
     per_task = {t: {"fraction": sum(r["fraction"] for r in rs) / len(rs),
-                    "strict": sum(r["strict"] for r in rs) / len(rs), "n": len(rs)}
+                    "strict": sum(r["strict"] for r in rs) / len(rs),
+                    "extra_objects": sum(r["extra_objects"] for r in rs) / len(rs), "n": len(rs)}
                 for t, rs in sorted(groups.items())}
     return frac, strict, per_task

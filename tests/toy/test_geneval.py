@@ -67,7 +67,10 @@ def test_toy_geneval_batch():
     batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
     frac2, strict2, per_task2 = toy_geneval(batch, wrong)
     assert torch.allclose(frac2, torch.tensor([0.5, 0.5, 0.5, 2 / 3])) and torch.all(strict2 == 0)
-    assert per_task2["counting"] == {"fraction": 0.5, "strict": 0.0, "n": 1} and set(per_task) == set(per_task2)
+    assert per_task2["counting"] == {"fraction": 0.5, "strict": 0.0, "extra_objects": 0.0, "n": 1}
+    assert set(per_task) == set(per_task2)
+    _, _, per_task3 = toy_geneval(images[1:2], ["a green square"])  # two squares drawn, one asked for
+    assert per_task3["colors"]["extra_objects"] == 1.0 and per_task3["colors"]["fraction"] == 1.0
     with pytest.raises(ValueError, match="images but"):
         toy_geneval(images, prompts[:2])
 
