@@ -31,14 +31,18 @@ def heldout_prompts(per_task: int = 16, tasks: Sequence[str] = GENEVAL_TASKS) ->
 def sample_images(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 10, guidance_scale: float = 4.5,
                   batch_size: int = 32, desc: str = "sampling") -> torch.Tensor:
     """Images [N,3,H,W] in [0,1] from ``pipe(prompt)``; image i uses ``torch.Generator().manual_seed(seed+i)``."""
+    previous = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)  # our own bar below; diffusers' would nest inside it
     images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        chunk = list(prompts[start : start + batch_size])
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                   output_type="pt", **pipeline_call_kwargs(pipe))
-        images.append(out.images.float().clamp(0, 1).cpu())
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+            chunk = list(prompts[start : start + batch_size])
+            gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                       output_type="pt", **pipeline_call_kwargs(pipe))
+            images.append(out.images.float().clamp(0, 1).cpu())
+    finally:
+        pipe._progress_bar_config = previous  # the caller's pipeline keeps its own progress-bar setting
     return torch.cat(images)
 
 

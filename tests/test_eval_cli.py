@@ -44,3 +44,14 @@ def test_eval_reward_option_must_be_key_value(tiny_model, capsys):
     model, _ = tiny_model
     assert main(["eval", "--model", model, "--reward", "clip_score", "--reward-option", "tiny"]) == 2
     assert "--reward-option 'tiny' must look like key=value" in capsys.readouterr().err
+
+
+def test_sample_images_leaves_the_callers_progress_bar_setting():
+    from flowalign.evaluate import sample_images
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(image_size=16)
+    pipe.set_progress_bar_config(desc="mine", leave=False)
+    images = sample_images(pipe, ["a red circle", "a square"], steps=1, guidance_scale=1.0)
+    assert images.shape[0] == 2 and 0 <= images.min() and images.max() <= 1
+    assert pipe._progress_bar_config == {"desc": "mine", "leave": False}
