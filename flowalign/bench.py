@@ -53,6 +53,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .resources import shipped_config
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ALGORITHMS = ("grpo", "nft", "crd")
 UNTRAINED_REWARD = "clip_score"  # held-out reward the runs do not train on (reward hacking shows here)
@@ -60,8 +62,8 @@ PHASES = ("rollout", "reward", "update", "eval")
 
 
 def recipe_path(algorithm: str) -> str:
-    """``configs/toy_<algorithm>.yaml`` of the repository."""
-    return os.path.join(REPO_ROOT, "configs", f"toy_{algorithm}.yaml")
+    """The shipped ``configs/toy_<algorithm>.yaml``."""
+    return shipped_config(f"toy_{algorithm}.yaml")
 
 
 # ---- measuring ----------------------------------------------------------------------------------------

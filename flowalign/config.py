@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy-sd3")
+from .resources import asset
+
+DEFAULT_MODEL = asset("toy-sd3")  # the shipped tiny pipeline (flowalign.resources)
 
 
 SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "ddim")

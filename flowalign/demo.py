@@ -16,9 +16,10 @@ from . import lora
 from .config import DEFAULT_MODEL, Config, load_config
 from .logging_utils import remove_logs
 from .report import plot_reward_curve
+from .resources import shipped_config
 from .trainer import Trainer
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy_demo.yaml")
+DEMO_CONFIG = shipped_config("toy_demo.yaml")
 
 
 def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bool = False,

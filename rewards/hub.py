@@ -10,8 +10,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Repository root when installed editable (rewards/ sits next to assets/); FLOWALIGN_ASSETS overrides.
-ASSETS = Path(os.environ.get("FLOWALIGN_ASSETS", Path(__file__).resolve().parents[1] / "assets"))
+
+def _assets() -> Path:
+    """FLOWALIGN_ASSETS, else the checkout's assets/ (editable install: rewards/ sits next to it), else the
+    wheel's package data (installed as flowalign/rewards next to flowalign/_assets)."""
+    if os.environ.get("FLOWALIGN_ASSETS"):
+        return Path(os.environ["FLOWALIGN_ASSETS"])
+    here = Path(__file__).resolve().parents[1]
+    return here / "assets" if (here / "assets").is_dir() else here / "_assets"
+
+
+ASSETS = _assets()
 TINY_CLIP = ASSETS / "tiny-clip"
 ALIASES = {"tiny": TINY_CLIP, "tiny-clip": TINY_CLIP}
 
