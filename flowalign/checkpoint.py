@@ -14,6 +14,10 @@ a killed run are never read and are removed at the next save. The newest ``train
 A write that fails (disk full) removes its ``.tmp`` folder, keeps every earlier checkpoint and raises
 ``CheckpointError`` with one line.
 
+Distributed runs: rank 0 writes (every process holds the same state); under FSDP every process first gathers
+the whole tensors from the shards (``fsdp.full_state``, a collective), so a checkpoint is the same files with or
+without sharding. On resume every process reads the checkpoint (sharded ones keep their own shard).
+
 Trainer hooks: ``after_iteration(trainer)`` (periodic checkpoints and the NaN stop), ``save_checkpoint``,
 ``resume(trainer)`` (newest checkpoint, config check, logs truncated to it) and ``start_fresh(out_dir)``.
 """

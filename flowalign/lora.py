@@ -5,7 +5,8 @@
   copy of the weights).
 - several named adapters on one base: ``set_active_adapter`` / ``using_adapter`` (multi-teacher
   distillation); switching keeps each adapter's ``requires_grad`` as it was (frozen teachers stay frozen).
-- ``save_lora`` writes ``pytorch_lora_weights.safetensors`` + LoraConfig metadata with the pipeline class's
+- ``lora_state_dict`` gives one adapter's whole weights (gathered from the shards of an FSDP-sharded denoiser);
+  ``save_lora`` writes ``pytorch_lora_weights.safetensors`` + LoraConfig metadata with the pipeline class's
   ``save_lora_weights``, so ``pipe.load_lora_weights(dir)`` on a fresh pipeline reproduces the outputs;
   ``load_lora`` loads such a folder as a named adapter.
 - ``set_precision`` (bf16/fp16 base weights, float32 LoRA) and ``set_gradient_checkpointing``.
