@@ -139,25 +139,33 @@ SMALL = ["sampling.num_steps=2", "sampling.eval_num_steps=1", "train.prompts=toy
          "train.reward=jpeg_incompressibility", "train.checkpoint_every=2"]
 
 
-def _resume_worker(rank: int, out_dir: str, pipe_dir: str, shard: str) -> None:
-    """Per mode: an uninterrupted 3-iteration run (ref), and a run stopped after its iteration-2 checkpoint and
-    continued with --resume (run); `flowalign train` as the CLI runs it."""
+def _resume_worker(rank: int, out_dir: str, pipe_dir: str, mode: str) -> None:
+    """An uninterrupted 3-iteration run (ref), and a run stopped after its iteration-2 checkpoint and continued with
+    --resume (run); `flowalign train` as the CLI runs it. mode: none | fsdp (train.shard) | accelerate-fsdp
+    (ACCELERATE_USE_FSDP=true, as `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets it)."""
     from flowalign.cli import main
+
+    sharded = []
+    shard_denoiser = fsdp.shard_denoiser
+    fsdp.shard_denoiser = lambda *a: sharded.append(shard_denoiser(*a))  # count the sharded trainers
+    if mode == "accelerate-fsdp":
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
 
     def train(out, iterations, *extra):
         args = ["train", os.path.join(ROOT, "configs", "toy_nft.yaml"), f"model.path={pipe_dir}", f"train.out_dir={out}",
-                *SMALL, f"train.iterations={iterations}", f"train.shard={shard}", *extra]
+                *SMALL, f"train.iterations={iterations}", f"train.shard={'fsdp' if mode == 'fsdp' else 'none'}", *extra]
         assert main(args) == 0
         torch.distributed.barrier()  # rank 0 has written its files
 
     train(os.path.join(out_dir, "ref"), 3)
     train(os.path.join(out_dir, "run"), 2)
     train(os.path.join(out_dir, "run"), 3, "--resume")
+    assert len(sharded) == (0 if mode == "none" else 3), sharded
 
 
-@pytest.mark.parametrize("shard", ["none", "fsdp"])
-def test_two_process_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, tiny_pipe_dir, shard):
-    _launch(_resume_worker, str(tmp_path), tiny_pipe_dir, shard)
+@pytest.mark.parametrize("mode", ["none", "fsdp", "accelerate-fsdp"])
+def test_two_process_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, tiny_pipe_dir, mode):
+    _launch(_resume_worker, str(tmp_path), tiny_pipe_dir, mode)
     ref, run = load_file(str(tmp_path / "ref" / LORA)), load_file(str(tmp_path / "run" / LORA))
     assert ref.keys() == run.keys() and all(torch.equal(ref[k], run[k]) for k in ref)
     assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_B" in k)  # the weights did move
