@@ -14,6 +14,10 @@ a killed run are never read and are removed at the next save. The newest ``train
 A write that fails (disk full) removes its ``.tmp`` folder, keeps every earlier checkpoint and raises
 ``CheckpointError`` with one line.
 
+Distributed runs: rank 0 writes (every process holds the same state); under FSDP every process first gathers
+the whole tensors from the shards (``fsdp.full_state``, a collective), so a checkpoint is the same files with or
+without sharding. On resume every process reads the checkpoint (sharded ones keep their own shard).
+
 Trainer hooks: ``after_iteration(trainer)`` (periodic checkpoints and the NaN stop), ``save_checkpoint``,
 ``resume(trainer)`` (newest checkpoint, config check, logs truncated to it) and ``start_fresh(out_dir)``.
 """
@@ -31,6 +35,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import fsdp
 from .errors import FlowalignError
 
 FORMAT = 1
@@ -44,7 +49,7 @@ MUST_MATCH = ("model.path", "model.family", "model.lora_rank", "model.lora_alpha
               "train.algorithm", "opd.teachers")
 # Settings that may change on resume without a warning.
 FREE = ("train.iterations", "train.resume", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
-        "train.log_with", "train.max_nan_steps", "train.eval_every", "model.device")
+        "train.log_with", "train.max_nan_steps", "train.eval_every", "model.device", "train.shard")
 
 
 class CheckpointError(FlowalignError):
@@ -132,14 +137,14 @@ def trainer_state(trainer) -> dict:
            "numpy": trainer.rng.bit_generator.state, "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
+    return fsdp.full_state({  # FSDP: sharded tensors gathered whole (a collective: every process calls this)
         "format": FORMAT, "iteration": trainer.iteration, "samples_seen": trainer.samples_seen,
         "bad_rewards": trainer.bad_rewards, "config": config_to_dict(trainer.cfg),
         "lora": list(trainer.params), "optimizer": trainer.optimizer.state_dict(),
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "algorithm": trainer.algorithm.state_dict(), "rng": rng, "evals": trainer.evals,
         "base_images": _to_uint8(trainer._base_images),
-    }
+    })
 
 
 def _to_uint8(images: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -156,7 +161,8 @@ def load_trainer_state(trainer, state: dict) -> None:
     live = trainer.optimizer.state_dict()["param_groups"]
     groups = [{k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items()}
               for saved, g in zip(opt["param_groups"], live)]  # JSON turned tuples (betas) into lists
-    trainer.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()}, "param_groups": groups})
+    moments = fsdp.shard_optimizer_state({int(k): v for k, v in opt["state"].items()}, trainer.params)
+    trainer.optimizer.load_state_dict({"state": moments, "param_groups": groups})
     for g in trainer.optimizer.param_groups:  # the config's hyper-parameters win over the saved ones
         g["lr"], g["weight_decay"] = trainer.cfg.train.lr, trainer.cfg.train.weight_decay
     if trainer.ema is not None:
@@ -186,16 +192,23 @@ def save_checkpoint(trainer) -> str:
 
     t = trainer.cfg.train
     final = os.path.join(t.out_dir, f"ckpt-{trainer.iteration}")
-    if os.path.isdir(final) or not getattr(getattr(trainer, "dist", None), "is_main", True):
-        return final  # distributed: rank 0 writes (every rank holds the same weights and optimizer state)
+    dist = getattr(trainer, "dist", None)
+    main, sharded = getattr(dist, "is_main", True), getattr(dist, "fsdp", False)
+    exists = dist.broadcast_object(os.path.isdir(final)) if sharded else os.path.isdir(final)  # rank 0 decides
+    if exists or not (main or sharded):
+        return final  # data parallel: rank 0 writes (every rank holds the same weights and optimizer state)
+    state = trainer_state(trainer)  # FSDP: every process gathers the shards, then only rank 0 writes
+    with trainer.evaluation_weights():
+        lora_weights = lora.lora_state_dict(trainer.adapter)
+    if not main:
+        return final
     tmp = final + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        meta, tensors = split_tensors(trainer_state(trainer))
+        meta, tensors = split_tensors(state)
         write_tensors(os.path.join(tmp, TENSORS_FILE), tensors)
-        with trainer.evaluation_weights():
-            lora.save_lora(trainer.adapter, os.path.join(tmp, "lora"))
+        lora.save_lora(trainer.adapter, os.path.join(tmp, "lora"), state=lora_weights)
         write_json(os.path.join(tmp, STATE_FILE), meta)  # last: a folder with state.json has everything
         os.replace(tmp, final)
         _fsync(t.out_dir)

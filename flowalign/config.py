@@ -17,6 +17,7 @@ DEFAULT_MODEL = asset("toy-sd3")  # the shipped tiny pipeline (flowalign.resourc
 
 SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "ddim")
 ALGORITHMS = ("grpo", "nft", "crd", "opd", "backprop")
+SHARDINGS = ("none", "fsdp")  # flowalign.distributed / flowalign.fsdp
 LOGGERS = ("tensorboard", "wandb")
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys")  # flowalign.algorithms.fdistill
 
@@ -155,9 +156,14 @@ class TrainConfig:
                                "NaN/inf loss or gradient", 5)
     log_with: tuple = _help("extra metric loggers besides metrics.jsonl/metrics.csv: tensorboard, wandb (offline "
                             "unless WANDB_MODE=online or WANDB_API_KEY is set)", ())
+    shard: str = _help("several processes: none (data parallel, every process holds the whole denoiser) | fsdp "
+                       "(the denoiser's base and LoRA weights sharded over the processes per transformer block, "
+                       "PyTorch FSDP2; also switched on by accelerate launch --config_file "
+                       "configs/accelerate/fsdp.yaml); no effect in one process", "none")
 
     def __post_init__(self):
         _choice("train", "algorithm", self.algorithm, ALGORITHMS)
+        _choice("train", "shard", self.shard, SHARDINGS)
         _positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         _positive("train", "max_nan_steps", self.max_nan_steps)

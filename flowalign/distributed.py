@@ -14,6 +14,12 @@ Contract: a run on W processes takes the SAME optimizer steps as one process on 
   every minibatch that it holds (:meth:`Distributed.part`), scaled to its share of the minibatch mean, and
   :meth:`Distributed.all_reduce_grads` sums the gradients before clipping, so every process steps identically.
 
+With ``train.shard: fsdp`` (or ``ACCELERATE_USE_FSDP=true``, set by ``accelerate launch --config_file
+configs/accelerate/fsdp.yaml``) the denoiser is also sharded over the processes (:mod:`flowalign.fsdp`). Then
+every process must make the same forward and backward calls: :meth:`Distributed.part` gives a process holding
+none of a minibatch's rows one placeholder row with weight 0, and :meth:`Distributed.all_reduce_grads` is a no-op
+(FSDP's reduce-scatter has summed the gradients already).
+
 One process (no ``WORLD_SIZE`` > 1 in the environment) gets :data:`SINGLE`, whose methods are identities:
 no accelerate state, no behaviour change.
 """
@@ -58,7 +64,10 @@ class Part:
     rows: [m] the global row indices held here (index advantages, rewards, tasks with these);
     local: [m] the same rows as indices into this process's trajectory;
     pos: [m] their positions within the selection (which noise rows are ours), None when all are ours;
-    total: the selection's size; share: m / total, the weight of a mean over ``local`` in the selection's mean.
+    total: the selection's size; share: m / total, the weight of a mean over ``local`` in the selection's mean;
+    placeholder: True when the process holds none of the rows but must run the forward and backward calls anyway
+    (FSDP): ``rows`` / ``local`` / ``pos`` then name one row of its shard and ``share`` is 0, so its loss only
+    keeps the collectives in step; leave it out of metrics.
     """
 
     rows: torch.Tensor
@@ -66,6 +75,7 @@ class Part:
     pos: Optional[torch.Tensor]
     total: int
     share: float
+    placeholder: bool = False
 
     @property
     def size(self) -> int:
@@ -77,10 +87,11 @@ class Distributed:
     update rules use. ``Distributed()`` is one process (every method an identity); :func:`setup` builds the
     multi-process one from ``accelerate``'s ``PartialState``."""
 
-    def __init__(self, state=None):
+    def __init__(self, state=None, fsdp: bool = False):
         self.state = state
         self.rank = state.process_index if state is not None else 0
         self.world_size = state.num_processes if state is not None else 1
+        self.fsdp = fsdp and self.world_size > 1  # the denoiser is sharded (flowalign.fsdp): forwards in lockstep
 
     @property
     def is_main(self) -> bool:
@@ -128,12 +139,16 @@ class Distributed:
         return RowShard(generator, slice(self.rank * part, (self.rank + 1) * part), self.world_size * part)
 
     def part(self, rows: torch.Tensor, num_local: int) -> Part:
-        """Which of the global ``rows`` [n] this process holds, given its shard of ``num_local`` rows."""
+        """Which of the global ``rows`` [n] this process holds, given its shard of ``num_local`` rows (under FSDP,
+        a placeholder :class:`Part` when it holds none)."""
         if self.world_size == 1:
             return Part(rows, rows, None, int(rows.numel()), 1.0)
         start = self.rank * num_local
         pos = torch.nonzero((rows >= start) & (rows < start + num_local)).flatten()
         mine = rows[pos]
+        if self.fsdp and not mine.numel():  # the forwards are collectives: run one row at weight 0
+            first = torch.tensor([start], dtype=rows.dtype, device=rows.device)
+            return Part(first, first - start, torch.zeros_like(first), int(rows.numel()), 0.0, placeholder=True)
         return Part(mine, mine - start, pos, int(rows.numel()), pos.numel() / max(rows.numel(), 1))
 
     # ---- collectives ------------------------------------------------------------------------------
@@ -158,6 +173,16 @@ class Distributed:
         out = [None] * self.world_size
         dist.all_gather_object(out, list(items))
         return [x for part in out for x in part]
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` (any picklable value) on every process (e.g. a decision only rank 0 can make)."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Each value summed over the processes (e.g. per-row loss sums -> the whole batch's)."""
@@ -185,8 +210,9 @@ class Distributed:
     def all_reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
         """Sum every parameter's gradient over the processes (one flat float32 all-reduce). Each process's loss
         is its share of the global mean (:attr:`Part.share`), so the sum is the global-batch gradient. A gradient
-        missing here counts as zero; a parameter without a gradient on every process keeps ``grad = None``."""
-        if self.world_size == 1:
+        missing here counts as zero; a parameter without a gradient on every process keeps ``grad = None``.
+        Under FSDP a no-op: the reduce-scatter in the backward pass has already summed the gradient shards."""
+        if self.world_size == 1 or self.fsdp:
             return
         import torch.distributed as dist
 
@@ -210,16 +236,26 @@ class Distributed:
 SINGLE = Distributed()
 
 
-def setup() -> Distributed:
+def shard_mode(shard: str = "none", environ=None) -> str:
+    """The sharding a run uses: ``train.shard``, or ``fsdp`` when ``accelerate launch`` was given an FSDP config
+    (``ACCELERATE_USE_FSDP=true``). DeepSpeed (``ACCELERATE_USE_DEEPSPEED=true``) is refused with one line."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError("DeepSpeed is not supported: launch with configs/accelerate/fsdp.yaml instead (FSDP "
+                         "shards the base model and the LoRA; see docs/distributed.md)")
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return shard
+
+
+def setup(shard: str = "none") -> Distributed:
     """The process group this process was launched into: :data:`SINGLE` unless ``WORLD_SIZE`` > 1 (set by
-    ``accelerate launch`` and ``torchrun``), then accelerate's ``PartialState`` (gloo on CPU, nccl on GPUs)."""
+    ``accelerate launch`` and ``torchrun``), then accelerate's ``PartialState`` (gloo on CPU, nccl on GPUs);
+    ``shard`` is ``train.shard`` (see :func:`shard_mode`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SINGLE
-    for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(flag, "false").lower() == "true":
-            raise ValueError(f"{name} sharding is not supported yet (see docs/distributed.md): launch with "
-                             "configs/accelerate/multi_gpu.yaml (data parallel; LoRA gradients are all-reduced)")
+    mode = shard_mode(shard)
     from accelerate import PartialState
 
     cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true") or not torch.cuda.is_available()
-    return Distributed(PartialState(cpu=cpu))
+    return Distributed(PartialState(cpu=cpu), fsdp=mode == "fsdp")

@@ -5,7 +5,8 @@
   copy of the weights).
 - several named adapters on one base: ``set_active_adapter`` / ``using_adapter`` (multi-teacher
   distillation); switching keeps each adapter's ``requires_grad`` as it was (frozen teachers stay frozen).
-- ``save_lora`` writes ``pytorch_lora_weights.safetensors`` + LoraConfig metadata with the pipeline class's
+- ``lora_state_dict`` gives one adapter's whole weights (gathered from the shards of an FSDP-sharded denoiser);
+  ``save_lora`` writes ``pytorch_lora_weights.safetensors`` + LoraConfig metadata with the pipeline class's
   ``save_lora_weights``, so ``pipe.load_lora_weights(dir)`` on a fresh pipeline reproduces the outputs;
   ``load_lora`` loads such a folder as a named adapter.
 - ``set_precision`` (bf16/fp16 base weights, float32 LoRA) and ``set_gradient_checkpointing``.
@@ -173,16 +174,29 @@ def adapter_disabled(adapter: PipelineAdapter) -> Iterator[None]:
         yield
 
 
-def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "default") -> str:
-    """Write one adapter in the diffusers LoRA format (``pipe.load_lora_weights(out_dir)`` reads it back).
-    Returns out_dir."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+def lora_state_dict(adapter: PipelineAdapter, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """One adapter's weights {peft key: float32 tensor}, whole: a sharded (FSDP) denoiser's shards are gathered,
+    a collective that every process must call."""
     from peft import get_peft_model_state_dict
 
+    from .fsdp import full
+
     _require(adapter, adapter_name)
+    state = get_peft_model_state_dict(adapter.denoiser, adapter_name=adapter_name)
+    return {k: full(v.detach()).float().contiguous() for k, v in state.items()}
+
+
+def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "default", write: bool = True,
+              state: Optional[dict] = None) -> str:
+    """Write one adapter in the diffusers LoRA format (``pipe.load_lora_weights(out_dir)`` reads it back).
+    Returns out_dir. ``state``: its ``lora_state_dict`` when already gathered. A sharded (FSDP) denoiser's
+    weights are gathered first, a collective: every process calls this, only the one with ``write`` writes."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    state = lora_state_dict(adapter, adapter_name) if state is None else state
+    if not write:
+        return out_dir
     den = adapter.denoiser
-    state = get_peft_model_state_dict(den, adapter_name=adapter_name)
-    state = {k: v.detach().float().contiguous() for k, v in state.items()}
     if adapter.denoiser_name == "unet":
         state = convert_state_dict_to_diffusers(state)
     prefix = _SAVE_PREFIX[adapter.denoiser_name]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed, lora
+from . import checkpoint, distributed, fsdp, lora
 from .algorithms.advantages import group_advantages, group_ids_from_prompts
 from .algorithms.backprop import BackpropUpdate
 from .algorithms.crd import CRDUpdate
@@ -52,7 +52,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, adapter=None, reward=None):
         self.cfg = cfg
-        self.dist = distributed.setup()  # one process, or this process's place under accelerate launch / torchrun
+        self.dist = distributed.setup(cfg.train.shard)  # one process, or its place under accelerate launch / torchrun
         torch.manual_seed(cfg.train.seed)
         if adapter is None:
             device = cfg.model.device or self.dist.device
@@ -63,9 +63,13 @@ class Trainer:
             lora.set_precision(self.adapter, _DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
                                     dropout=cfg.model.lora_dropout, target_modules=cfg.model.lora_target_modules)
+        ALGORITHMS[cfg.train.algorithm].prepare_model(cfg, self.adapter)  # e.g. OPD's teachers, before sharding
         self.dist.broadcast_(self.params)  # distributed: every process starts from rank 0's LoRA
         if cfg.model.gradient_checkpointing:
             lora.set_gradient_checkpointing(self.adapter, True)
+        if self.dist.fsdp:  # train.shard=fsdp: base and LoRA weights sharded per block (flowalign.fsdp)
+            fsdp.shard_denoiser(self.adapter.denoiser, self.adapter.device, self.dist.world_size)
+            self.params = lora.lora_parameters(self.adapter)  # the sharded parameters that replaced them
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.rewards, self.prompt_sources = self._tasks(reward)
@@ -123,8 +127,10 @@ class Trainer:
 
     def evaluate(self, base: bool = False) -> Optional[dict]:
         """Held-out scores of the adapter-disabled base (``base``) or of the evaluation weights (EMA when on),
-        appended to ``evals.jsonl``; also writes ``eval_grid.png`` (base row vs the latest weights, same seeds)."""
-        if self.heldout is None or not self.dist.is_main:
+        appended to ``evals.jsonl``; also writes ``eval_grid.png`` (base row vs the latest weights, same seeds).
+        Distributed: rank 0 evaluates, except under FSDP, where every process samples the same held-out set (its
+        forwards are collectives) and rank 0 writes the files."""
+        if self.heldout is None or not (self.dist.is_main or self.dist.fsdp):
             return None
         t0 = time.perf_counter()
         with (lora.adapter_disabled(self.adapter) if base else self.evaluation_weights()):
@@ -132,12 +138,14 @@ class Trainer:
         row = {"iteration": self.iteration, "samples": self.samples_seen, "weights": "base" if base else "lora",
                **scores, "time_eval": time.perf_counter() - t0}
         self.evals.append(row)
-        with open(self.evals_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
         cols = _grid_columns(self.heldout.tasks)
         if base:
             self._base_images = images[cols]
-        elif self._base_images is not None:
+        if not self.dist.is_main:
+            return row
+        with open(self.evals_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if not base and self._base_images is not None:
             image_grid([self._base_images, images[cols]], ["base", f"it {self.iteration}"],
                        [self.heldout.prompts[i] for i in cols], os.path.join(self.cfg.train.out_dir, "eval_grid.png"))
         return row
@@ -235,10 +243,10 @@ class Trainer:
 
     def save_lora(self, out_dir: Optional[str] = None) -> str:
         out_dir = out_dir or os.path.join(self.cfg.train.out_dir, "lora")
-        if not self.dist.is_main:  # distributed: every process holds the same weights; rank 0 writes them
+        if not (self.dist.is_main or self.dist.fsdp):  # distributed: every process holds the same weights
             return out_dir
-        with self.evaluation_weights():
-            return lora.save_lora(self.adapter, out_dir)
+        with self.evaluation_weights():  # FSDP: every process gathers the shards, rank 0 writes
+            return lora.save_lora(self.adapter, out_dir, write=self.dist.is_main)
 
 
 def _grid_columns(tasks: list, n: int = 8) -> list[int]:
@@ -271,7 +279,7 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
 
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
-    main = distributed.setup().is_main  # distributed: only rank 0 writes files
+    main = distributed.setup(cfg.train.shard).is_main  # distributed: only rank 0 writes files
     if main and not cfg.train.resume:
         checkpoint.start_fresh(out)  # a fresh run owns its logs (an unfinished run's checkpoint is refused)
     t0 = time.time()

@@ -106,10 +106,10 @@ def test_shards_parts_and_noise_match_the_unsharded_batch():
     assert SINGLE.gather(full) is full and SINGLE.sum([1.0, 2.0]) == [1.0, 2.0]
 
 
-def test_setup_is_single_without_a_launcher_and_refuses_sharding(monkeypatch):
+def test_setup_is_single_without_a_launcher_and_refuses_deepspeed(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert setup() is SINGLE
+    assert setup() is SINGLE and setup("fsdp") is SINGLE and not SINGLE.fsdp  # one process: nothing to shard
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="FSDP sharding is not supported yet"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed is not supported: launch with configs/accelerate/fsdp.yaml"):
         setup()

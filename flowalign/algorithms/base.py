@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .. import fsdp
 from ..distributed import SINGLE, Distributed
 from ..rollout import Trajectory, rollout
 from ..samplers._checks import randn_like
@@ -25,7 +26,8 @@ class Snapshot:
 
     ``update(d)``: ``snap <- d snap + (1 - d) theta`` (d <= 0: exact copy). ``swapped_in()``: inside the block
     the live parameters hold the snapshot's values; they are restored exactly afterwards. Costs two copies of
-    the parameters per swap (cheap for LoRA) and no second model.
+    the parameters per swap (cheap for LoRA) and no second model. With FSDP the parameters are sharded
+    ``DTensor`` s and so are the copies: every swap and update acts on this process's shard only (no communication).
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter]):
@@ -38,7 +40,7 @@ class Snapshot:
         ema_update_(self.tensors, self.params, decay)
 
     def state_dict(self) -> dict:
-        """{"tensors": [copies of the snapshot tensors]} (for checkpoints)."""
+        """{"tensors": [copies of the snapshot tensors]} (for checkpoints; sharded ones are gathered there)."""
         return {"tensors": [t.detach().clone() for t in self.tensors]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -59,14 +61,15 @@ class Snapshot:
 
 def load_tensors_(targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor], what: str) -> None:
     """Copy ``values`` into ``targets`` in place (device and dtype of the targets); a count or shape mismatch
-    raises ValueError naming ``what`` (e.g. a checkpoint written with another LoRA rank)."""
+    raises ValueError naming ``what`` (e.g. a checkpoint written with another LoRA rank). A sharded target (FSDP)
+    takes its own shard of the full saved tensor."""
     if len(targets) != len(values):
         raise ValueError(f"{what}: {len(values)} saved tensors for {len(targets)} parameters")
     with torch.no_grad():
         for i, (t, v) in enumerate(zip(targets, values)):
             if tuple(t.shape) != tuple(v.shape):
                 raise ValueError(f"{what}: saved tensor {i} has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
-            t.copy_(v)
+            t.copy_(fsdp.local_like(v, t))
 
 
 def configured_rollout(adapter, prompts: Sequence[str], cfg, generator: torch.Generator,
@@ -116,7 +119,9 @@ class UpdateRule:
 
     Distributed (``dist``, set by the trainer; see flowalign.distributed): ``rollout`` gets this process's shard
     of the prompts, ``update`` its trajectory with the GLOBAL adv / valid / rewards / tasks; rules index the
-    trajectory with ``dist.part(rows, traj.batch_size).local`` and weight their loss by its ``share``.
+    trajectory with ``dist.part(rows, traj.batch_size).local`` and weight their loss by its ``share``. Under
+    FSDP (``dist.fsdp``) a process holding none of the rows gets a placeholder part (one row, share 0): rules run
+    its forwards and backward like any other (they are collectives) and leave it out of their metrics.
     """
 
     name = "base"
@@ -128,6 +133,11 @@ class UpdateRule:
         self.optimizer_steps = 0
         self.nan_steps = 0
         self.nan_streak = 0
+
+    @classmethod
+    def prepare_model(cls, cfg, adapter) -> None:
+        """Put what the rule needs onto the model (e.g. OPD's teacher adapters) before the trainer shards it:
+        FSDP shards only the parameters present then. The default adds nothing."""
 
     def rollout(self, prompts: Sequence[str]) -> Trajectory:
         return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)))
@@ -152,7 +162,8 @@ class UpdateRule:
         nan_steps / nan_streak (the trainer stops after train.max_nan_steps in a row). The norm is of the summed
         gradient, so every process skips together."""
         self.dist.all_reduce_grads(self.params)  # distributed: every process now holds the global gradient
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
+        # FSDP: the gradients are shards; clip_grad_norm_ takes the norm over all of them (a DTensor: gathered)
+        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)))
         if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nan_steps += 1

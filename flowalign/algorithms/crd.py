@@ -374,8 +374,12 @@ class CRDUpdate(UpdateRule):
                     out = crd_loss(l, reward[part.rows], gids[part.rows], beta=c.beta, adv_max=c.adv_max,
                                    centering=c.centering, form=c.form, center_weighting=c.center_weighting, tau=c.tau, kl_distance=dist,
                                    beta_kl=c.beta_kl, kl_floor=c.kl_floor, mask=mask)
-                    # micro-batch means weighted by their valid samples: the loss of the whole chunk, averaged over draws
-                    (out.loss * float(mask.sum()) / max(n_valid, 1.0) / len(draws)).backward()
+                    # micro-batch means weighted by their valid samples: the loss of the whole chunk, averaged over
+                    # draws (weight 0 for an FSDP placeholder row, which only keeps the collectives in step)
+                    weight = 0.0 if part.placeholder else float(mask.sum()) / max(n_valid, 1.0)
+                    (out.loss * weight / len(draws)).backward()
+                    if part.placeholder:
+                        continue
                     if stats["first"] is None:
                         stats["first"] = l.detach()[mask].abs().mean().item()
                     stats["loss"].append(out.loss.item())

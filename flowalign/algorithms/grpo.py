@@ -145,6 +145,8 @@ class GRPOUpdate(UpdateRule):
                                          mean_old=None if traj.means is None else traj.means[part.local, k],
                                          divergence=g.kl_divergence)
                     (out.loss * part.share / len(steps)).backward()
+                    if part.placeholder:  # FSDP: a zero-weight row that only keeps the collectives in step
+                        continue
                     if stats["logp_diff"] is None:  # on-policy check: before any update of this batch
                         diff = new.log_prob().detach() - traj.log_probs[part.local, k]
                         stats["logp_diff"] = diff.abs().mean().item()

@@ -246,6 +246,8 @@ class NFTUpdate(UpdateRule):
                     out = nft_loss(v, v_old, fp.target, r[part.rows], beta=c.beta, v_ref=v_ref, kl_coef=c.kl_coef,
                                    reduction=c.reduction)
                     (out.loss * part.share / len(draws)).backward()
+                    if part.placeholder:  # FSDP: a zero-weight row that only keeps the collectives in step
+                        continue
                     if stats["first"] is None:
                         stats["first"] = (out.positive - out.negative).abs().mean().item()
                     stats["loss"].append(out.loss.item())

@@ -224,15 +224,19 @@ def load_teachers(adapter: PipelineAdapter, specs: Mapping[str, Mapping]) -> dic
     """Load each task's teacher LoRA folder as a frozen adapter ``teacher_<task>`` on the student's base.
 
     specs: task -> {lora: folder (``lora.save_lora`` / diffusers format), guidance_scale: the teacher's CFG}.
-    The student's adapter stays active and trainable."""
+    The student's adapter stays active and trainable. A ``teacher_<task>`` adapter already on the model (loaded
+    before FSDP sharding, ``OPDUpdate.prepare_model``) is used as it is."""
     teachers = {}
     for task, spec in specs.items():
+        name = f"teacher_{task}"
+        if name in lora.adapter_names(adapter):
+            teachers[task] = Teacher(name, float(spec.get("guidance_scale", 1.0)))
+            continue
         path = spec["lora"]
         if not os.path.exists(path):
             raise FileNotFoundError(f"teacher LoRA for task {task!r} not found at {path!r}: train it first (e.g. "
                                     "flowalign train with that task's reward) or set opd.teachers."
                                     f"{task}.lora=FOLDER")
-        name = f"teacher_{task}"
         lora.load_lora(adapter, path, adapter_name=name, trainable=False)
         teachers[task] = Teacher(name, float(spec.get("guidance_scale", 1.0)))
     return teachers
@@ -270,6 +274,11 @@ class OPDUpdate(UpdateRule):
         super().__init__(cfg, adapter, params, optimizer, generator)
         self.teachers = load_teachers(adapter, cfg.opd.teachers)
 
+    @classmethod
+    def prepare_model(cls, cfg, adapter) -> None:
+        """The teacher adapters go onto the model before it is sharded (FSDP shards them with the base)."""
+        load_teachers(adapter, cfg.opd.teachers)
+
     @property
     def tasks(self) -> list[str]:
         return list(self.teachers)
@@ -295,7 +304,9 @@ class OPDUpdate(UpdateRule):
                     student = rescore(self.adapter, traj, k, index=part.local)
                     loss = opd_step_loss(student, teacher_rescore(self.adapter, traj, k, part.local, teacher),
                                          c.scaling, c.reduction, c.divergence, c.alpha)
-                    (loss.sum() / n).backward()
+                    (loss.sum() * (0.0 if part.placeholder else 1.0) / n).backward()
+                    if part.placeholder:  # FSDP: a zero-weight row that only keeps the collectives in step
+                        continue
                     per_task[task] += loss.detach().sum().item()
                     step_total += loss.detach().sum().item()
             per_step.append(step_total / n)
