@@ -229,7 +229,9 @@ def load_lora(adapter: PipelineAdapter, path: str, adapter_name: str = "default"
 
 def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16) -> None:
     """Mixed precision: denoiser base weights in ``dtype`` (bf16/fp16), LoRA parameters float32.
-    Sampler math stays float32 (the samplers cast their inputs)."""
+    Sampler math stays float32 (the samplers cast their inputs). The text encoders and VAE keep their dtype, so
+    the pipeline's own ``__call__`` (held-out evaluation, sampling) feeds the denoiser float32 latents and
+    embeddings: a forward pre-hook casts them to ``dtype`` (timesteps stay as given)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     den = adapter.denoiser
@@ -237,6 +239,46 @@ def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16)
     for n, p in den.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
+    for handle in getattr(den, "_flowalign_cast_hooks", ()):
+        handle.remove()
+    den._flowalign_cast_hooks = () if dtype == torch.float32 else (
+        den.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True),
+        den.register_forward_hook(_cast_outputs_back))
+
+
+def _cast(v, dtype: torch.dtype, name: str = ""):
+    """Floating tensors in ``v`` (a tensor, or one level into a dict / tuple / model output) cast to ``dtype``;
+    arguments named ``*timestep*`` untouched."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() and v.dtype != dtype and "timestep" not in name else v
+    if isinstance(v, dict):  # also diffusers' BaseOutput (an OrderedDict)
+        for k in list(v.keys()):
+            v[k] = _cast(v[k], dtype, k) if not isinstance(v[k], dict) else v[k]
+        return v
+    if isinstance(v, tuple):
+        return tuple(_cast(x, dtype) if not isinstance(x, (dict, tuple)) else x for x in v)
+    return v
+
+
+def _cast_inputs(dtype: torch.dtype):
+    """Forward pre-hook: the denoiser's floating inputs cast to ``dtype`` (SDXL's ``added_cond_kwargs`` dict
+    too); remembers the caller's dtype so :func:`_cast_outputs_back` returns the prediction in it."""
+
+    def hook(module, args, kwargs):
+        named = [*(("", a) for a in args), *kwargs.items()]
+        given = [v for k, v in named if isinstance(v, torch.Tensor) and v.is_floating_point() and "timestep" not in k]
+        module._flowalign_caller_dtype = given[0].dtype if given and given[0].dtype != dtype else None
+        return (tuple(_cast(a, dtype) for a in args),
+                {k: _cast(dict(v), dtype) if isinstance(v, dict) else _cast(v, dtype, k) for k, v in kwargs.items()})
+
+    return hook
+
+
+def _cast_outputs_back(module, args, output):
+    """Forward hook: a prediction made for a caller that passed another dtype (the pipeline's float32 latents)
+    goes back in that dtype, so the scheduler keeps float32 latents for the VAE."""
+    caller = getattr(module, "_flowalign_caller_dtype", None)
+    return _cast(output, caller) if caller is not None else output
 
 
 def set_gradient_checkpointing(adapter: PipelineAdapter, enabled: bool = True) -> None:

@@ -105,3 +105,27 @@ def test_adapter_disabled_keeps_a_frozen_active_adapter_frozen():
         pass
     assert not any(p.requires_grad for p in teacher)
     assert lora.active_adapter(adapter) == "teacher"
+
+
+def test_pipeline_call_runs_on_a_reduced_precision_denoiser():
+    # set_precision leaves text encoders and VAE in float32: the pipeline's own __call__ (held-out evaluation)
+    # must still run, with the denoiser's inputs cast to its dtype
+    from flowalign.evaluate import sample_images
+    from flowalign.models import adapter_for
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    adapter = adapter_for(tiny_sd3_pipeline(image_size=16))
+    params = lora.add_lora(adapter, rank=2)
+    seen = []
+    adapter.denoiser.register_forward_hook(lambda m, a, k, out: seen.append(k["hidden_states"].dtype),
+                                           with_kwargs=True)
+    lora.set_precision(adapter, torch.bfloat16)
+    lora.set_precision(adapter, torch.bfloat16)  # twice: one cast hook, not two
+    images = sample_images(adapter.pipe, ["a red circle", "a square"], steps=2, guidance_scale=2.0)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    assert seen and set(seen) == {torch.bfloat16} and all(p.dtype == torch.float32 for p in params)
+    assert adapter.pipe.text_encoder.dtype == torch.float32  # only the denoiser changed precision
+    lora.set_precision(adapter, torch.float32)  # back to full precision: the hook goes
+    seen.clear()
+    sample_images(adapter.pipe, ["a circle"], steps=1, guidance_scale=1.0)
+    assert seen == [torch.float32]
