@@ -187,21 +187,39 @@ def load_trainer_state(trainer, state: dict) -> None:
 def save_checkpoint(trainer) -> str:
     """Write ``out_dir/ckpt-<iteration>/`` atomically, then delete all but the newest ``train.keep_checkpoints``.
     Returns its path (unchanged when that iteration is already saved). OSError (disk full, ...) ->
-    CheckpointError; the earlier checkpoints stay as they were."""
-    from . import lora
-
+    CheckpointError; the earlier checkpoints stay as they were. Several processes: rank 0 writes and tells the
+    others how it went, so a failed write stops every process with the same message (none waits in a collective)."""
     t = trainer.cfg.train
     final = os.path.join(t.out_dir, f"ckpt-{trainer.iteration}")
     dist = getattr(trainer, "dist", None)
     main, sharded = getattr(dist, "is_main", True), getattr(dist, "fsdp", False)
-    exists = dist.broadcast_object(os.path.isdir(final)) if sharded else os.path.isdir(final)  # rank 0 decides
-    if exists or not (main or sharded):
-        return final  # data parallel: rank 0 writes (every rank holds the same weights and optimizer state)
-    state = trainer_state(trainer)  # FSDP: every process gathers the shards, then only rank 0 writes
+    several = getattr(dist, "world_size", 1) > 1
+    exists = dist.broadcast_object(os.path.isdir(final)) if several else os.path.isdir(final)  # rank 0 decides
+    if exists:
+        return final
+    error = None
+    if main or sharded:  # data parallel: rank 0 writes (every rank holds the same weights and optimizer state)
+        error = _write_checkpoint(trainer, final, main)  # FSDP: every process gathers the shards, rank 0 writes
+    if several:
+        error = dist.broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
+    if main:
+        prune(t.out_dir, t.keep_checkpoints)
+    return final
+
+
+def _write_checkpoint(trainer, final: str, main: bool) -> Optional[str]:
+    """Gather the state (a collective under FSDP) and, on rank 0, write it to ``final`` through ``final.tmp``.
+    Returns None, or the one-line error message when the write failed (the temp folder removed)."""
+    from . import lora
+
+    t = trainer.cfg.train
+    state = trainer_state(trainer)
     with trainer.evaluation_weights():
         lora_weights = lora.lora_state_dict(trainer.adapter)
     if not main:
-        return final
+        return None
     tmp = final + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,12 +234,11 @@ def save_checkpoint(trainer) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(t.out_dir)
         why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise CheckpointError(f"could not write checkpoint {final}: {why}; "
-                              f"{f'the previous checkpoint {prev} is intact' if prev else 'no earlier checkpoint'}"
-                              f"; free space in {t.out_dir} (or lower train.keep_checkpoints) and continue with "
-                              "`flowalign train CONFIG --resume`") from None
-    prune(t.out_dir, t.keep_checkpoints)
-    return final
+        return (f"could not write checkpoint {final}: {why}; "
+                f"{f'the previous checkpoint {prev} is intact' if prev else 'no earlier checkpoint'}"
+                f"; free space in {t.out_dir} (or lower train.keep_checkpoints) and continue with "
+                "`flowalign train CONFIG --resume`")
+    return None
 
 
 def prune(out_dir: str, keep: int) -> None:

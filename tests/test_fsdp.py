@@ -187,3 +187,33 @@ def test_shard_mode_and_config():
         shard_mode("none", {"ACCELERATE_USE_DEEPSPEED": "true"})
     with pytest.raises(ValueError, match="train.shard='zero3' is not valid; choose one of none, fsdp"):
         TrainConfig(shard="zero3")
+
+
+def _disk_full_worker(rank: int, out_dir: str, pipe_dir: str, mode: str) -> None:
+    """Rank 0's checkpoint write hits a full disk at iteration 2: EVERY process must leave with rank 0's one-line
+    message (before the fix, rank 1 went on into the next iteration's collectives and waited there forever)."""
+    import errno
+
+    from flowalign import checkpoint
+    from flowalign.cli import main
+
+    def full_disk(path, tensors):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    checkpoint.write_tensors = full_disk
+    args = ["train", os.path.join(ROOT, "configs", "toy_nft.yaml"), f"model.path={pipe_dir}",
+            f"train.out_dir={out_dir}", *SMALL, "train.iterations=4", f"train.shard={mode}"]
+    code = main(args)
+    with open(os.path.join(out_dir, f"exit{rank}.json"), "w") as f:
+        json.dump({"code": code}, f)
+
+
+@pytest.mark.parametrize("mode", ["none", "fsdp"])
+def test_a_failed_checkpoint_write_stops_every_process(tmp_path, tiny_pipe_dir, mode, capfd):
+    _launch(_disk_full_worker, str(tmp_path), tiny_pipe_dir, mode)
+    codes = [json.loads((tmp_path / f"exit{r}.json").read_text())["code"] for r in range(2)]
+    assert codes == [2, 2]  # both processes stopped with the one-line error, neither hung
+    err = capfd.readouterr().err
+    assert err.count("could not write checkpoint") == 2 and "the disk is full" in err
+    assert not (tmp_path / "ckpt-2").exists() and not (tmp_path / "ckpt-2.tmp").exists()
+    assert [r["iteration"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
