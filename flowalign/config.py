@@ -38,6 +38,12 @@ def _fraction(section: str, name: str, value: float) -> None:
         raise ValueError(f"{section}.{name} must be in (0, 1], got {value}")
 
 
+def _decay(section: str, name: str, value: float) -> None:
+    """An EMA decay d in ``snap <- d snap + (1 - d) theta``: [0, 1) (1 would never move)."""
+    if not 0 <= value < 1:
+        raise ValueError(f"{section}.{name} must be in [0, 1), got {value}")
+
+
 def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
     if not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -174,8 +180,7 @@ class TrainConfig:
             _positive("train", name, getattr(self, name))
         if self.group_size < 2:
             raise ValueError("train.group_size must be >= 2: advantages are relative within a prompt's group")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _decay("train", "ema_decay", self.ema_decay)
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,7 @@ class NFTConfig:
         _choice("nft", "reduction", self.reduction, ("mean", "sum"))
         _positive("nft", "old_decay_flat", self.old_decay_flat, allow_zero=True)
         _positive("nft", "old_decay_rate", self.old_decay_rate, allow_zero=True)
-        if not 0 <= self.old_decay_max < 1:
-            raise ValueError(f"nft.old_decay_max must be in [0, 1), got {self.old_decay_max}")
+        _decay("nft", "old_decay_max", self.old_decay_max)
         _positive("nft", "inner_epochs", self.inner_epochs)
 
 
@@ -249,9 +253,8 @@ class CRDConfig:
         _positive("crd", "steps_per_iter", self.steps_per_iter)
         _positive("crd", "sampler_hard_copy_steps", self.sampler_hard_copy_steps, allow_zero=True)
         _positive("crd", "eps", self.eps)
-        for key in ("old_decay_max", "sampler_decay_max"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"crd.{key} must be in [0, 1), got {getattr(self, key)}")
+        _decay("crd", "old_decay_max", self.old_decay_max)
+        _decay("crd", "sampler_decay_max", self.sampler_decay_max)
 
 
 TEACHER_KEYS = ("lora", "guidance_scale", "prompts", "reward")
