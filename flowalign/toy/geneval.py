@@ -41,6 +41,11 @@ def _name(o: ObjectSpec) -> str:
     return f"{o.color} {o.shape}" if o.color else o.shape
 
 
+def extra_objects(spec: SceneSpec, dets: Sequence[Detected]) -> int:
+    """How many more objects were detected than ``spec`` asks for (0 when not more)."""
+    return max(0, len(dets) - sum(o.count for o in spec.objects))
+
+
 def checks(spec: SceneSpec, dets: Sequence[Detected], no_extra: bool = False) -> dict[str, bool]:
     """Named checks of ``spec`` (see the module docstring) evaluated on ``dets``."""
     if spec.task == TEXT_TASK:
@@ -60,9 +65,8 @@ def checks(spec: SceneSpec, dets: Sequence[Detected], no_extra: bool = False) ->
         out[f"{_name(a)} {spec.relation} {_name(b)}"] = bool(found[0] and found[1]) and all(
             spec.relation in relations_of(da.bbox, db.bbox) for da in found[0] for db in found[1])
     if no_extra:
-        asked = sum(o.count for o in spec.objects)
-        out["no extra objects" if len(dets) <= asked else f"no extra objects ({len(dets)} > {asked})"] = (
-            len(dets) <= asked)
+        extra = extra_objects(spec, dets)
+        out[f"no extra objects ({len(dets)} > {len(dets) - extra})" if extra else "no extra objects"] = not extra
     return out
 
 
@@ -72,9 +76,8 @@ def score(prompt: str | SceneSpec, detections: Sequence[Detected], no_extra: boo
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     c = checks(spec, detections, no_extra)
     met = sum(c.values())
-    extra = len(detections) > sum(o.count for o in spec.objects)
     return {"task": spec.task, "fraction": met / len(c), "strict": float(met == len(c)), "checks": c,
-            "extra_objects": float(extra)}
+            "extra_objects": float(extra_objects(spec, detections) > 0)}
 
 
 def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = False, **detect_kwargs
