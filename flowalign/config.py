@@ -53,7 +53,8 @@ def _positive(section: str, name: str, value: float, allow_zero: bool = False) -
 class ModelConfig:
     path: str = _help("diffusers pipeline: hub id or local folder (default: the shipped toy pipeline)", DEFAULT_MODEL)
     family: Optional[str] = _help("sd3 | flux | sd | sdxl | wan; None = detect from the pipeline class", None)
-    dtype: str = _help("denoiser weights: float32 | bfloat16 | float16 (sampler math stays float32)", "float32")
+    dtype: str = _help("weights: float32 | bfloat16 (the whole pipeline) | float16 (the denoiser only); LoRA "
+                       "weights, rollout latents and sampler math stay float32", "float32")
     lora_rank: int = _help("LoRA rank r", 16)
     lora_alpha: Optional[float] = _help("LoRA alpha (None = 2 r)", None)
     lora_dropout: float = _help("LoRA dropout", 0.0)

@@ -9,7 +9,9 @@
   ``save_lora`` writes ``pytorch_lora_weights.safetensors`` + LoraConfig metadata with the pipeline class's
   ``save_lora_weights``, so ``pipe.load_lora_weights(dir)`` on a fresh pipeline reproduces the outputs;
   ``load_lora`` loads such a folder as a named adapter.
-- ``set_precision`` (bf16/fp16 base weights, float32 LoRA) and ``set_gradient_checkpointing``.
+- ``set_precision`` (bf16/fp16 base weights, float32 LoRA; bf16: the whole pipeline), ``load_dtypes`` (the
+  same policy as ``from_pretrained(torch_dtype=...)``, so big weights never exist in float32) and
+  ``set_gradient_checkpointing``.
 LoRA output: ``W x + (alpha / rank) B A x``.
 """
 
@@ -227,15 +229,40 @@ def load_lora(adapter: PipelineAdapter, path: str, adapter_name: str = "default"
     return params
 
 
+_DENOISERS = ("transformer", "transformer_2", "unet")  # pipeline components that are denoisers
+
+
+def load_dtypes(dtype: torch.dtype):
+    """``torch_dtype`` for ``<Pipeline>.from_pretrained`` under :func:`set_precision`'s policy, so the big
+    weights load straight in ``dtype`` (FLUX.1-dev in float32: 48 GB transformer, 19 GB T5-XXL): float32 ->
+    None (all float32); bfloat16 -> bfloat16 (every component); float16 -> the denoiser fp16, the rest float32
+    (T5 overflows in fp16; SDXL's VAE too). Names a pipeline lacks are ignored."""
+    if dtype == torch.float32:
+        return None
+    if dtype == torch.bfloat16:
+        return torch.bfloat16
+    return {"default": torch.float32, **{n: dtype for n in _DENOISERS}}
+
+
 def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Mixed precision: denoiser base weights in ``dtype`` (bf16/fp16), LoRA parameters float32.
-    Sampler math stays float32 (the samplers cast their inputs). The text encoders and VAE keep their dtype, so
-    the pipeline's own ``__call__`` (held-out evaluation, sampling) feeds the denoiser float32 latents and
-    embeddings: a forward pre-hook casts them to ``dtype`` (timesteps stay as given)."""
+    """Mixed precision: denoiser base weights in ``dtype`` (bf16/fp16), LoRA parameters float32; the text
+    encoders and VAE in bf16 with bfloat16 (as ``from_pretrained(torch_dtype=torch.bfloat16)``), else float32:
+    the layout :func:`load_dtypes` loads. flowalign's rollouts
+    keep float32 latents and sampler math (the samplers cast their inputs; ``decode`` casts to the VAE's dtype).
+
+    The pipeline's own ``__call__`` (held-out evaluation, sampling) may feed the denoiser latents of another
+    dtype (float32 with fp16): a forward pre-hook casts the inputs to ``dtype`` (timesteps stay as given) and a
+    forward hook returns the prediction in the caller's dtype, so the scheduler and the VAE get theirs. With
+    bf16 the pipeline runs bf16 latents, as any bf16 diffusers pipeline.
+    """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    rest = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # the layout load_dtypes(dtype) loads
+    for name, component in adapter.pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in _DENOISERS:
+            _to(component, rest)
     den = adapter.denoiser
-    den.to(dtype)
+    _to(den, dtype)
     for n, p in den.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
@@ -244,6 +271,12 @@ def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16)
     den._flowalign_cast_hooks = () if dtype == torch.float32 else (
         den.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True),
         den.register_forward_hook(_cast_outputs_back))
+
+
+def _to(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` unless every floating weight already has it (diffusers warns on each ``to``)."""
+    if any(p.is_floating_point() and p.dtype != dtype for p in [*module.parameters(), *module.buffers()]):
+        module.to(dtype)
 
 
 def _cast(v, dtype: torch.dtype, name: str = ""):

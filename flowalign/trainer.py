@@ -57,6 +57,7 @@ class Trainer:
         if adapter is None:
             device = cfg.model.device or self.dist.device
             adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device,
+                                   torch_dtype=lora.load_dtypes(_DTYPES[cfg.model.dtype]),
                                    trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = adapter
         if cfg.model.dtype != "float32":

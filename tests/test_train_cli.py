@@ -139,3 +139,27 @@ def test_toy_opd_runs_with_teacher_folders(tmp_path, tiny_model, capsys):
     assert rc == 0, capsys.readouterr().err
     row = _check_outputs(out)
     assert row["samples"] == 4 and row["loss"] >= 0 and {"loss_spatial", "loss_attributes"} <= set(row)
+
+
+def test_bfloat16_run_loads_the_pipeline_in_bf16(tmp_path, tiny_model, monkeypatch, capsys):
+    # model.dtype=bfloat16 loads the pipeline in bf16 (no float32 copy of FLUX's 12B transformer or T5-XXL)
+    # and still runs end to end, held-out evaluation included
+    import flowalign.trainer as trainer_mod
+
+    loaded = []
+
+    def spy(*args, **kwargs):
+        adapter = real(*args, **kwargs)
+        pipe = adapter.pipe
+        loaded.append((kwargs.get("torch_dtype"), pipe.transformer.dtype, pipe.text_encoder_3.dtype, pipe.vae.dtype))
+        return adapter
+
+    real = trainer_mod.load_adapter
+    monkeypatch.setattr(trainer_mod, "load_adapter", spy)
+    out = tmp_path / "run"
+    rc = main(["train", os.path.join(ROOT, "configs", "toy_crd.yaml"), f"model.path={tiny_model}",
+               f"train.out_dir={out}", "model.dtype=bfloat16", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    assert loaded == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16)]
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert len(evals) == 2 and all(0 <= e["toy_geneval"] <= 1 for e in evals)

@@ -346,6 +346,15 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` where diffusers has deprecated ``torch_dtype`` for it."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return "torch_dtype"
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(id_or_path: str, family: Optional[str] = None, torch_dtype=None, trust_remote_code: bool = False,
                   **kwargs):
     """``<PipelineClass>.from_pretrained(id_or_path)`` for a local folder or a Hub id.
@@ -373,7 +382,9 @@ def load_pipeline(id_or_path: str, family: Optional[str] = None, torch_dtype=Non
     cls = getattr(diffusers, PIPELINE_BY_FAMILY[family]) if family else diffusers.DiffusionPipeline
     offline = _offline()
     try:
-        pipe = cls.from_pretrained(id_or_path, torch_dtype=torch_dtype, local_files_only=offline, use_safetensors=True,
+        if torch_dtype is not None:
+            kwargs[_dtype_kwarg()] = torch_dtype
+        pipe = cls.from_pretrained(id_or_path, local_files_only=offline, use_safetensors=True,
                                    trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         if os.path.isdir(id_or_path):

@@ -107,9 +107,11 @@ def test_adapter_disabled_keeps_a_frozen_active_adapter_frozen():
     assert lora.active_adapter(adapter) == "teacher"
 
 
-def test_pipeline_call_runs_on_a_reduced_precision_denoiser():
-    # set_precision leaves text encoders and VAE in float32: the pipeline's own __call__ (held-out evaluation)
-    # must still run, with the denoiser's inputs cast to its dtype
+@pytest.mark.parametrize("dtype,rest", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_pipeline_call_runs_on_a_reduced_precision_denoiser(dtype, rest):
+    # bf16: the whole pipeline bf16 except the LoRA; fp16: the denoiser only, so the pipeline's own __call__
+    # (held-out evaluation) feeds it float32 latents, cast by the hooks. Both must run, and float32 after
+    # set_precision(float32) too (the cast hooks go).
     from flowalign.evaluate import sample_images
     from flowalign.models import adapter_for
     from flowalign.models.tiny import tiny_sd3_pipeline
@@ -119,13 +121,31 @@ def test_pipeline_call_runs_on_a_reduced_precision_denoiser():
     seen = []
     adapter.denoiser.register_forward_hook(lambda m, a, k, out: seen.append(k["hidden_states"].dtype),
                                            with_kwargs=True)
-    lora.set_precision(adapter, torch.bfloat16)
-    lora.set_precision(adapter, torch.bfloat16)  # twice: one cast hook, not two
+    lora.set_precision(adapter, dtype)
+    lora.set_precision(adapter, dtype)  # twice: one cast hook, not two
     images = sample_images(adapter.pipe, ["a red circle", "a square"], steps=2, guidance_scale=2.0)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
-    assert seen and set(seen) == {torch.bfloat16} and all(p.dtype == torch.float32 for p in params)
-    assert adapter.pipe.text_encoder.dtype == torch.float32  # only the denoiser changed precision
-    lora.set_precision(adapter, torch.float32)  # back to full precision: the hook goes
+    assert seen and set(seen) == {dtype} and all(p.dtype == torch.float32 for p in params)
+    pipe = adapter.pipe
+    assert {pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.text_encoder_3.dtype, pipe.vae.dtype} == {rest}
+    assert len(adapter.denoiser._forward_pre_hooks) == 1
+    lora.set_precision(adapter, torch.float32)  # back to full precision: the hooks go, every weight float32
+    assert {p.dtype for p in pipe.vae.parameters()} | {p.dtype for p in pipe.text_encoder_3.parameters()} == {
+        torch.float32}
     seen.clear()
     sample_images(adapter.pipe, ["a circle"], steps=1, guidance_scale=1.0)
     assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize("dtype,rest", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_load_dtypes_load_the_big_weights_in_reduced_precision(tmp_path, dtype, rest):
+    # from_pretrained(torch_dtype=load_dtypes(dtype)): the denoiser (with bf16 every component) never exists
+    # in float32; fp16 leaves text encoders and VAE float32 (T5 and SDXL's VAE overflow in fp16)
+    from flowalign.models import load_pipeline
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    assert lora.load_dtypes(torch.float32) is None
+    tiny_sd3_pipeline(image_size=16).save_pretrained(str(tmp_path))
+    pipe = load_pipeline(str(tmp_path), torch_dtype=lora.load_dtypes(dtype))
+    assert pipe.transformer.dtype == dtype
+    assert {pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.text_encoder_3.dtype, pipe.vae.dtype} == {rest}
