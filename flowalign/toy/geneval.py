@@ -101,3 +101,31 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
                     "extra_objects": sum(r["extra_objects"] for r in rs) / len(rs), "n": len(rs)}
                 for t, rs in sorted(groups.items())}
     return frac, strict, per_task
+
+
+def check_kind(name: str) -> str:
+    """The kind of a check named by :func:`checks`: "shape" (present(circle)), "colour+shape" (present(red
+    circle)), "count", "relation" or "no extra"."""
+    if name.startswith("present("):
+        return "colour+shape" if " " in name[len("present("):-1] else "shape"
+    if name.startswith("count("):
+        return "count"
+    if name.startswith("no extra objects"):
+        return "no extra"
+    return "relation"
+
+
+def check_rates(prompts: Sequence[str | SceneSpec], detections: Sequence[Sequence[Detected]]
+                ) -> dict[str, dict[str, tuple[int, int]]]:
+    """Where scores are lost: {task: {check kind: (checks met, checks made)}} over a batch, one entry per
+    (image, check) pair (a two-object prompt makes two "colour+shape" checks)."""
+    if len(prompts) != len(detections):
+        raise ValueError(f"got {len(detections)} detection lists but {len(prompts)} prompts")
+    out: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for prompt, dets in zip(prompts, detections):
+        r = score(prompt, dets)
+        for name, ok in r["checks"].items():
+            tally = out[r["task"]][check_kind(name)]
+            tally[0] += int(ok)
+            tally[1] += 1
+    return {t: {k: tuple(v) for k, v in sorted(kinds.items())} for t, kinds in sorted(out.items())}

@@ -102,3 +102,22 @@ def test_toy_geneval_reward_no_extra_option():
     assert ToyGenEvalReward().score(x, ["a green square"]).item() == 1.0  # lenient: a square is present
     # colors task: present(square), present(green square) met, "no extra objects" failed
     assert ToyGenEvalReward(no_extra=True).score(x, ["a green square"]).item() == pytest.approx(2 / 3)
+
+
+def test_check_rates_split_scores_by_check_kind():
+    from flowalign.toy import check_kind, check_rates
+
+    assert [check_kind(n) for n in ("present(circle)", "present(red circle)", "count(blue square)==3",
+                                    "red circle left of blue square", "no extra objects (3 > 2)")] == [
+        "shape", "colour+shape", "count", "relation", "no extra"]
+    left, right = det("circle", "red", 5, 30), det("square", "blue", 40, 30)
+    prompts = ["a red circle to the left of a blue square", "a red circle to the right of a blue square",
+               "a red circle and a blue square", "three blue squares"]
+    dets = [[left, right], [left, right], [det("circle", "blue", 5, 5), det("square", "red", 40, 40)],
+            [det("square", "blue", 5 + 18 * i, 20) for i in range(2)]]
+    rates = check_rates(prompts, dets)
+    assert rates == {"position": {"colour+shape": (4, 4), "relation": (1, 2)},
+                     "color_attr": {"colour+shape": (0, 2), "shape": (2, 2)},
+                     "counting": {"colour+shape": (1, 1), "count": (0, 1)}}
+    with pytest.raises(ValueError, match="detection lists"):
+        check_rates(prompts, dets[:1])
