@@ -1,7 +1,8 @@
 """FSDP sharding (train.shard=fsdp, flowalign.fsdp) and multi-process checkpoints, on 2 CPU processes (gloo):
 with the denoiser's base and LoRA weights sharded, GRPO, NFT, CRD and OPD take the same optimizer steps as one
-process on the same global batch; a checkpoint written by a 2-process run (data parallel or FSDP) continues with
---resume to the same final weights as an uninterrupted 2-process run."""
+process on the same global batch; FLUX, Wan, SD and SDXL shard their own block lists and get one process's
+gradients (GRPO); a checkpoint written by a 2-process run (data parallel or FSDP) continues with --resume to the
+same final weights as an uninterrupted 2-process run."""
 
 import copy
 import json
@@ -14,7 +15,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from flowalign import fsdp, lora
-from flowalign.config import Config, CRDConfig, GRPOConfig, NFTConfig, OPDConfig, SamplingConfig, TrainConfig
+from flowalign.config import (Config, CRDConfig, GRPOConfig, ModelConfig, NFTConfig, OPDConfig, SamplingConfig,
+                              TrainConfig)
 from flowalign.distributed import shard_mode
 from flowalign.models import adapter_for
 from flowalign.models.tiny import tiny_sd3_pipeline
@@ -129,6 +131,73 @@ def test_fsdp_two_processes_take_the_same_steps_as_one(tmp_path):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=algorithm)
         assert any(p.abs().max() > 0 for p in one["params"][1::2]), algorithm  # the LoRA moved (B starts at zero)
     assert (tmp_path / "grpo_0" / "metrics.jsonl").exists() and not (tmp_path / "grpo_1" / "metrics.jsonl").exists()
+
+
+# ---- every family's block list: FLUX (double and single blocks), Wan, the SD / SDXL UNets ----
+FAMILY_SAMPLING = {  # at the tiny pipelines' sizes (FLUX's default 1024 px would shift every sigma to 1)
+    "flux": SamplingConfig(num_steps=2, guidance_scale=2.0, sampler="flow_sde", noise_level=0.7, resolution=16),
+    "wan": SamplingConfig(num_steps=2, guidance_scale=2.0, sampler="flow_sde", noise_level=0.7, resolution=16,
+                          num_frames=1),
+    "sd": SamplingConfig(num_steps=2, guidance_scale=2.0, sampler="ddim", noise_level=1.0, resolution=32),
+    "sdxl": SamplingConfig(num_steps=2, guidance_scale=2.0, sampler="ddim", noise_level=1.0, resolution=32)}
+
+
+BLOCKS = {"flux": 2, "wan": 1, "sd": 4, "sdxl": 4}  # the tiny pipelines' FSDP units besides the root
+
+
+def _family_run(family: str, out_dir: str) -> dict:
+    """Two GRPO iterations on the tiny ``family`` pipeline with train.shard=fsdp -> whole LoRA, grad norms, units,
+    and the share of the first LoRA layer's base weight this process holds."""
+    from flowalign.models.tiny import TINY_BUILDERS
+
+    torch.manual_seed(0)
+    cfg = Config(train=TrainConfig(algorithm="grpo", prompts_per_iter=2, group_size=2, minibatch=2, lr=LR,
+                                   out_dir=out_dir, shard="fsdp"),
+                 sampling=FAMILY_SAMPLING[family], grpo=GRPOConfig(clip_range=0.2), model=ModelConfig(lora_rank=2))
+    tr = Trainer(cfg, adapter=adapter_for(TINY_BUILDERS[family]()), reward=MeanPixel())
+    start = torch.cat([fsdp.full(p.detach()).flatten() for p in tr.params])
+    grads, adam_step = [], tr.optimizer.step
+
+    def step(*args, **kwargs):  # record each optimizer step's (whole) gradient
+        grads.append(torch.cat([fsdp.full(p.grad).flatten() for p in tr.params]))
+        return adam_step(*args, **kwargs)
+
+    tr.optimizer.step = step
+    metrics = [tr.step() for _ in range(ITERATIONS)]
+    base = lora.lora_layers(tr.adapter.denoiser)[0].base_layer.weight
+    end = torch.cat([fsdp.full(p.detach()).flatten() for p in tr.params])
+    return {"start": start, "end": end, "first_grad": grads[0],
+            "grad_norms": [m["grad_norm"] for m in metrics], "units": len(fsdp.blocks(tr.adapter.denoiser)),
+            "base_share": (base.to_local().numel() if fsdp.is_sharded(base) else base.numel()) / base.numel()}
+
+
+def _family_worker(rank: int, out_dir: str) -> None:
+    results = {f: _family_run(f, os.path.join(out_dir, f"{f}_{rank}")) for f in FAMILY_SAMPLING}
+    torch.save(results, os.path.join(out_dir, f"family{rank}.pt"))
+
+
+def test_fsdp_shards_flux_wan_and_unet_blocks_like_one_process(tmp_path):
+    # fsdp.BLOCK_LISTS must find each family's blocks (FLUX: transformer_blocks + single_transformer_blocks; Wan:
+    # blocks; UNets: down_blocks + up_blocks) and the sharded run must take one process's steps
+    _launch(_family_worker, str(tmp_path))  # first: forking after this process ran the UNets' convolutions on
+    # its OpenMP pool can hang the children
+    single = {f: _family_run(f, str(tmp_path / f"{f}_single")) for f in FAMILY_SAMPLING}
+    ranks = [torch.load(tmp_path / f"family{r}.pt") for r in range(2)]
+    for family, one in single.items():
+        assert one["units"] == BLOCKS[family] and one["base_share"] == 1.0, family
+        for got in ranks:
+            assert got[family]["units"] == one["units"] and got[family]["base_share"] < 1.0, family
+            assert got[family]["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-3), family
+            # The first step's gradient, summed over the shards, is one process's up to rounding: measured 0 (FLUX,
+            # Wan), 3e-7 (SD) and 3e-3 (SDXL, whose add-embedding kernels round differently for 1 and 2 rows, which
+            # the rollout and GRPO's advantage normalisation of a near-constant reward amplify). A lost or doubled
+            # gradient shard is off by tens of percent. Later weights are not compared element by element: Adam
+            # moves a weight by ~LR whatever its gradient's size, so where the true gradient is ~0 rounding can flip
+            # a step's sign.
+            torch.testing.assert_close(got[family]["start"], one["start"], rtol=0, atol=0)
+            diff = (got[family]["first_grad"] - one["first_grad"]).norm() / one["first_grad"].norm()
+            assert diff < 1e-2, (family, diff)
+        assert (one["end"] - one["start"]).abs().max() > 0, family  # the LoRA moved
 
 
 # ---- checkpoint / resume on 2 processes ----------------------------------------------------------------------
