@@ -34,7 +34,8 @@ def _gradio():
 class RLGApp:
     """The pipeline with the LoRA loaded, and one ``generate`` call per click (serialised by a lock)."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, lora_dir: str = DEFAULT_LORA, device: Optional[str] = None):
+    def __init__(self, model: str = DEFAULT_MODEL, lora_dir: str = DEFAULT_LORA, device: Optional[str] = None,
+                 dtype: str = "float32"):
         try:
             check_lora_dir(lora_dir)
         except FileNotFoundError as err:
@@ -43,7 +44,7 @@ class RLGApp:
                                         "(it writes demo_out/lora) or pass --lora DIR") from None
             raise err
         self.model, self.lora_dir = model, lora_dir
-        self.pipe = load_rlg_pipeline(model, lora_dir, device=device)
+        self.pipe = load_rlg_pipeline(model, lora_dir, device=device, dtype=dtype)
         self.lock = threading.Lock()
 
     def _image(self, prompt: str, seed: int, steps: int, cfg: float):
@@ -98,12 +99,13 @@ def build_ui(app: RLGApp, default_prompt: str = "two red circles", default_steps
 
 
 def launch(model: str = DEFAULT_MODEL, lora_dir: str = DEFAULT_LORA, host: str = "127.0.0.1",
-           port: Optional[int] = None, block: bool = True, default_steps: int = 20):
+           port: Optional[int] = None, block: bool = True, default_steps: int = 20, device: Optional[str] = None,
+           dtype: str = "float32"):
     """Load the pipeline and serve the app on host:port (gradio's default port when None).
 
     block=False returns the running Blocks (``.close()`` stops it)."""
     _gradio()  # the install hint before the (slow) pipeline load
-    ui = build_ui(RLGApp(model, lora_dir), default_steps=default_steps)
+    ui = build_ui(RLGApp(model, lora_dir, device=device, dtype=dtype), default_steps=default_steps)
     ui.queue(default_concurrency_limit=1)
     ui.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
               quiet=not block)

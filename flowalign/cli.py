@@ -21,7 +21,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     scales = parse_scales(args.rlg_scale)
     kw = dict(model=args.model, lora_dir=args.lora, seed=args.seed, steps=args.steps,
-              guidance_scale=args.guidance_scale)
+              guidance_scale=args.guidance_scale, device=args.device, dtype=args.dtype)
     if len(scales) > 1 or args.reward:
         if not args.reward:
             raise ValueError("several --rlg-scale values make a sweep: add --reward NAME to score them")
@@ -98,6 +98,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations of the whole pipeline (default float32)")
+
+
 def _options(items: list[str]) -> dict:
     """['model=tiny', 'k=1'] -> {'model': 'tiny', 'k': 1} (values read as YAML)."""
     import yaml
@@ -116,7 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_loras(args.lora, args.model, prompts=args.prompts, per_task=args.per_task, steps=args.steps,
                             guidance_scale=args.guidance_scale, out=args.out, reward=args.reward,
-                            reward_options=_options(args.reward_option))
+                            reward_options=_options(args.reward_option), device=args.device, dtype=args.dtype)
     keys = sorted({k for s in result["scores"].values() for k in s if isinstance(s[k], float) and k != "time_eval"})
     print("| weights | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
@@ -134,7 +140,8 @@ def _gradio(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"flowalign: error: {err}", file=sys.stderr)
         return 2
-    launch(model=args.model, lora_dir=args.lora, host=args.host, port=args.port)
+    launch(model=args.model, lora_dir=args.lora, host=args.host, port=args.port, device=args.device,
+           dtype=args.dtype)
     return 0
 
 
@@ -165,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--steps", type=int, default=20, help="denoising steps")
     sample.add_argument("--guidance-scale", type=float, default=4.5, help="CFG scale")
+    _device_flags(sample)
     sample.add_argument("--num-images", type=int, default=None, help="images (single: default 1; sweep: per "
                                                                      "scale, default 24)")
     sample.set_defaults(func=_sample)
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--per-task", type=int, default=24, help="held-out prompts per toy task")
     ev.add_argument("--steps", type=int, default=10, help="denoising steps")
     ev.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale")
+    _device_flags(ev)
     ev.add_argument("--out", default=None, help="JSON file for the scores")
     ev.set_defaults(func=_eval)
 
@@ -231,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--lora", default="demo_out/lora", help="LoRA folder (default: the one `flowalign demo` writes)")
     app.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    _device_flags(app)
     app.set_defaults(func=_gradio)
     return parser
 

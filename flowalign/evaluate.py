@@ -63,18 +63,19 @@ def evaluate_toy(pipe, per_task: int = 16, seed: int = 10_000, steps: int = 10, 
 
 def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_task: int = 24,
                    steps: int = 10, guidance_scale: float = 1.0, out: str | None = None,
-                   reward: str | None = None, reward_options: dict | None = None) -> dict:
+                   reward: str | None = None, reward_options: dict | None = None, device: str | None = None,
+                   dtype: str = "float32") -> dict:
     """Held-out scores of the base and of each LoRA folder on one fixed prompt set and seeds (flowalign.heldout).
 
     Returns (and writes to ``out`` as JSON, when given) ``{"settings": {...}, "scores": {"base": {...},
     lora_dir: {...}}}`` with the ``HeldoutEval`` keys (``toy_geneval``, ``toy_geneval/<task>``, ``ocr``, ``n``);
     ``reward`` (a name, built with ``reward_options``) scores a prompt file's prompts, and every prompt of a toy
-    spec too."""
+    spec too. ``device`` / ``dtype``: as :func:`flowalign.models.load_for_inference`."""
     import json
 
     from .heldout import HeldoutEval
     from .prompts import toy_tasks
-    from .models import load_pipeline
+    from .models import INFERENCE_DTYPES, load_for_inference
 
     from .rewards import get as get_reward
 
@@ -83,17 +84,20 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
                             extra=[reward] if reward and toy_tasks(prompts) is not None else [])
     if scorer is not None:
         evaluator.use_reward(reward, scorer)
+    if dtype not in INFERENCE_DTYPES:  # before any loading
+        raise ValueError(f"--dtype must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r}")
     missing = [name for name in loras if not os.path.exists(name)]
     if missing:  # before any loading
         raise FileNotFoundError(f"LoRA {missing[0]!r} not found: pass a folder written by flowalign train/demo")
     scores = {}
     for name in ["base", *loras]:
-        pipe = load_pipeline(model)
+        pipe = load_for_inference(model, device, dtype)
         if name != "base":
             pipe.load_lora_weights(name)
         scores[name] = evaluator(pipe)[0]
     result = {"settings": {"model": model, "prompts": prompts, "per_task": per_task, "steps": steps,
                            "guidance_scale": guidance_scale, "seed": evaluator.seed, "n": len(evaluator.prompts),
+                           "dtype": dtype,
                            "reward": reward, "reward_options": reward_options or {}},
               "scores": scores}
     if out:

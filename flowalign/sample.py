@@ -58,9 +58,11 @@ def check_lora_dir(lora_dir: str) -> str:
     return lora_dir
 
 
-def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None, device: Optional[str] = None):
-    """Load the pipeline (``flowalign.models.load_pipeline``) and, when given, the LoRA as adapter 'aligned'."""
-    from .models import load_pipeline
+def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None, device: Optional[str] = None,
+                      dtype: str = "float32"):
+    """Load the pipeline (``flowalign.models.load_for_inference``: ``dtype``, on ``device``, default CUDA when
+    available) and, when given, the LoRA as adapter 'aligned'."""
+    from .models import load_for_inference
 
     if _looks_local(model) and not os.path.isdir(model):
         hint = " (the shipped pipeline: run scripts/train_tiny_pipeline.py)" if model == DEFAULT_MODEL else ""
@@ -69,9 +71,7 @@ def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None
                                 "or a Hub id")
     if lora_dir is not None:
         check_lora_dir(lora_dir)
-    pipe = load_pipeline(model)
-    if device:
-        pipe = pipe.to(device)
+    pipe = load_for_inference(model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir, adapter_name=ADAPTER_NAME, use_safetensors=True)
@@ -99,13 +99,14 @@ def _save_images(images: torch.Tensor, path: str, captions: Sequence[str], label
 
 
 def sample_png(out: str, prompt: str, scale: float, model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None,
-               seed: int = 0, steps: int = 20, guidance_scale: float = 4.5, num_images: int = 1) -> str:
+               seed: int = 0, steps: int = 20, guidance_scale: float = 4.5, num_images: int = 1,
+               device: Optional[str] = None, dtype: str = "float32") -> str:
     """Sample ``num_images`` images of ``prompt`` at scale w and write them to ``out`` (one image, or a grid)."""
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out {out!r} must be a .png file for a single scale")
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
-    pipe = load_rlg_pipeline(model, lora_dir)
+    pipe = load_rlg_pipeline(model, lora_dir, device, dtype)
     images = sample_at_scale(pipe, [prompt] * num_images, scale, seed, steps, guidance_scale)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     _save_images(images, out, [f"seed {seed + i}" for i in range(num_images)], f"w={scale:g}")
@@ -154,7 +155,8 @@ def plot_sweep(result: dict, path: str) -> None:
 
 def rlg_sweep(out_dir: str, scales: Sequence[float], reward: str, model: str = DEFAULT_MODEL,
               lora_dir: Optional[str] = None, prompts: Optional[str] = None, seed: int = 0, steps: int = 20,
-              guidance_scale: float = 4.5, num_images: int = 24) -> dict:
+              guidance_scale: float = 4.5, num_images: int = 24, device: Optional[str] = None,
+              dtype: str = "float32") -> dict:
     """Score each RLG scale with ``reward`` on the same prompts and seeds; write JSON, plot and grids.
 
     Returns {"per_scale": [{"scale", "mean", "sem", "n", "grid"}], "reward", "model", "lora", ...}."""
@@ -164,7 +166,7 @@ def rlg_sweep(out_dir: str, scales: Sequence[float], reward: str, model: str = D
         raise ValueError("an RLG sweep needs --lora DIR (the fine-tuned adapter)")
     scorer = rewards.get(reward)  # unknown names fail before any sampling
     texts = sweep_prompts(prompts, num_images)
-    pipe = load_rlg_pipeline(model, lora_dir)
+    pipe = load_rlg_pipeline(model, lora_dir, device, dtype)
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for w in scales:

@@ -55,3 +55,35 @@ def test_sample_images_leaves_the_callers_progress_bar_setting():
     images = sample_images(pipe, ["a red circle", "a square"], steps=1, guidance_scale=1.0)
     assert images.shape[0] == 2 and 0 <= images.min() and images.max() <= 1
     assert pipe._progress_bar_config == {"desc": "mine", "leave": False}
+
+
+def test_eval_in_bfloat16_loads_the_pipeline_in_bfloat16(tmp_path, tiny_model, monkeypatch):
+    import torch
+
+    import flowalign.models as models
+
+    model, lora_dir = tiny_model
+    loaded, real = [], models.load_for_inference
+
+    def spy(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        loaded.append({pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype, pipe.device.type})
+        return pipe
+
+    monkeypatch.setattr(models, "load_for_inference", spy)
+    out = tmp_path / "eval.json"
+    assert main(["eval", lora_dir, "--model", model, "--prompts", "toy:colors", "--per-task", "2", "--steps", "2",
+                 "--dtype", "bfloat16", "--device", "cpu", "--out", str(out)]) == 0
+    assert loaded == [{torch.bfloat16, "cpu"}] * 2  # base and LoRA
+    result = json.loads(out.read_text())
+    assert result["settings"]["dtype"] == "bfloat16"
+    assert all(0 <= s["toy_geneval"] <= 1 and s["n"] == 2 for s in result["scores"].values())
+
+
+def test_load_for_inference_refuses_float16():
+    import pytest
+
+    from flowalign.models import load_for_inference
+
+    with pytest.raises(ValueError, match="bfloat16.*float32.*got 'float16'"):
+        load_for_inference("unused", dtype="float16")

@@ -21,6 +21,17 @@ def test_sample_single_png(tiny_model, tmp_path):
     assert Image.open(grid).size[0] > 64
 
 
+def test_sample_in_bfloat16(tiny_model, tmp_path):
+    model, lora_dir = tiny_model
+    out = tmp_path / "img.png"
+    assert main(["sample", "--model", model, "--lora", lora_dir, "--rlg-scale", "1.5", "--prompt", "a red circle",
+                 "--out", str(out), "--steps", "2", "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    assert Image.open(out).size == (32, 32)
+    with pytest.raises(SystemExit) as exit_info:  # argparse names the choices
+        main(["sample", "--model", model, "--prompt", "x", "--dtype", "float16"])
+    assert exit_info.value.code == 2
+
+
 def test_sample_sweep(tiny_model, tmp_path):
     model, lora_dir = tiny_model
     prompts = tmp_path / "prompts.txt"

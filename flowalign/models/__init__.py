@@ -14,7 +14,9 @@ from .base import (
     ModelNotFoundError,
     PipelineAdapter,
     SamplingGrid,
+    INFERENCE_DTYPES,
     detect_family,
+    load_for_inference,
     load_pipeline,
     pipeline_call_kwargs,
     t5_sequence_length,
@@ -52,5 +54,6 @@ def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, d
 __all__ = [
     "ADAPTERS", "Conditioning", "DDIMAdapter", "FlowAdapter", "FluxAdapter", "ModelNotFoundError", "PipelineAdapter",
     "SD3Adapter", "SDAdapter", "SDXLAdapter", "SamplingGrid", "WanAdapter", "adapter_for", "detect_family",
-    "load_adapter", "load_pipeline", "pipeline_call_kwargs", "t5_sequence_length",
+    "INFERENCE_DTYPES", "load_adapter", "load_for_inference", "load_pipeline", "pipeline_call_kwargs",
+    "t5_sequence_length",
 ]

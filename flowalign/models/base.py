@@ -346,6 +346,20 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_for_inference(id_or_path: str, device: Optional[str] = None, dtype: str = "float32", **kwargs):
+    """:func:`load_pipeline` for sampling and evaluation: every component in ``dtype`` (float32 | bfloat16, as
+    ``from_pretrained(dtype=torch.bfloat16)``), moved to ``device`` (default: CUDA when available, else CPU)."""
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r} (float16 overflows in "
+                         "T5 and the SDXL VAE)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = None if dtype == "float32" else INFERENCE_DTYPES[dtype]
+    return load_pipeline(id_or_path, torch_dtype=torch_dtype, **kwargs).to(device)
+
+
 def _dtype_kwarg() -> str:
     """``from_pretrained``'s dtype argument: ``dtype`` where diffusers has deprecated ``torch_dtype`` for it."""
     try:
