@@ -247,8 +247,8 @@ def load_dtypes(dtype: torch.dtype):
 def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16) -> None:
     """Mixed precision: denoiser base weights in ``dtype`` (bf16/fp16), LoRA parameters float32; the text
     encoders and VAE in bf16 with bfloat16 (as ``from_pretrained(torch_dtype=torch.bfloat16)``), else float32:
-    the layout :func:`load_dtypes` loads. flowalign's rollouts
-    keep float32 latents and sampler math (the samplers cast their inputs; ``decode`` casts to the VAE's dtype).
+    the layout :func:`load_dtypes` loads. flowalign's rollouts keep float32 latents and sampler math (the
+    samplers cast their inputs; ``decode`` casts to the VAE's dtype).
 
     The pipeline's own ``__call__`` (held-out evaluation, sampling) may feed the denoiser latents of another
     dtype (float32 with fp16): a forward pre-hook casts the inputs to ``dtype`` (timesteps stay as given) and a

@@ -353,8 +353,8 @@ def load_for_inference(id_or_path: str, device: Optional[str] = None, dtype: str
     """:func:`load_pipeline` for sampling and evaluation: every component in ``dtype`` (float32 | bfloat16, as
     ``from_pretrained(dtype=torch.bfloat16)``), moved to ``device`` (default: CUDA when available, else CPU)."""
     if dtype not in INFERENCE_DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r} (float16 overflows in "
-                         "T5 and the SDXL VAE)")
+        raise ValueError(f"dtype (--dtype) must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r} (float16 "
+                         "overflows in T5 and the SDXL VAE)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = None if dtype == "float32" else INFERENCE_DTYPES[dtype]
     return load_pipeline(id_or_path, torch_dtype=torch_dtype, **kwargs).to(device)
