@@ -75,7 +75,7 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
 
     from .heldout import HeldoutEval
     from .prompts import toy_tasks
-    from .models import INFERENCE_DTYPES, load_for_inference
+    from .models import inference_dtype, load_for_inference
 
     from .rewards import get as get_reward
 
@@ -84,8 +84,7 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
                             extra=[reward] if reward and toy_tasks(prompts) is not None else [])
     if scorer is not None:
         evaluator.use_reward(reward, scorer)
-    if dtype not in INFERENCE_DTYPES:  # before any loading
-        raise ValueError(f"--dtype must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r}")
+    inference_dtype(dtype)  # a bad name fails before any loading
     missing = [name for name in loras if not os.path.exists(name)]
     if missing:  # before any loading
         raise FileNotFoundError(f"LoRA {missing[0]!r} not found: pass a folder written by flowalign train/demo")

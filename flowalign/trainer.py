@@ -29,13 +29,12 @@ from .config import Config, config_to_dict
 from .ema import EMA
 from .heldout import HeldoutEval
 from .logging_utils import EVALS_JSONL, MetricsLog
-from .models import load_adapter
+from .models import DTYPES, load_adapter
 from .prompts import PromptSource, toy_tasks
 from .rewards import get as get_reward
 from .report import image_grid
 from .rewards.guard import safe_scores
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # cfg.train.algorithm -> its update rule (flowalign.algorithms.*)
 ALGORITHMS = {"grpo": GRPOUpdate, "nft": NFTUpdate, "crd": CRDUpdate, "opd": OPDUpdate, "backprop": BackpropUpdate}
@@ -57,11 +56,11 @@ class Trainer:
         if adapter is None:
             device = cfg.model.device or self.dist.device
             adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device,
-                                   torch_dtype=lora.load_dtypes(_DTYPES[cfg.model.dtype]),
+                                   torch_dtype=lora.load_dtypes(DTYPES[cfg.model.dtype]),
                                    trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = adapter
         if cfg.model.dtype != "float32":
-            lora.set_precision(self.adapter, _DTYPES[cfg.model.dtype])
+            lora.set_precision(self.adapter, DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
                                     dropout=cfg.model.lora_dropout, target_modules=cfg.model.lora_target_modules)
         ALGORITHMS[cfg.train.algorithm].prepare_model(cfg, self.adapter)  # e.g. OPD's teachers, before sharding

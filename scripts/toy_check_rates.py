@@ -16,7 +16,7 @@ import os
 from flowalign.config import DEFAULT_MODEL
 from flowalign.evaluate import sample_images
 from flowalign.heldout import EVAL_SEED, heldout_rows
-from flowalign.models import load_pipeline
+from flowalign.models import load_for_inference
 from flowalign.toy import check_rates, detect
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     prompts = [p for p, _ in heldout_rows("toy", a.per_task)]
     rates = {}
     for name in ["base", *a.lora]:
-        pipe = load_pipeline(a.model)
+        pipe = load_for_inference(a.model)
         if name != "base":
             pipe.load_lora_weights(name)
         images = sample_images(pipe, prompts, EVAL_SEED, a.steps, a.guidance_scale, 32, desc=name)

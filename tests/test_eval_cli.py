@@ -85,5 +85,5 @@ def test_load_for_inference_refuses_float16():
 
     from flowalign.models import load_for_inference
 
-    with pytest.raises(ValueError, match="bfloat16.*float32.*got 'float16'"):
+    with pytest.raises(ValueError, match="float32.*bfloat16.*got 'float16'"):
         load_for_inference("unused", dtype="float16")

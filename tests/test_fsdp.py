@@ -68,7 +68,12 @@ def _run(algorithm: str, pipe, out_dir: str, shard: str, teachers: dict) -> dict
             "rewards": [m.get("reward_mean") for m in metrics], "losses": [m.get("loss") for m in metrics],
             "grad_norms": [m["grad_norm"] for m in metrics],
             "sharded": all(fsdp.is_sharded(p) for p in tr.params),
-            "base_share": (base.to_local().numel() if fsdp.is_sharded(base) else base.numel()) / base.numel()}
+            "base_share": _share(base)}
+
+
+def _share(weight: torch.Tensor) -> float:
+    """The fraction of ``weight`` this process holds (1.0 when not sharded)."""
+    return (weight.to_local().numel() if fsdp.is_sharded(weight) else weight.numel()) / weight.numel()
 
 
 def _free_port() -> int:
@@ -168,7 +173,7 @@ def _family_run(family: str, out_dir: str) -> dict:
     end = torch.cat([fsdp.full(p.detach()).flatten() for p in tr.params])
     return {"start": start, "end": end, "first_grad": grads[0],
             "grad_norms": [m["grad_norm"] for m in metrics], "units": len(fsdp.blocks(tr.adapter.denoiser)),
-            "base_share": (base.to_local().numel() if fsdp.is_sharded(base) else base.numel()) / base.numel()}
+            "base_share": _share(base)}
 
 
 def _family_worker(rank: int, out_dir: str) -> None:

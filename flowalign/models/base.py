@@ -346,17 +346,24 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype's names
+INFERENCE_DTYPES = ("float32", "bfloat16")  # float16 overflows in T5 and the SDXL VAE
+
+
+def inference_dtype(name: str) -> Optional[torch.dtype]:
+    """``torch_dtype`` for :func:`load_pipeline` from a name in INFERENCE_DTYPES (None for float32); any other
+    name raises ValueError."""
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype (--dtype) must be one of {list(INFERENCE_DTYPES)}, got {name!r} (float16 "
+                         "overflows in T5 and the SDXL VAE)")
+    return None if name == "float32" else DTYPES[name]
 
 
 def load_for_inference(id_or_path: str, device: Optional[str] = None, dtype: str = "float32", **kwargs):
     """:func:`load_pipeline` for sampling and evaluation: every component in ``dtype`` (float32 | bfloat16, as
     ``from_pretrained(dtype=torch.bfloat16)``), moved to ``device`` (default: CUDA when available, else CPU)."""
-    if dtype not in INFERENCE_DTYPES:
-        raise ValueError(f"dtype (--dtype) must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r} (float16 "
-                         "overflows in T5 and the SDXL VAE)")
+    torch_dtype = inference_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = None if dtype == "float32" else INFERENCE_DTYPES[dtype]
     return load_pipeline(id_or_path, torch_dtype=torch_dtype, **kwargs).to(device)
 
 
