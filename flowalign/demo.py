@@ -87,14 +87,19 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None,
 
 def _toy_scores(row: dict) -> dict:
     """A held-out row of Trainer.evaluate -> {"toy_geneval", "strict", "extra_objects", "n",
-    "per_task": {task: {fraction, strict, extra_objects, n}}}."""
+    "per_task": {task: {fraction, strict, extra_objects, n}}, "checks": {task: {check kind: pass rate}}}."""
     from .toy import GENEVAL_TASKS
 
     per_task = {t: {"fraction": row[f"toy_geneval/{t}"], "strict": row[f"toy_geneval_strict/{t}"],
                     "extra_objects": row[f"toy_extra_objects/{t}"], "n": row["n"] // len(GENEVAL_TASKS)}
                 for t in GENEVAL_TASKS if f"toy_geneval/{t}" in row}
+    checks = {}  # {task: {check kind: pass rate}}: where the scores are lost
+    for key, rate in row.items():
+        if key.startswith("toy_check/"):
+            _, task, kind = key.split("/")
+            checks.setdefault(task, {})[kind] = rate
     return {"toy_geneval": row["toy_geneval"], "strict": row["toy_geneval_strict"],
-            "extra_objects": row["toy_extra_objects"], "n": row["n"], "per_task": per_task}
+            "extra_objects": row["toy_extra_objects"], "n": row["n"], "per_task": per_task, "checks": checks}
 
 
 def _base_guidance_sweep(trainer, scales) -> dict:
@@ -115,6 +120,8 @@ def _write_report(out_dir: str, r: dict, name: str) -> None:
     rows = "\n".join(
         f"| {task} | {r['base']['per_task'][task]['fraction']:.3f} | {r['aligned']['per_task'][task]['fraction']:.3f} "
         f"| {r['base']['per_task'][task]['n']} |" for task in r["base"]["per_task"])
+    checks = "\n".join(f"| {task} | {kind} | {rate:.3f} | {r['aligned']['checks'][task][kind]:.3f} |"
+                       for task, kinds in r["base"]["checks"].items() for kind, rate in kinds.items())
     sweep = ", ".join(f"{v:.3f} at CFG {g}" for g, v in r["base_by_guidance_scale"].items())
     best = (f"\nThe base at other CFG scales (same prompts and seeds): {sweep}; the aligned model is "
             f"{r['delta_vs_best_base']:+.3f} over the base at its best CFG.\n") if sweep else ""
@@ -131,6 +138,13 @@ Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f
 | task | base | aligned | images |
 |---|---|---|---|
 {rows}
+
+Where the scores are lost: the share of each kind of check met (a two-object prompt makes two "colour+shape"
+checks; "relation" is a position prompt's left/right/above/below).
+
+| task | check | base | aligned |
+|---|---|---|---|
+{checks}
 
 ![reward curve](reward_curve.png)
 

@@ -6,9 +6,10 @@ held-out prompts per task (the toy world's held-out split, never trained on). A 
 held-out split, so it is only evaluated when ``train.eval_prompts`` names one.
 
 Scores (one dict per evaluation, keys ``<reward>`` and ``<reward>/<task>``):
-  * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met), ``toy_geneval_strict`` and
+  * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met), ``toy_geneval_strict``,
     ``toy_extra_objects`` (share of images with more objects than asked: GenEval's checks do not see them,
-    so a rising share is reward hacking);
+    so a rising share is reward hacking) and ``toy_check/<task>/<kind>`` (pass rate of each kind of check:
+    shape, colour+shape, count, relation);
   * toy text prompts    -> ``ocr`` (needs rapidocr);
   * other prompts       -> the training reward(s);
   * every prompt        -> each of ``train.eval_rewards`` (e.g. clip_score: a reward the run did not train on,
@@ -108,6 +109,8 @@ class HeldoutEval:
                 record("toy_geneval", task, torch.as_tensor(frac))
                 record("toy_geneval_strict", task, torch.as_tensor(strict))
                 record("toy_extra_objects", task, torch.full((len(idx),), per_task[task]["extra_objects"]))
+                for kind, rate in per_task[task]["checks"].items():  # where the scores are lost
+                    out[f"toy_check/{task}/{kind}"] = rate
             elif task == TEXT_TASK:
                 record("ocr", task, self._reward("ocr")(images[idx], prompts))
             else:

@@ -21,6 +21,10 @@ def test_quick_demo_writes_the_report(tmp_path):
                                                   "color_attr", "position"}
         assert metrics[side]["n"] == metrics["heldout_images"] == 12
         assert 0.0 <= metrics[side]["extra_objects"] <= 1.0
+        checks = metrics[side]["checks"]  # where the scores are lost; one check per single-object image
+        assert set(checks["position"]) == {"colour+shape", "relation"} and set(checks["counting"]) >= {"count"}
+        assert checks["single_object"]["shape"] == pytest.approx(metrics[side]["per_task"]["single_object"]["fraction"])
+        assert all(0.0 <= v <= 1.0 for kinds in checks.values() for v in kinds.values())
     assert metrics["samples"] == metrics["iterations"] * 8
     assert metrics["delta"] == pytest.approx(metrics["aligned"]["toy_geneval"] - metrics["base"]["toy_geneval"])
     assert metrics["wall_s"] > 0
@@ -31,6 +35,8 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert "reward_curve.png" in report and "grid.png" in report
     assert f"{metrics['base']['toy_geneval']:.3f} -> {metrics['aligned']['toy_geneval']:.3f}" in report
     assert f"{metrics['base']['extra_objects']:.3f} -> {metrics['aligned']['extra_objects']:.3f}" in report
+    assert (f"| position | relation | {metrics['base']['checks']['position']['relation']:.3f} | "
+            f"{metrics['aligned']['checks']['position']['relation']:.3f} |") in report
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == metrics["iterations"]
     assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")

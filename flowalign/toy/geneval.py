@@ -85,8 +85,9 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
     """Score a batch. images: tensor [B,3,H,W] in [0,1] or a list of PIL images / [3,H,W] tensors.
     ``no_extra`` adds the "no extra objects" check (module docstring).
 
-    Returns (fraction [B] float32, strict [B] float32, {task: {"fraction", "strict", "extra_objects", "n"}}),
-    the per-task entries being means over the batch items of that task.
+    Returns (fraction [B] float32, strict [B] float32, {task: {"fraction", "strict", "extra_objects", "n",
+    "checks"}}), the per-task entries being means over the batch items of that task, and "checks" the pass
+    rate of each check kind (:func:`check_kind`), where the scores are lost.
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
@@ -98,7 +99,8 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
         groups[r["task"]].append(r)
     per_task = {t: {"fraction": sum(r["fraction"] for r in rs) / len(rs),
                     "strict": sum(r["strict"] for r in rs) / len(rs),
-                    "extra_objects": sum(r["extra_objects"] for r in rs) / len(rs), "n": len(rs)}
+                    "extra_objects": sum(r["extra_objects"] for r in rs) / len(rs), "n": len(rs),
+                    "checks": {k: met / made for k, (met, made) in _tally(rs).items()}}
                 for t, rs in sorted(groups.items())}
     return frac, strict, per_task
 
@@ -115,17 +117,24 @@ def check_kind(name: str) -> str:
     return "relation"
 
 
+def _tally(results: Sequence[dict]) -> dict[str, tuple[int, int]]:
+    """{check kind: (checks met, checks made)} over :func:`score` results."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in results:
+        for name, ok in r["checks"].items():
+            out[check_kind(name)][0] += int(ok)
+            out[check_kind(name)][1] += 1
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
 def check_rates(prompts: Sequence[str | SceneSpec], detections: Sequence[Sequence[Detected]]
                 ) -> dict[str, dict[str, tuple[int, int]]]:
     """Where scores are lost: {task: {check kind: (checks met, checks made)}} over a batch, one entry per
     (image, check) pair (a two-object prompt makes two "colour+shape" checks)."""
     if len(prompts) != len(detections):
         raise ValueError(f"got {len(detections)} detection lists but {len(prompts)} prompts")
-    out: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    groups: dict[str, list[dict]] = defaultdict(list)
     for prompt, dets in zip(prompts, detections):
         r = score(prompt, dets)
-        for name, ok in r["checks"].items():
-            tally = out[r["task"]][check_kind(name)]
-            tally[0] += int(ok)
-            tally[1] += 1
-    return {t: {k: tuple(v) for k, v in sorted(kinds.items())} for t, kinds in sorted(out.items())}
+        groups[r["task"]].append(r)
+    return {t: _tally(rs) for t, rs in sorted(groups.items())}

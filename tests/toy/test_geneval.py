@@ -67,7 +67,8 @@ def test_toy_geneval_batch():
     batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
     frac2, strict2, per_task2 = toy_geneval(batch, wrong)
     assert torch.allclose(frac2, torch.tensor([0.5, 0.5, 0.5, 2 / 3])) and torch.all(strict2 == 0)
-    assert per_task2["counting"] == {"fraction": 0.5, "strict": 0.0, "extra_objects": 0.0, "n": 1}
+    assert per_task2["counting"] == {"fraction": 0.5, "strict": 0.0, "extra_objects": 0.0, "n": 1,
+                                     "checks": {"colour+shape": 1.0, "count": 0.0}}
     assert set(per_task) == set(per_task2)
     _, _, per_task3 = toy_geneval(images[1:2], ["a green square"])  # two squares drawn, one asked for
     assert per_task3["colors"]["extra_objects"] == 1.0 and per_task3["colors"]["fraction"] == 1.0
@@ -121,3 +122,8 @@ def test_check_rates_split_scores_by_check_kind():
                      "counting": {"colour+shape": (1, 1), "count": (0, 1)}}
     with pytest.raises(ValueError, match="detection lists"):
         check_rates(prompts, dets[:1])
+    # toy_geneval reports the same rates per task
+    batch = sample_batch(4, seed=0, tasks=("position",))
+    _, _, per_task = toy_geneval([render(spec, size=64, seed=i)[0] for i, (_, spec) in enumerate(batch)],
+                                 [prompt for prompt, _ in batch])
+    assert per_task["position"]["checks"] == {"colour+shape": 1.0, "relation": 1.0}  # renders meet every check
