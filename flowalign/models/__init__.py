@@ -56,6 +56,6 @@ def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, d
 __all__ = [
     "ADAPTERS", "Conditioning", "DDIMAdapter", "FlowAdapter", "FluxAdapter", "ModelNotFoundError", "PipelineAdapter",
     "SD3Adapter", "SDAdapter", "SDXLAdapter", "SamplingGrid", "WanAdapter", "adapter_for", "detect_family",
-    "DTYPES", "INFERENCE_DTYPES", "inference_dtype", "load_adapter", "load_for_inference", "load_pipeline", "pipeline_call_kwargs",
-    "t5_sequence_length",
+    "DTYPES", "INFERENCE_DTYPES", "inference_dtype", "load_adapter", "load_for_inference", "load_pipeline",
+    "pipeline_call_kwargs", "t5_sequence_length",
 ]

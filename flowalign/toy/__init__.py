@@ -19,7 +19,6 @@ from .render import PALETTE, layout, render
 __all__ = [
     "COLORS", "GENEVAL_TASKS", "PALETTE", "RELATIONS", "SHAPES", "TASKS", "TEMPLATES", "TEXT_TASK",
     "Detected", "ObjectSpec", "SceneSpec", "all_prompts", "caption", "check_kind", "check_rates", "checks",
-    "detect", "layout",
-    "parse_prompt", "prompts_in_split", "relations_of", "render", "sample", "sample_batch", "score",
-    "split_of", "toy_geneval",
+    "detect", "layout", "parse_prompt", "prompts_in_split", "relations_of", "render", "sample", "sample_batch",
+    "score", "split_of", "toy_geneval",
 ]

@@ -100,7 +100,7 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
     per_task = {t: {"fraction": sum(r["fraction"] for r in rs) / len(rs),
                     "strict": sum(r["strict"] for r in rs) / len(rs),
                     "extra_objects": sum(r["extra_objects"] for r in rs) / len(rs), "n": len(rs),
-                    "checks": {k: met / made for k, (met, made) in _tally(rs).items()}}
+                    "checks": {k: met / made for k, (met, made) in check_rates(rs).items()}}
                 for t, rs in sorted(groups.items())}
     return frac, strict, per_task
 
@@ -117,24 +117,13 @@ def check_kind(name: str) -> str:
     return "relation"
 
 
-def _tally(results: Sequence[dict]) -> dict[str, tuple[int, int]]:
-    """{check kind: (checks met, checks made)} over :func:`score` results."""
+def check_rates(results: Sequence[dict]) -> dict[str, tuple[int, int]]:
+    """Where scores are lost: {check kind: (checks met, checks made)} over :func:`score` results, one entry per
+    (image, check) pair (a two-object prompt makes two "colour+shape" checks)."""
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in results:
         for name, ok in r["checks"].items():
-            out[check_kind(name)][0] += int(ok)
-            out[check_kind(name)][1] += 1
+            tally = out[check_kind(name)]
+            tally[0] += int(ok)
+            tally[1] += 1
     return {k: tuple(v) for k, v in sorted(out.items())}
-
-
-def check_rates(prompts: Sequence[str | SceneSpec], detections: Sequence[Sequence[Detected]]
-                ) -> dict[str, dict[str, tuple[int, int]]]:
-    """Where scores are lost: {task: {check kind: (checks met, checks made)}} over a batch, one entry per
-    (image, check) pair (a two-object prompt makes two "colour+shape" checks)."""
-    if len(prompts) != len(detections):
-        raise ValueError(f"got {len(detections)} detection lists but {len(prompts)} prompts")
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for prompt, dets in zip(prompts, detections):
-        r = score(prompt, dets)
-        groups[r["task"]].append(r)
-    return {t: _tally(rs) for t, rs in sorted(groups.items())}

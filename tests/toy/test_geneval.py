@@ -116,12 +116,10 @@ def test_check_rates_split_scores_by_check_kind():
                "a red circle and a blue square", "three blue squares"]
     dets = [[left, right], [left, right], [det("circle", "blue", 5, 5), det("square", "red", 40, 40)],
             [det("square", "blue", 5 + 18 * i, 20) for i in range(2)]]
-    rates = check_rates(prompts, dets)
-    assert rates == {"position": {"colour+shape": (4, 4), "relation": (1, 2)},
-                     "color_attr": {"colour+shape": (0, 2), "shape": (2, 2)},
-                     "counting": {"colour+shape": (1, 1), "count": (0, 1)}}
-    with pytest.raises(ValueError, match="detection lists"):
-        check_rates(prompts, dets[:1])
+    results = [score(p, d) for p, d in zip(prompts, dets)]
+    assert check_rates(results[:2]) == {"colour+shape": (4, 4), "relation": (1, 2)}  # the two position prompts
+    assert check_rates(results[2:3]) == {"colour+shape": (0, 2), "shape": (2, 2)}
+    assert check_rates(results[3:]) == {"colour+shape": (1, 1), "count": (0, 1)}
     # toy_geneval reports the same rates per task
     batch = sample_batch(4, seed=0, tasks=("position",))
     _, _, per_task = toy_geneval([render(spec, size=64, seed=i)[0] for i, (_, spec) in enumerate(batch)],
