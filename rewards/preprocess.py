@@ -44,6 +44,6 @@ def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 def prepare(images, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """Images -> normalised pixel values [B,3,size,size] (float32)."""
     x = torch.cat([resize_crop(t, size) for t in to_tensors(images)])
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s

@@ -341,7 +341,8 @@ class CRDUpdate(UpdateRule):
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards=None, tasks=None) -> dict:
         c, t = self.cfg.crd, self.cfg.train
         reward = normalized_reward(adv, c.adv_max)
-        gids = group_ids_from_prompts(self.dist.gather_objects(traj.prompts))  # global [B]
+        # global [B], on the device of valid/reward (a CUDA bool mask cannot index a CPU tensor)
+        gids = group_ids_from_prompts(self.dist.gather_objects(traj.prompts)).to(valid.device)
         groups = torch.unique(gids[valid])
         if groups.numel() == 0:
             return {"update_samples": 0}

@@ -64,3 +64,10 @@ def test_aesthetic_is_mlp_of_normalised_embedding(clip_dir, tmp_path):
     assert r.clip.images(x).norm(dim=-1).sub(1).abs().max() < 1e-5
     with pytest.raises(ValueError, match="layers"):
         mlp_from_state({"fc.weight": torch.zeros(1, 16)})
+
+
+def test_prepare_keeps_the_images_device():
+    # decoded latents on a GPU are normalised where they are (reward backprop on CUDA once failed here: the
+    # mean/std were CPU tensors); the meta device stands in for CUDA on a CPU machine
+    x = prepare(torch.rand(2, 3, 16, 16, device="meta"), 8)
+    assert x.device.type == "meta" and x.shape == (2, 3, 8, 8)
