@@ -39,3 +39,14 @@ def tiny_pipe_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny16") / "pipe"
     tiny_sd3_pipeline(image_size=16, with_t5=False).save_pretrained(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe16(tmp_path_factory):
+    """Folder of a saved tiny SD3 pipeline (16 px images, with T5), seeded: what `flowalign train` runs load."""
+    from flowalign.models.tiny import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    torch.manual_seed(0)
+    tiny_sd3_pipeline(image_size=16).save_pretrained(str(path))
+    return str(path)

@@ -21,17 +21,9 @@ SMALL = ["model.device=cuda", "sampling.num_steps=4", "sampling.eval_num_steps=4
          "opd.train_window=null", "sampling.sde_window=null", "train.eval_every=1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "pipe"
-    torch.manual_seed(0)
-    tiny_sd3_pipeline(image_size=16).save_pretrained(str(path))
-    return str(path)
-
-
 @pytest.mark.parametrize("name", ["toy_grpo.yaml", "toy_nft.yaml", "toy_crd.yaml", "toy_demo.yaml",
                                   "toy_backprop.yaml", "toy_opd.yaml"])
-def test_recipe_trains_on_cuda(tmp_path, tiny_model, name, capsys):
+def test_recipe_trains_on_cuda(tmp_path, tiny_pipe16, name, capsys):
     extra = []
     if name == "toy_opd.yaml":
         for teacher in ("spatial", "attributes"):
@@ -39,7 +31,7 @@ def test_recipe_trains_on_cuda(tmp_path, tiny_model, name, capsys):
             lora.add_lora(ad, rank=4)
             extra.append(f"opd.teachers.{teacher}.lora={lora.save_lora(ad, str(tmp_path / teacher))}")
     out = tmp_path / "run"
-    rc = main(["train", os.path.join(ROOT, "configs", name), f"model.path={tiny_model}", f"train.out_dir={out}",
+    rc = main(["train", os.path.join(ROOT, "configs", name), f"model.path={tiny_pipe16}", f"train.out_dir={out}",
                *SMALL, *extra])
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -49,9 +41,9 @@ def test_recipe_trains_on_cuda(tmp_path, tiny_model, name, capsys):
     assert [e["iteration"] for e in evals] == [0, 1, 2] and all(0 <= e["toy_geneval"] <= 1 for e in evals)
 
 
-def test_sample_and_eval_on_cuda(tmp_path, tiny_model, capsys):
+def test_sample_and_eval_on_cuda(tmp_path, tiny_pipe16, capsys):
     out = tmp_path / "eval.json"
-    rc = main(["eval", "--model", tiny_model, "--device", "cuda", "--per-task", "2", "--steps", "3",
+    rc = main(["eval", "--model", tiny_pipe16, "--device", "cuda", "--per-task", "2", "--steps", "3",
                "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert 0 <= json.loads(out.read_text())["scores"]["base"]["toy_geneval"] <= 1

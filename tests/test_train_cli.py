@@ -89,14 +89,6 @@ def test_missing_config_file(capsys):
     assert "config file 'no/such.yaml' not found" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "pipe"
-    torch.manual_seed(0)
-    tiny_sd3_pipeline(image_size=16).save_pretrained(str(path))
-    return str(path)
-
-
 def _check_outputs(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1]
@@ -109,11 +101,11 @@ def _check_outputs(out):
 
 @pytest.mark.parametrize("name,extra", [("toy_grpo.yaml", []), ("toy_crd.yaml", []),
                                         ("toy_grpo.yaml", ["grpo.beta=0.04", "grpo.kl_divergence=js"])])
-def test_toy_config_runs_end_to_end(tmp_path, tiny_model, name, extra, capsys):
+def test_toy_config_runs_end_to_end(tmp_path, tiny_pipe16, name, extra, capsys):
     out = tmp_path / "run"
     (out).mkdir()
     (out / "metrics.jsonl").write_text('{"stale": 1}\n')  # a fresh run owns its log
-    rc = main(["train", os.path.join(ROOT, "configs", name), f"model.path={tiny_model}", f"train.out_dir={out}",
+    rc = main(["train", os.path.join(ROOT, "configs", name), f"model.path={tiny_pipe16}", f"train.out_dir={out}",
                *SMALL, *extra])
     assert rc == 0, capsys.readouterr().err
     row = _check_outputs(out)
@@ -127,21 +119,21 @@ def test_toy_config_runs_end_to_end(tmp_path, tiny_model, name, extra, capsys):
         assert im.width > 6 * 16
 
 
-def test_toy_opd_runs_with_teacher_folders(tmp_path, tiny_model, capsys):
+def test_toy_opd_runs_with_teacher_folders(tmp_path, tiny_pipe16, capsys):
     teachers = []
     for name in ("spatial", "attributes"):
         ad = adapter_for(tiny_sd3_pipeline(image_size=16))
         lora.add_lora(ad, rank=4)
         teachers.append(f"opd.teachers.{name}.lora={lora.save_lora(ad, str(tmp_path / name))}")
     out = tmp_path / "run"
-    rc = main(["train", os.path.join(ROOT, "configs", "toy_opd.yaml"), f"model.path={tiny_model}",
+    rc = main(["train", os.path.join(ROOT, "configs", "toy_opd.yaml"), f"model.path={tiny_pipe16}",
                f"train.out_dir={out}", *teachers, *SMALL])
     assert rc == 0, capsys.readouterr().err
     row = _check_outputs(out)
     assert row["samples"] == 4 and row["loss"] >= 0 and {"loss_spatial", "loss_attributes"} <= set(row)
 
 
-def test_bfloat16_run_loads_the_pipeline_in_bf16(tmp_path, tiny_model, monkeypatch, capsys):
+def test_bfloat16_run_loads_the_pipeline_in_bf16(tmp_path, tiny_pipe16, monkeypatch, capsys):
     # model.dtype=bfloat16 loads the pipeline in bf16 (no float32 copy of FLUX's 12B transformer or T5-XXL)
     # and still runs end to end, held-out evaluation included
     import flowalign.trainer as trainer_mod
@@ -157,7 +149,7 @@ def test_bfloat16_run_loads_the_pipeline_in_bf16(tmp_path, tiny_model, monkeypat
     real = trainer_mod.load_adapter
     monkeypatch.setattr(trainer_mod, "load_adapter", spy)
     out = tmp_path / "run"
-    rc = main(["train", os.path.join(ROOT, "configs", "toy_crd.yaml"), f"model.path={tiny_model}",
+    rc = main(["train", os.path.join(ROOT, "configs", "toy_crd.yaml"), f"model.path={tiny_pipe16}",
                f"train.out_dir={out}", "model.dtype=bfloat16", *SMALL])
     assert rc == 0, capsys.readouterr().err
     assert loaded == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16)]
