@@ -733,7 +733,10 @@ def run_scale(name: str, resolution: int = 512, batch: int = 1, rank: int = 32, 
 
     from .lora import LORA_TARGET_MODULES
 
+    from .kernels import avoid_cudnn_attention
+
     _, family, _ = scale_config(name, shrink)
+    avoid_cudnn_attention(device)  # cuDNN attention's backward failed on FLUX shapes (flowalign.kernels)
     model = build_transformer(name, shrink, device, dtype)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGET_MODULES[family]))

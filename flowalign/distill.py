@@ -272,6 +272,7 @@ def run_distill(cfg, adapter: Optional[PipelineAdapter] = None, real: Optional[t
 
     from .config import config_to_dict
     from .evaluate import sample_images
+    from .kernels import avoid_cudnn_attention
     from .models import load_adapter
     from .report import image_grid
 
@@ -283,6 +284,7 @@ def run_distill(cfg, adapter: Optional[PipelineAdapter] = None, real: Optional[t
     if adapter is None:
         device = cfg.model.device or ("cuda" if torch.cuda.is_available() else None)
         adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device)
+    avoid_cudnn_attention(adapter.device)  # training backward (flowalign.kernels)
     dist = FDistiller(cfg, adapter, real, real_prompts)
     t_real = time.time() - t0
     history = []

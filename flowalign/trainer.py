@@ -28,6 +28,7 @@ from .algorithms.opd import OPDUpdate
 from .config import Config, config_to_dict
 from .ema import EMA
 from .heldout import HeldoutEval
+from .kernels import avoid_cudnn_attention
 from .logging_utils import EVALS_JSONL, MetricsLog
 from .models import DTYPES, load_adapter
 from .prompts import PromptSource, toy_tasks
@@ -59,6 +60,7 @@ class Trainer:
                                    torch_dtype=lora.load_dtypes(DTYPES[cfg.model.dtype]),
                                    trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = adapter
+        avoid_cudnn_attention(self.adapter.device)  # its backward failed on FLUX shapes (flowalign.kernels)
         if cfg.model.dtype != "float32":
             lora.set_precision(self.adapter, DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
