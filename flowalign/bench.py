@@ -731,9 +731,8 @@ def run_scale(name: str, resolution: int = 512, batch: int = 1, rank: int = 32, 
     samples/s / (num_steps x CFG passes): whole images sampled per second at ``num_steps`` steps."""
     from peft import LoraConfig
 
-    from .lora import LORA_TARGET_MODULES
-
     from .kernels import avoid_cudnn_attention
+    from .lora import LORA_TARGET_MODULES
 
     _, family, _ = scale_config(name, shrink)
     avoid_cudnn_attention(device)  # cuDNN attention's backward failed on FLUX shapes (flowalign.kernels)
