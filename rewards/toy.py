@@ -2,7 +2,8 @@
 
 score = fraction of the prompt's constraints met (object, count, colour, position, colour attribution),
 or, with ``strict=True``, 1 iff all are met. ``no_extra=True`` adds the check "no more objects than asked"
-(GenEval's checks ignore extras, which aligned models learn to draw): a training-reward option.
+(GenEval's checks ignore extras, which aligned models learn to draw); ``partial=True`` grades a failed count
+or relation in [0, 1/2] by how near it came (flowalign.toy.geneval). Both are training-reward options.
 
 The one reward that imports from the core package (at call time): the toy world's detector lives in
 ``flowalign.toy`` (DESIGN.md), which ships in the same distribution, so the import always resolves.
@@ -20,12 +21,13 @@ from .base import Images, Reward
 class ToyGenEvalReward(Reward):
     name = "toy_geneval"
 
-    def __init__(self, strict: bool = False, no_extra: bool = False):
+    def __init__(self, strict: bool = False, no_extra: bool = False, partial: bool = False):
         self.strict = strict
         self.no_extra = no_extra
+        self.partial = partial
 
     def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         from flowalign.toy import toy_geneval  # the toy world lives in the core package
 
-        frac, strict, _ = toy_geneval(images, prompts, no_extra=self.no_extra)
+        frac, strict, _ = toy_geneval(images, prompts, no_extra=self.no_extra, partial=self.partial)
         return strict if self.strict else frac

@@ -19,6 +19,15 @@ Like GenEval, these checks ignore objects the prompt did not ask for, so an alig
 drawing extras (which also breaks counts and relations). ``no_extra=True`` adds one check,
 ``#detections <= #objects asked`` (named "no extra objects", or "no extra objects (n > k)" when it fails),
 for use as a TRAINING reward; held-out evaluation keeps the GenEval checks.
+
+``partial=True``, also a training-reward option, grades two sparse checks when they fail, so that a group of
+rollouts that all miss them still ranks near misses above far ones (a passed check still scores 1 and the
+strict score is unchanged):
+
+    count(x)==n   failed: 1/2 * max(0, 1 - |found - n| / n)
+    a REL b       failed: 1/2 * mean over (a, b) pairs of (m + 1) / 2, m = relation_margin in [-1, 1]
+                  (GenEval's rule passes at m > 0.5), 0 when a or b is missing
+
 Text prompts are for the OCR reward and raise here.
 """
 
@@ -30,7 +39,7 @@ from typing import Sequence
 import torch
 
 from .detect import Detected, detect
-from .grammar import TEXT_TASK, ObjectSpec, SceneSpec, parse_prompt, relations_of
+from .grammar import TEXT_TASK, ObjectSpec, SceneSpec, parse_prompt, relation_direction, relation_margin, relations_of
 
 
 def _matches(d: Detected, o: ObjectSpec) -> bool:
@@ -70,20 +79,44 @@ def checks(spec: SceneSpec, dets: Sequence[Detected], no_extra: bool = False) ->
     return out
 
 
-def score(prompt: str | SceneSpec, detections: Sequence[Detected], no_extra: bool = False) -> dict:
+def partial_credits(spec: SceneSpec, dets: Sequence[Detected], c: dict[str, bool]) -> dict[str, float]:
+    """Credit in [0, 1] of each check in ``c`` (= ``checks(spec, dets, ...)``): 1 when met, else 0, except a
+    failed count or relation, graded in [0, 1/2] (module docstring)."""
+    credit = {k: float(v) for k, v in c.items()}
+    found = [[d for d in dets if _matches(d, o)] for o in spec.objects]
+    if spec.task == "counting":
+        o = spec.objects[0]
+        key = f"count({_name(o)})=={o.count}"
+        if not c[key]:
+            credit[key] = 0.5 * max(0.0, 1 - abs(len(found[0]) - o.count) / o.count)
+    if spec.task == "position":
+        a, b = spec.objects
+        key = f"{_name(a)} {spec.relation} {_name(b)}"
+        if not c[key] and found[0] and found[1]:
+            m = [relation_margin(spec.relation, *relation_direction(da.bbox, db.bbox))
+                 for da in found[0] for db in found[1]]
+            credit[key] = 0.5 * sum((x + 1) / 2 for x in m) / len(m)
+    return credit
+
+
+def score(prompt: str | SceneSpec, detections: Sequence[Detected], no_extra: bool = False,
+          partial: bool = False) -> dict:
     """-> {"task", "fraction" (float in [0,1]), "strict" (0.0 or 1.0), "checks" {name: bool},
-    "extra_objects" (1.0 iff more objects were detected than the prompt asks for)}."""
+    "extra_objects" (1.0 iff more objects were detected than the prompt asks for)}; ``partial``: the fraction
+    sums :func:`partial_credits` instead of the met checks."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     c = checks(spec, detections, no_extra)
     met = sum(c.values())
-    return {"task": spec.task, "fraction": met / len(c), "strict": float(met == len(c)), "checks": c,
+    total = sum(partial_credits(spec, detections, c).values()) if partial else met
+    return {"task": spec.task, "fraction": total / len(c), "strict": float(met == len(c)), "checks": c,
             "extra_objects": float(extra_objects(spec, detections) > 0)}
 
 
-def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = False, **detect_kwargs
-                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, float]]]:
+def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = False, partial: bool = False,
+                **detect_kwargs) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, float]]]:
     """Score a batch. images: tensor [B,3,H,W] in [0,1] or a list of PIL images / [3,H,W] tensors.
-    ``no_extra`` adds the "no extra objects" check (module docstring).
+    ``no_extra`` adds the "no extra objects" check, ``partial`` grades failed counts and relations (module
+    docstring); both are training-reward options.
 
     Returns (fraction [B] float32, strict [B] float32, {task: {"fraction", "strict", "extra_objects", "n",
     "checks"}}), the per-task entries being means over the batch items of that task, and "checks" the pass
@@ -91,7 +124,7 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    results = [score(p, detect(im, **detect_kwargs), no_extra) for im, p in zip(images, prompts)]
+    results = [score(p, detect(im, **detect_kwargs), no_extra, partial) for im, p in zip(images, prompts)]
     frac = torch.tensor([r["fraction"] for r in results], dtype=torch.float32)
     strict = torch.tensor([r["strict"] for r in results], dtype=torch.float32)
     groups: dict[str, list[dict]] = defaultdict(list)

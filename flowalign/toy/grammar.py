@@ -186,12 +186,11 @@ def _object(head: str, color: str | None, shape: str, plural: str) -> tuple[Obje
     return ObjectSpec(shape, color, count), head != "a"
 
 
-def relations_of(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """Relations of box a to box b, GenEval's rule; boxes are (x0, y0, x1, y1), y down.
+def relation_direction(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> tuple[float, float]:
+    """(dx, dy) in [-1, 1]^2, GenEval's shrunk direction from box b to box a; boxes are (x0, y0, x1, y1), y down.
 
-    offset = centre_a - centre_b; shrunk = sign(offset) * max(|offset| - threshold * (dim_a +
-    dim_b), 0); (dx, dy) = shrunk / |offset|; "left of" iff dx < -0.5, "right of" iff dx > 0.5,
-    "above" iff dy < -0.5, "below" iff dy > 0.5. Empty when the boxes are (nearly) concentric.
+    offset = centre_a - centre_b; shrunk = sign(offset) * max(|offset| - threshold * (dim_a + dim_b), 0);
+    (dx, dy) = shrunk / |offset|, (0, 0) when the boxes are (nearly) concentric.
     """
     a, b = np.asarray(box_a, float).reshape(2, 2), np.asarray(box_b, float).reshape(2, 2)
     offset = a.mean(0) - b.mean(0)
@@ -199,9 +198,22 @@ def relations_of(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str
     shrunk = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
     norm = float(np.linalg.norm(offset))
     if norm < 1e-6 or np.all(np.abs(shrunk) < 1e-3):
-        return set()
+        return 0.0, 0.0
     dx, dy = shrunk / norm
-    return {r for r, ok in zip(RELATIONS, (dx < -0.5, dx > 0.5, dy < -0.5, dy > 0.5)) if ok}
+    return float(dx), float(dy)
+
+
+def relation_margin(relation: str, dx: float, dy: float) -> float:
+    """The component of :func:`relation_direction` along ``relation``: -dx (left of), dx (right of), -dy
+    (above), dy (below); the relation holds iff it is > 0.5."""
+    return {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[relation]
+
+
+def relations_of(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of box a to box b, GenEval's rule: ``relation`` holds iff its :func:`relation_margin` of
+    :func:`relation_direction` is > 0.5 ("left of" iff dx < -0.5, ...). Empty when concentric."""
+    d = relation_direction(box_a, box_b, threshold)
+    return {r for r in RELATIONS if relation_margin(r, *d) > 0.5}
 
 
 def split_of(prompt: str) -> str:

@@ -103,6 +103,9 @@ def test_toy_geneval_reward_no_extra_option():
     assert ToyGenEvalReward().score(x, ["a green square"]).item() == 1.0  # lenient: a square is present
     # colors task: present(square), present(green square) met, "no extra objects" failed
     assert ToyGenEvalReward(no_extra=True).score(x, ["a green square"]).item() == pytest.approx(2 / 3)
+    # counting: present met, count 2 of 3 graded 1/2 * (1 - 1/3)
+    assert ToyGenEvalReward(partial=True).score(x, ["three green squares"]).item() == pytest.approx((1 + 1 / 3) / 2)
+    assert ToyGenEvalReward().score(x, ["three green squares"]).item() == pytest.approx(1 / 2)
 
 
 def test_check_rates_split_scores_by_check_kind():
@@ -125,3 +128,33 @@ def test_check_rates_split_scores_by_check_kind():
     _, _, per_task = toy_geneval([render(spec, size=64, seed=i)[0] for i, (_, spec) in enumerate(batch)],
                                  [prompt for prompt, _ in batch])
     assert per_task["position"]["checks"] == {"colour+shape": 1.0, "relation": 1.0}  # renders meet every check
+
+
+def test_partial_credit_grades_counts_and_relations():
+    # partial=True (a training-reward option): a failed count or relation earns up to 1/2 by how near it is;
+    # passed checks, the exact checks and the strict score are unchanged
+    sq = [det("square", "blue", 5 + 18 * i, 20) for i in range(5)]
+    prompt = "three blue squares"
+    cases = [(3, 1.0, 1.0), (2, 0.5, (1 + 0.5 * (1 - 1 / 3)) / 2), (5, 0.5, (1 + 0.5 * (1 - 2 / 3)) / 2), (0, 0.0, 0.0)]
+    for k, exact, partial in cases:
+        r = score(prompt, sq[:k], partial=True)
+        assert r["fraction"] == pytest.approx(partial) and score(prompt, sq[:k])["fraction"] == pytest.approx(exact)
+        assert r["strict"] == float(k == 3) and r["checks"] == score(prompt, sq[:k])["checks"]
+    left, right = det("circle", "red", 5, 30), det("square", "blue", 40, 30)
+    # a is 35 px left of b, boxes 12 px: shrunk offset (-35 + 0.1 * 24, 0) / 35 -> dx = -32.6 / 35, dy = 0
+    dx = -32.6 / 35
+    for rel, s in [("to the right of", dx), ("above", 0.0), ("below", 0.0)]:
+        r = score(f"a red circle {rel} a blue square", [left, right], partial=True)
+        assert r["fraction"] == pytest.approx((2 + 0.5 * (s + 1) / 2) / 3) and r["strict"] == 0.0
+    assert score("a red circle to the left of a blue square", [left, right], partial=True)["fraction"] == 1.0
+    assert score("a red circle to the left of a blue square", [left], partial=True)["fraction"] == pytest.approx(1 / 3)
+
+
+def test_partial_credit_never_lowers_a_score():
+    batch = sample_batch(60, seed=5)
+    images = [render(s, 64, seed=i)[0] for i, (_, s) in enumerate(batch)]
+    prompts = [p for p, _ in sample_batch(60, seed=6)]  # mostly other scenes' prompts: many failed checks
+    exact, strict, _ = toy_geneval(images, prompts)
+    partial, strict_p, _ = toy_geneval(images, prompts, partial=True)
+    assert torch.equal(strict, strict_p) and bool((partial >= exact).all()) and bool((partial > exact).any())
+    assert bool((partial[strict == 1] == 1).all())
