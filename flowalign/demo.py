@@ -123,6 +123,9 @@ def _write_report(out_dir: str, r: dict, name: str) -> None:
     checks = "\n".join(f"| {task} | {kind} | {rate:.3f} | {r['aligned']['checks'][task][kind]:.3f} |"
                        for task, kinds in r["base"]["checks"].items() for kind, rate in kinds.items())
     sweep = ", ".join(f"{v:.3f} at CFG {g}" for g, v in r["base_by_guidance_scale"].items())
+    t = r["config"]["train"]
+    options = ", ".join(f"{k}={v}" for k, v in (t["reward_options"] or {}).items())
+    trained_on = f"`{t['reward']}`" + (f" with {options} (held-out scores use the exact checks)" if options else "")
     best = (f"\nThe base at other CFG scales (same prompts and seeds): {sweep}; the aligned model is "
             f"{r['delta_vs_best_base']:+.3f} over the base at its best CFG.\n") if sweep else ""
     text = f"""# flowalign demo: {name} on the shipped toy pipeline
@@ -133,7 +136,8 @@ before and after, CFG {r['eval_guidance_scale']:g}: **{r['base']['toy_geneval']:
 Images with more objects than the prompt asks for (GenEval's checks ignore them; a rise is reward hacking):
 {r['base']['extra_objects']:.3f} -> {r['aligned']['extra_objects']:.3f}.
 {best}
-Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f} s wall in all (seed {r['seed']}).
+Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f} s wall in all (seed {r['seed']}),
+on the reward {trained_on}.
 
 | task | base | aligned | images |
 |---|---|---|---|

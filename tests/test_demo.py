@@ -33,6 +33,9 @@ def test_quick_demo_writes_the_report(tmp_path):
             assert im.width > 200 and im.height > 100
     report = (out / "report.md").read_text()
     assert "reward_curve.png" in report and "grid.png" in report
+    # the demo recipe trains on partial credit; the report says so, and that held-out scores are exact
+    assert metrics["config"]["train"]["reward_options"] == {"partial": True}
+    assert "on the reward `toy_geneval` with partial=True (held-out scores use the exact checks)" in report
     assert f"{metrics['base']['toy_geneval']:.3f} -> {metrics['aligned']['toy_geneval']:.3f}" in report
     assert f"{metrics['base']['extra_objects']:.3f} -> {metrics['aligned']['extra_objects']:.3f}" in report
     assert (f"| position | relation | {metrics['base']['checks']['position']['relation']:.3f} | "
