@@ -116,6 +116,13 @@ def _base_guidance_sweep(trainer, scales) -> dict:
     return out
 
 
+def training_reward(train: dict) -> str:
+    """The report's words for the training reward of a ``train`` config section, e.g. "`toy_geneval` with
+    partial=True (held-out scores use the exact checks)"."""
+    options = ", ".join(f"{k}={v}" for k, v in (train["reward_options"] or {}).items())
+    return f"`{train['reward']}`" + (f" with {options} (held-out scores use the exact checks)" if options else "")
+
+
 def _write_report(out_dir: str, r: dict, name: str) -> None:
     rows = "\n".join(
         f"| {task} | {r['base']['per_task'][task]['fraction']:.3f} | {r['aligned']['per_task'][task]['fraction']:.3f} "
@@ -123,9 +130,7 @@ def _write_report(out_dir: str, r: dict, name: str) -> None:
     checks = "\n".join(f"| {task} | {kind} | {rate:.3f} | {r['aligned']['checks'][task][kind]:.3f} |"
                        for task, kinds in r["base"]["checks"].items() for kind, rate in kinds.items())
     sweep = ", ".join(f"{v:.3f} at CFG {g}" for g, v in r["base_by_guidance_scale"].items())
-    t = r["config"]["train"]
-    options = ", ".join(f"{k}={v}" for k, v in (t["reward_options"] or {}).items())
-    trained_on = f"`{t['reward']}`" + (f" with {options} (held-out scores use the exact checks)" if options else "")
+    trained_on = training_reward(r["config"]["train"])
     best = (f"\nThe base at other CFG scales (same prompts and seeds): {sweep}; the aligned model is "
             f"{r['delta_vs_best_base']:+.3f} over the base at its best CFG.\n") if sweep else ""
     text = f"""# flowalign demo: {name} on the shipped toy pipeline
