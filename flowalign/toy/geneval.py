@@ -50,6 +50,20 @@ def _name(o: ObjectSpec) -> str:
     return f"{o.color} {o.shape}" if o.color else o.shape
 
 
+def _found(spec: SceneSpec, dets: Sequence[Detected]) -> list[list[Detected]]:
+    """Per object phrase of ``spec``, the detections that match it."""
+    return [[d for d in dets if _matches(d, o)] for o in spec.objects]
+
+
+def _count_check(o: ObjectSpec) -> str:
+    return f"count({_name(o)})=={o.count}"
+
+
+def _relation_check(spec: SceneSpec) -> str:
+    a, b = spec.objects
+    return f"{_name(a)} {spec.relation} {_name(b)}"
+
+
 def extra_objects(spec: SceneSpec, dets: Sequence[Detected]) -> int:
     """How many more objects were detected than ``spec`` asks for (0 when not more)."""
     return max(0, len(dets) - sum(o.count for o in spec.objects))
@@ -60,7 +74,7 @@ def checks(spec: SceneSpec, dets: Sequence[Detected], no_extra: bool = False) ->
     if spec.task == TEXT_TASK:
         raise ValueError("text prompts are scored by the OCR reward, not by toy GenEval")
     out: dict[str, bool] = {}
-    found = [[d for d in dets if _matches(d, o)] for o in spec.objects]
+    found = _found(spec, dets)
     if spec.task in ("colors", "color_attr"):  # shape presence first, then attribution
         for o in spec.objects:
             out[f"present({o.shape})"] = any(d.shape == o.shape for d in dets)
@@ -68,10 +82,9 @@ def checks(spec: SceneSpec, dets: Sequence[Detected], no_extra: bool = False) ->
         out[f"present({_name(o)})"] = bool(f)
     if spec.task == "counting":
         o = spec.objects[0]
-        out[f"count({_name(o)})=={o.count}"] = len(found[0]) == o.count
+        out[_count_check(o)] = len(found[0]) == o.count
     if spec.task == "position":
-        a, b = spec.objects
-        out[f"{_name(a)} {spec.relation} {_name(b)}"] = bool(found[0] and found[1]) and all(
+        out[_relation_check(spec)] = bool(found[0] and found[1]) and all(
             spec.relation in relations_of(da.bbox, db.bbox) for da in found[0] for db in found[1])
     if no_extra:
         extra = extra_objects(spec, dets)
@@ -83,15 +96,14 @@ def partial_credits(spec: SceneSpec, dets: Sequence[Detected], c: dict[str, bool
     """Credit in [0, 1] of each check in ``c`` (= ``checks(spec, dets, ...)``): 1 when met, else 0, except a
     failed count or relation, graded in [0, 1/2] (module docstring)."""
     credit = {k: float(v) for k, v in c.items()}
-    found = [[d for d in dets if _matches(d, o)] for o in spec.objects]
+    found = _found(spec, dets)
     if spec.task == "counting":
         o = spec.objects[0]
-        key = f"count({_name(o)})=={o.count}"
+        key = _count_check(o)
         if not c[key]:
             credit[key] = 0.5 * max(0.0, 1 - abs(len(found[0]) - o.count) / o.count)
     if spec.task == "position":
-        a, b = spec.objects
-        key = f"{_name(a)} {spec.relation} {_name(b)}"
+        key = _relation_check(spec)
         if not c[key] and found[0] and found[1]:
             m = [relation_margin(spec.relation, *relation_direction(da.bbox, db.bbox))
                  for da in found[0] for db in found[1]]
