@@ -276,6 +276,34 @@ def sample(rng: np.random.Generator | int, task: str | None = None, split: str =
     return p, parse_prompt(p)
 
 
+def noisy_caption(prompt: str, rng: np.random.Generator, p: float) -> str:
+    """Web-caption-like label noise for pretraining: with probability ``p`` the caption misstates the scene.
+
+    counting: the count is off by one (``"three red squares"`` -> ``"two red squares"``); position: another
+    relation; color_attr: the two colours swapped between the shapes. Other tasks are returned unchanged, as is
+    any mislabel that would name a held-out prompt (held-out prompts never appear in pretraining). A base
+    trained on such captions draws every object well but follows counts, relations and colour bindings
+    imperfectly, the kind of error alignment is meant to fix.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption noise p must be in [0, 1], got {p}")
+    spec = parse_prompt(prompt)
+    if spec.task not in ("counting", "position", "color_attr") or rng.random() >= p:
+        return prompt
+    if spec.task == "counting":
+        o = spec.objects[0]
+        counts = [n for n in (o.count - 1, o.count + 1) if 1 <= n <= MAX_COUNT]
+        new = SceneSpec(spec.task, (ObjectSpec(o.shape, o.color, int(rng.choice(counts))),))
+    elif spec.task == "position":
+        others = [r for r in RELATIONS if r != spec.relation]
+        new = SceneSpec(spec.task, spec.objects, others[rng.integers(len(others))])
+    else:
+        a, b = spec.objects
+        new = SceneSpec(spec.task, (ObjectSpec(a.shape, b.color), ObjectSpec(b.shape, a.color)))
+    wrong = caption(new)
+    return wrong if split_of(wrong) == "train" else prompt
+
+
 def sample_batch(n: int, seed: int = 0, split: str = "train",
                  tasks: tuple[str, ...] = GENEVAL_TASKS) -> list[tuple[str, SceneSpec]]:
     """``n`` seeded (prompt, spec) pairs; the same seed gives the same list."""

@@ -77,3 +77,37 @@ def test_relations_follow_geneval_rule():
     assert relations_of((20, 0, 30, 10), (20, 30, 30, 40)) == {"above"}
     assert relations_of((0, 0, 10, 10), (30, 30, 40, 40)) == {"left of", "above"}  # diagonal: both
     assert relations_of((0, 0, 10, 10), (1, 0, 11, 10)) == set()  # within the margin: none
+
+
+
+def test_caption_noise_mislabels_counts_relations_and_bindings_only():
+    from flowalign.toy import noisy_caption
+
+    rng = np.random.default_rng(0)
+    assert all(noisy_caption(p, rng, 0.0) == p for p in all_prompts("position")[:50])
+    for task in ("single_object", "colors", "two_object"):
+        assert all(noisy_caption(p, rng, 1.0) == p for p in all_prompts(task))
+    assert noisy_caption('the text "AB"', rng, 1.0) == 'the text "AB"'
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        noisy_caption("a circle", rng, 1.5)
+
+    def noisy(task):  # (clean spec, noisy spec) for every train prompt of the task, at p = 1
+        return [(parse_prompt(p), parse_prompt(noisy_caption(p, rng, 1.0))) for p in prompts_in_split(task, "train")]
+
+    pairs = noisy("counting")  # a neighbouring count, same colour and shape
+    assert all((n.objects[0].shape, n.objects[0].color) == (s.objects[0].shape, s.objects[0].color) for s, n in pairs)
+    assert all(abs(n.objects[0].count - s.objects[0].count) <= 1 for s, n in pairs)
+    assert np.mean([n != s for s, n in pairs]) > 0.8
+    pairs = noisy("position")  # another relation, same objects
+    assert all(n.objects == s.objects for s, n in pairs) and np.mean([n != s for s, n in pairs]) > 0.8
+    pairs = noisy("color_attr")  # the two colours swapped between the shapes
+    assert all([o.shape for o in n.objects] == [o.shape for o in s.objects] for s, n in pairs)
+    assert all([o.color for o in n.objects] in ([o.color for o in s.objects], [o.color for o in s.objects][::-1])
+               for s, n in pairs)
+    assert np.mean([n != s for s, n in pairs]) > 0.8
+    # a noisy caption never names a held-out prompt, and p is the rate of mislabels
+    assert all(split_of(noisy_caption(p, rng, 1.0)) == "train" for t in ("counting", "position", "color_attr")
+               for p in prompts_in_split(t, "train"))
+    draws = [noisy_caption("three red squares", rng, 0.3) for _ in range(2000)]  # its neighbours are all train
+    assert abs(np.mean([d != "three red squares" for d in draws]) - 0.3) < 0.04
+    assert set(draws) == {"two red squares", "three red squares", "four red squares"}
