@@ -123,12 +123,27 @@ def training_reward(train: dict) -> str:
     return f"`{train['reward']}`" + (f" with {options} (held-out scores use the exact checks)" if options else "")
 
 
+def _check_kinds(r: dict) -> list[tuple[str, str]]:
+    """(task, check kind) of the base or the aligned model, in first-seen order (a conditional kind such as
+    "relation, objects drawn" exists only where some image qualified)."""
+    seen = {}
+    for side in ("base", "aligned"):
+        for task, kinds in r[side]["checks"].items():
+            seen.update({(task, kind): None for kind in kinds})
+    return list(seen)
+
+
+def _rate(checks: dict, task: str, kind: str) -> str:
+    rate = checks.get(task, {}).get(kind)
+    return "n/a" if rate is None else f"{rate:.3f}"
+
+
 def _write_report(out_dir: str, r: dict, name: str) -> None:
     rows = "\n".join(
         f"| {task} | {r['base']['per_task'][task]['fraction']:.3f} | {r['aligned']['per_task'][task]['fraction']:.3f} "
         f"| {r['base']['per_task'][task]['n']} |" for task in r["base"]["per_task"])
-    checks = "\n".join(f"| {task} | {kind} | {rate:.3f} | {r['aligned']['checks'][task][kind]:.3f} |"
-                       for task, kinds in r["base"]["checks"].items() for kind, rate in kinds.items())
+    checks = "\n".join(f"| {task} | {kind} | {_rate(r['base']['checks'], task, kind)} | "
+                       f"{_rate(r['aligned']['checks'], task, kind)} |" for task, kind in _check_kinds(r))
     sweep = ", ".join(f"{v:.3f} at CFG {g}" for g, v in r["base_by_guidance_scale"].items())
     trained_on = training_reward(r["config"]["train"])
     best = (f"\nThe base at other CFG scales (same prompts and seeds): {sweep}; the aligned model is "
@@ -149,7 +164,9 @@ on the reward {trained_on}.
 {rows}
 
 Where the scores are lost: the share of each kind of check met (a two-object prompt makes two "colour+shape"
-checks; "relation" is a position prompt's left/right/above/below).
+checks; "relation" is a position prompt's left/right/above/below; "relation, objects drawn" and "count, object
+drawn" count only the images where the named objects are present, so they separate placing and counting from
+drawing).
 
 | task | check | base | aligned |
 |---|---|---|---|

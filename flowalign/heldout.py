@@ -9,7 +9,8 @@ Scores (one dict per evaluation, keys ``<reward>`` and ``<reward>/<task>``):
   * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met), ``toy_geneval_strict``,
     ``toy_extra_objects`` (share of images with more objects than asked: GenEval's checks do not see them,
     so a rising share is reward hacking) and ``toy_check/<task>/<kind>`` (pass rate of each kind of check:
-    shape, colour+shape, count, relation);
+    shape, colour+shape, count, relation; and "count, object drawn" / "relation, objects drawn", the count
+    or relation over the images that drew the named objects: see ``toy.check_rates``);
   * toy text prompts    -> ``ocr`` (needs rapidocr);
   * other prompts       -> the training reward(s);
   * every prompt        -> each of ``train.eval_rewards`` (e.g. clip_score: a reward the run did not train on,

@@ -22,7 +22,10 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert metrics[side]["n"] == metrics["heldout_images"] == 12
         assert 0.0 <= metrics[side]["extra_objects"] <= 1.0
         checks = metrics[side]["checks"]  # where the scores are lost; one check per single-object image
-        assert set(checks["position"]) == {"colour+shape", "relation"} and set(checks["counting"]) >= {"count"}
+        # "relation, objects drawn" only when some image drew both objects
+        assert {"colour+shape", "relation"} <= set(checks["position"]) <= {"colour+shape", "relation",
+                                                                          "relation, objects drawn"}
+        assert set(checks["counting"]) >= {"count"}
         assert checks["single_object"]["shape"] == pytest.approx(metrics[side]["per_task"]["single_object"]["fraction"])
         assert all(0.0 <= v <= 1.0 for kinds in checks.values() for v in kinds.values())
     assert metrics["samples"] == metrics["iterations"] * 8
@@ -55,3 +58,21 @@ def test_report_names_the_training_reward_and_its_options():
     assert training_reward({"reward": "toy_geneval", "reward_options": {}}) == "`toy_geneval`"
     assert training_reward({"reward": "toy_geneval", "reward_options": {"partial": True}}) == (
         "`toy_geneval` with partial=True (held-out scores use the exact checks)")
+
+
+def test_report_lists_a_check_kind_that_only_one_side_has(tmp_path):
+    from flowalign.demo import _write_report
+
+    def side(score, checks):
+        return {"toy_geneval": score, "strict": score / 2, "extra_objects": 0.1, "n": 2, "checks": checks,
+                "per_task": {"position": {"fraction": score, "strict": score / 2, "extra_objects": 0.1, "n": 2}}}
+
+    r = {"base": side(0.25, {"position": {"colour+shape": 0.25, "relation": 0.0}}),
+         "aligned": side(0.75, {"position": {"colour+shape": 0.75, "relation": 0.5, "relation, objects drawn": 1.0}}),
+         "base_by_guidance_scale": {}, "config": {"train": {"reward": "toy_geneval", "reward_options": None}},
+         "iterations": 1, "samples": 8, "wall_s": 1.0, "seed": 0, "heldout_images": 2, "eval_guidance_scale": 1.0,
+         "delta_vs_best_base": 0.5}
+    _write_report(str(tmp_path), r, "CRD")
+    report = (tmp_path / "report.md").read_text()
+    assert "| position | relation | 0.000 | 0.500 |" in report
+    assert "| position | relation, objects drawn | n/a | 1.000 |" in report  # no base image drew both objects

@@ -164,11 +164,23 @@ def check_kind(name: str) -> str:
 
 def check_rates(results: Sequence[dict]) -> dict[str, tuple[int, int]]:
     """Where scores are lost: {check kind: (checks met, checks made)} over :func:`score` results, one entry per
-    (image, check) pair (a two-object prompt makes two "colour+shape" checks)."""
+    (image, check) pair (a two-object prompt makes two "colour+shape" checks).
+
+    Two conditional kinds separate drawing from placing and counting: "relation, objects drawn" is the relation
+    check over the images whose named objects are all present (met / made = P(relation | both drawn)), and
+    "count, object drawn" the count check over the images where the named object is present at all. A kind
+    appears only when some image qualifies.
+    """
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in results:
+        drawn = all(ok for name, ok in r["checks"].items() if check_kind(name) == "colour+shape")
         for name, ok in r["checks"].items():
-            tally = out[check_kind(name)]
+            kind = check_kind(name)
+            tally = out[kind]
             tally[0] += int(ok)
             tally[1] += 1
+            if kind in ("relation", "count") and drawn:
+                cond = out[f"{kind}, object{'s' if kind == 'relation' else ''} drawn"]
+                cond[0] += int(ok)
+                cond[1] += 1
     return {k: tuple(v) for k, v in sorted(out.items())}

@@ -68,7 +68,7 @@ def test_toy_geneval_batch():
     frac2, strict2, per_task2 = toy_geneval(batch, wrong)
     assert torch.allclose(frac2, torch.tensor([0.5, 0.5, 0.5, 2 / 3])) and torch.all(strict2 == 0)
     assert per_task2["counting"] == {"fraction": 0.5, "strict": 0.0, "extra_objects": 0.0, "n": 1,
-                                     "checks": {"colour+shape": 1.0, "count": 0.0}}
+                                     "checks": {"colour+shape": 1.0, "count": 0.0, "count, object drawn": 0.0}}
     assert set(per_task) == set(per_task2)
     _, _, per_task3 = toy_geneval(images[1:2], ["a green square"])  # two squares drawn, one asked for
     assert per_task3["colors"]["extra_objects"] == 1.0 and per_task3["colors"]["fraction"] == 1.0
@@ -120,14 +120,21 @@ def test_check_rates_split_scores_by_check_kind():
     dets = [[left, right], [left, right], [det("circle", "blue", 5, 5), det("square", "red", 40, 40)],
             [det("square", "blue", 5 + 18 * i, 20) for i in range(2)]]
     results = [score(p, d) for p, d in zip(prompts, dets)]
-    assert check_rates(results[:2]) == {"colour+shape": (4, 4), "relation": (1, 2)}  # the two position prompts
+    # the two position prompts: both objects drawn, one relation met
+    assert check_rates(results[:2]) == {"colour+shape": (4, 4), "relation": (1, 2), "relation, objects drawn": (1, 2)}
     assert check_rates(results[2:3]) == {"colour+shape": (0, 2), "shape": (2, 2)}
-    assert check_rates(results[3:]) == {"colour+shape": (1, 1), "count": (0, 1)}
+    assert check_rates(results[3:]) == {"colour+shape": (1, 1), "count": (0, 1), "count, object drawn": (0, 1)}
+    # a missing object fails the relation but does not count against "relation, objects drawn"
+    missing = score("a red circle to the left of a blue square", [left])
+    assert check_rates(results[:1] + [missing]) == {"colour+shape": (3, 4), "relation": (1, 2),
+                                                    "relation, objects drawn": (1, 1)}
+    assert "count, object drawn" not in check_rates([score("three blue squares", [left])])
     # toy_geneval reports the same rates per task
     batch = sample_batch(4, seed=0, tasks=("position",))
     _, _, per_task = toy_geneval([render(spec, size=64, seed=i)[0] for i, (_, spec) in enumerate(batch)],
                                  [prompt for prompt, _ in batch])
-    assert per_task["position"]["checks"] == {"colour+shape": 1.0, "relation": 1.0}  # renders meet every check
+    assert per_task["position"]["checks"] == {"colour+shape": 1.0, "relation": 1.0,  # renders meet every check
+                                              "relation, objects drawn": 1.0}
 
 
 def test_partial_credit_grades_counts_and_relations():
