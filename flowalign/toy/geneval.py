@@ -162,6 +162,9 @@ def check_kind(name: str) -> str:
     return "relation"
 
 
+_GIVEN_DRAWN = {"relation": "relation, objects drawn", "count": "count, object drawn"}  # conditional kinds
+
+
 def check_rates(results: Sequence[dict]) -> dict[str, tuple[int, int]]:
     """Where scores are lost: {check kind: (checks met, checks made)} over :func:`score` results, one entry per
     (image, check) pair (a two-object prompt makes two "colour+shape" checks).
@@ -179,8 +182,8 @@ def check_rates(results: Sequence[dict]) -> dict[str, tuple[int, int]]:
             tally = out[kind]
             tally[0] += int(ok)
             tally[1] += 1
-            if kind in ("relation", "count") and drawn:
-                cond = out[f"{kind}, object{'s' if kind == 'relation' else ''} drawn"]
+            if kind in _GIVEN_DRAWN and drawn:
+                cond = out[_GIVEN_DRAWN[kind]]
                 cond[0] += int(ok)
                 cond[1] += 1
     return {k: tuple(v) for k, v in sorted(out.items())}
