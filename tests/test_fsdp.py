@@ -38,11 +38,18 @@ RUNS = {
 }
 
 
-class MeanPixel(Reward):
-    name = "mean_pixel"
+class RandomPattern(Reward):
+    """Correlation of the image with a fixed random pattern: a reward whose spread within a prompt group (the SDE
+    noise's effect on the image) is large against the float rounding that differs between 1 and 2 processes (the
+    denoisers' kernels round differently for 1 and 2 rows). The mean pixel, which the decoder smooths to nearly one
+    value per group, made group advantages (R - mean) / std amplify that rounding up to 1.7e-3 in a gradient norm
+    on AMD EPYC; with this reward the same comparison differs by < 3e-5 on AMD EPYC (AVX-512 and AVX2 kernels)."""
+
+    name = "random_pattern"
 
     def score(self, images, prompts, metadata=None):
-        return images.mean(dim=(1, 2, 3))
+        pattern = torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(0))
+        return (images * pattern.to(images.device)).flatten(1).mean(1)
 
 
 def _config(algorithm: str, out_dir: str, shard: str, teachers: dict) -> Config:
@@ -58,7 +65,7 @@ def _run(algorithm: str, pipe, out_dir: str, shard: str, teachers: dict) -> dict
     """ITERATIONS iterations -> the (whole) LoRA weights, reward means, gradient norms, and how much of one base
     weight this process holds."""
     tr = Trainer(_config(algorithm, out_dir, shard, teachers), adapter=adapter_for(copy.deepcopy(pipe)),
-                 reward=None if algorithm == "opd" else MeanPixel())
+                 reward=None if algorithm == "opd" else RandomPattern())
     metrics = [tr.step() for _ in range(ITERATIONS)]
     base = tr.adapter.denoiser.transformer_blocks[0].attn.to_q.base_layer.weight
     teacher = lora.lora_parameters(tr.adapter, next(n for n in lora.adapter_names(tr.adapter) if n != "default")) \
@@ -159,7 +166,7 @@ def _family_run(family: str, out_dir: str) -> dict:
     cfg = Config(train=TrainConfig(algorithm="grpo", prompts_per_iter=2, group_size=2, minibatch=2, lr=LR,
                                    out_dir=out_dir, shard="fsdp"),
                  sampling=FAMILY_SAMPLING[family], grpo=GRPOConfig(clip_range=0.2), model=ModelConfig(lora_rank=2))
-    tr = Trainer(cfg, adapter=adapter_for(TINY_BUILDERS[family]()), reward=MeanPixel())
+    tr = Trainer(cfg, adapter=adapter_for(TINY_BUILDERS[family]()), reward=RandomPattern())
     start = torch.cat([fsdp.full(p.detach()).flatten() for p in tr.params])
     grads, adam_step = [], tr.optimizer.step
 
@@ -193,15 +200,14 @@ def test_fsdp_shards_flux_wan_and_unet_blocks_like_one_process(tmp_path):
         for got in ranks:
             assert got[family]["units"] == one["units"] and got[family]["base_share"] < 1.0, family
             assert got[family]["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-3), family
-            # The first step's gradient, summed over the shards, is one process's up to rounding: measured 0 (FLUX,
-            # Wan), 3e-7 (SD) and 3e-3 (SDXL, whose add-embedding kernels round differently for 1 and 2 rows, which
-            # the rollout and GRPO's advantage normalisation of a near-constant reward amplify). A lost or doubled
-            # gradient shard is off by tens of percent. Later weights are not compared element by element: Adam
-            # moves a weight by ~LR whatever its gradient's size, so where the true gradient is ~0 rounding can flip
-            # a step's sign.
+            # The first step's gradient, summed over the shards, is one process's up to rounding: measured on AMD EPYC
+            # 1e-6 (FLUX), 7e-6 (Wan), 4e-5 (SD) and 7e-5 (SDXL, whose kernels round differently for 1 and 2 rows);
+            # a lost or doubled gradient shard is off by tens of percent, so 1e-3 separates the two with room on any
+            # CPU. Later weights are not compared element by element: Adam moves a weight by ~LR whatever its
+            # gradient's size, so where the true gradient is ~0 rounding can flip a step's sign.
             torch.testing.assert_close(got[family]["start"], one["start"], rtol=0, atol=0)
             diff = (got[family]["first_grad"] - one["first_grad"]).norm() / one["first_grad"].norm()
-            assert diff < 1e-2, (family, diff)
+            assert diff < 1e-3, (family, diff)
         assert (one["end"] - one["start"]).abs().max() > 0, family  # the LoRA moved
 
 
