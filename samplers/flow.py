@@ -42,21 +42,24 @@ def _prepare(velocity, sample, sigma, sigma_next):
     return velocity, sample, t, t_next
 
 
-def _finish(mean, std, prev_sample, sample, generator, dt=None) -> GaussianStep:
+def _finish(mean, std, prev_sample, sample, generator, **fields) -> GaussianStep:
     if prev_sample is None:
         prev_sample = mean + std * randn_like(sample, generator) if (std > 0).any() else mean
-    return GaussianStep(prev_sample=prev_sample, mean=mean, std=std, dt=dt)
+    return GaussianStep(prev_sample=prev_sample, mean=mean, std=std, **fields)
 
 
-def _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator) -> GaussianStep:
+def _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator,
+                       reference_kl_is_delta: bool) -> GaussianStep:
     """Euler-Maruyama step of the SDE with drift ``v - (s_t^2 / 2) score`` (same marginals as the ODE).
 
     ``mu = x - Delta [ v + s_t^2 / (2t) (x + (1 - t) v) ]``, ``std = s_t sqrt(Delta)``.
+    reference_kl_is_delta: the public code's KL of this step is Delta x the exact KL (Flow-GRPO's SDE).
     """
     dt = t - t_next
     mean = sample - dt * (velocity + s_t**2 / (2 * t) * (sample + (1 - t) * velocity))
     std = s_t * dt.sqrt()
-    return _finish(mean, std, prepare_prev_sample(prev_sample, sample), sample, generator, dt=dt)
+    return _finish(mean, std, prepare_prev_sample(prev_sample, sample), sample, generator, dt=dt,
+                   reference_kl_factor=dt if reference_kl_is_delta else None)
 
 
 def flow_sde_step(
@@ -82,13 +85,14 @@ def flow_sde_step(
         sigma, sigma_next: t and t' (floats or [B]), 1 >= t > t' >= 0.
         noise_level: a >= 0 (default 0.7).
     Returns:
-        GaussianStep with ``dt = Delta`` (so ``kl(scaling="reference")`` equals the reference code's KL).
+        GaussianStep with ``dt = Delta`` and ``reference_kl_factor = Delta``: the Flow-GRPO code divides by
+        ``s_t^2``, not ``s_t^2 Delta``, so ``kl(scaling="reference")`` equals that code's KL.
     """
     a = non_negative("noise_level", noise_level)
     velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
     denom = 1 - torch.where(t >= 1, t_next, t)
     s_t = a * (t / denom).sqrt()
-    return _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator)
+    return _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator, reference_kl_is_delta=True)
 
 
 def flow_constant_noise_step(
@@ -103,12 +107,14 @@ def flow_constant_noise_step(
 ) -> GaussianStep:
     """DanceGRPO's constant-noise SDE step: the Flow SDE with ``s_t = eta`` at every t.
 
-    ``mu = x - Delta [ v + eta^2 / (2t) (x + (1 - t) v) ]``, ``std = eta sqrt(Delta)``.
+    ``mu = x - Delta [ v + eta^2 / (2t) (x + (1 - t) v) ]``, ``std = eta sqrt(Delta)``. The public code's KL of
+    this step (VeRL-Omni's dance_sde; DanceGRPO has none) divides by the true std, so its reference scaling is
+    the exact KL (``reference_kl_factor`` None).
     """
     eta = non_negative("eta", eta)
     velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
     s_t = torch.full_like(t, eta)
-    return _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator)
+    return _same_marginal_sde(velocity, sample, t, t_next, s_t, prev_sample, generator, reference_kl_is_delta=False)
 
 
 def flow_cps_step(

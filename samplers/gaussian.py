@@ -38,14 +38,19 @@ class GaussianStep:
         prev_sample: x' [B, ...], the drawn (or re-scored) next state.
         mean: mu [B, ...].
         std: per-sample standard deviation [B, 1, ..., 1]; 0 for deterministic steps.
-        dt: optional Delta = sigma - sigma_next [B, 1, ..., 1]; set by the flow SDE steps whose std is
-            ``s_t sqrt(Delta)``. ``kl(..., scaling="reference")`` multiplies the exact KL by it.
+        dt: optional Delta = sigma - sigma_next [B, 1, ..., 1]; set by the flow steps (GRPO-Guard reweights
+            by 1/Delta).
+        reference_kl_factor: optional [B, 1, ..., 1], what the reference code's "KL" of this kind of step is,
+            relative to the exact KL: Delta for the Flow-GRPO flow SDE (it divides by ``s_t^2``, not the transition
+            variance ``s_t^2 Delta``); None (= 1) where the public code uses the true variance (CPS, DanceGRPO's
+            constant-noise SDE in VeRL-Omni, DDIM). ``kl(..., scaling="reference")`` multiplies by it.
     """
 
     prev_sample: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
     dt: Optional[torch.Tensor] = None
+    reference_kl_factor: Optional[torch.Tensor] = None
 
     @property
     def deterministic(self) -> bool:
@@ -78,9 +83,9 @@ class GaussianStep:
 
         Diagonal Gaussians: ``sum_d [ log(s2/s1) + (s1^2 + (mu1 - mu2)^2) / (2 s2^2) - 1/2 ]``;
         with a shared std this is ``|mu1 - mu2|^2 / (2 std^2)``.
-        scaling="reference" reproduces the Flow-GRPO code for its flow SDE, which divides by ``s_t^2``
-        instead of ``s_t^2 Delta``: the exact KL times ``dt`` (steps without ``dt`` are unchanged, as in
-        that code's CPS path). Use it to reproduce the published beta=0.04 runs.
+        scaling="reference" reproduces the public code: the exact KL times ``reference_kl_factor`` (Delta for
+        the Flow-GRPO flow SDE, which divides by ``s_t^2`` instead of ``s_t^2 Delta``; unchanged for the other
+        steps, whose public code uses the true variance). Use it to reproduce the published beta=0.04 runs.
         """
         if scaling not in _KL_SCALINGS:
             raise ValueError(f"scaling must be one of {_KL_SCALINGS}, got {scaling!r}")
@@ -92,8 +97,8 @@ class GaussianStep:
         s2 = other.std.expand_as(self.mean)
         elem = torch.log(s2 / s1) + (s1**2 + (self.mean - other.mean) ** 2) / (2 * s2**2) - 0.5
         kl = _reduce(elem, reduction)
-        if scaling == "reference" and self.dt is not None:
-            kl = kl * self.dt.reshape(-1)
+        if scaling == "reference" and self.reference_kl_factor is not None:
+            kl = kl * self.reference_kl_factor.reshape(-1)
         return kl
 
     def mean_matching(self, other: "GaussianStep", reduction: str = "mean") -> torch.Tensor:

@@ -22,8 +22,9 @@ default (None / "reverse_kl") is the plain objective above.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -120,7 +121,7 @@ def _check_tasks(tasks: Sequence[str], n: int) -> list[str]:
 def _combine(parts: list[tuple[torch.Tensor, GaussianStep]], like: GaussianStep) -> GaussianStep:
     """Scatter per-task teacher steps (rows, step) back into batch order."""
     fields = {}
-    for name in ("prev_sample", "mean", "std", "dt"):
+    for name in (f.name for f in dataclasses.fields(GaussianStep)):
         ref = getattr(like, name)
         if ref is None:
             fields[name] = None
@@ -168,7 +169,7 @@ def teacher_rescore(adapter: PipelineAdapter, traj: Trajectory, step_index: int,
 
 def _expand_layout(step: GaussianStep, n: int) -> GaussianStep:
     grow = lambda x: None if x is None else x[:1].expand(n, *x.shape[1:])  # noqa: E731
-    return GaussianStep(grow(step.prev_sample), grow(step.mean), grow(step.std), grow(step.dt))
+    return GaussianStep(**{f.name: grow(getattr(step, f.name)) for f in dataclasses.fields(GaussianStep)})
 
 
 @dataclass

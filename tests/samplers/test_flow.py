@@ -130,6 +130,19 @@ def test_velocity_form_kl_equals_mean_form(t, t_next):
     torch.testing.assert_close(a.kl(b, scaling="reference"), ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("t,t_next", [(0.9, 0.8), (0.5, 0.3)])
+def test_constant_noise_reference_scaling_is_the_exact_kl(t, t_next):
+    # VeRL-Omni's dance_sde KL divides by the true std eta sqrt(Delta); DanceGRPO has no KL; no public code
+    # multiplies it by Delta (SPEC §10). So scaling="reference" is the exact KL: |dmu|^2 / (2 eta^2 Delta).
+    g = torch.Generator().manual_seed(4)
+    x, va, vb = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    a = flow_constant_noise_step(va, x, t, t_next, eta=0.3, generator=g)
+    b = flow_constant_noise_step(vb, x, t, t_next, eta=0.3, prev_sample=a.prev_sample)
+    exact = ((a.mean - b.mean) ** 2).flatten(1).mean(1) / (2 * 0.3**2 * (t - t_next))
+    torch.testing.assert_close(a.kl(b), exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.kl(b, scaling="reference"), exact, rtol=1e-5, atol=0)
+
+
 def test_first_step_from_pure_noise_is_finite():
     x, v = torch.randn(2, 8), torch.randn(2, 8)
     step = flow_sde_step(v, x, 1.0, 0.95, noise_level=0.7)

@@ -51,14 +51,15 @@ def test_kl_shared_std_is_squared_mean_distance():
     torch.testing.assert_close(a.kl(a, reduction="sum"), torch.zeros(4))
 
 
-def test_reference_scaling_multiplies_by_dt():
+def test_reference_scaling_multiplies_by_the_steps_reference_factor():
     mean_a, mean_b = torch.randn(2, 6), torch.randn(2, 6)
     std, dt = torch.full((2, 1), 0.2), torch.tensor([[0.1], [0.05]])
-    a = GaussianStep(mean_a, mean_a, std, dt=dt)
-    b = GaussianStep(mean_b, mean_b, std, dt=dt)
+    a = GaussianStep(mean_a, mean_a, std, dt=dt, reference_kl_factor=dt)
+    b = GaussianStep(mean_b, mean_b, std, dt=dt, reference_kl_factor=dt)
     torch.testing.assert_close(a.kl(b, scaling="reference"), a.kl(b) * dt.view(-1))
-    no_dt = GaussianStep(mean_a, mean_a, std)
-    torch.testing.assert_close(no_dt.kl(b, scaling="reference"), no_dt.kl(b))
+    # dt alone (a step whose public code uses the true variance) leaves the reference scaling exact
+    only_dt = GaussianStep(mean_a, mean_a, std, dt=dt)
+    torch.testing.assert_close(only_dt.kl(b, scaling="reference"), only_dt.kl(b))
 
 
 def test_mean_matching_is_half_squared_distance():
