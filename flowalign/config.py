@@ -186,28 +186,52 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class NFTConfig:
-    """DiffusionNFT (SPEC §4): forward-process loss on the old model's samples, no CFG in training."""
+    """DiffusionNFT (arXiv 2509.16117; docs/algorithms/nft.md): forward-process loss on the old model's samples,
+    no CFG in training."""
 
     beta: float = _help("implicit-policy step beta in v+- = v_old +- beta (v_theta - v_old) (1; 0.1 for OCR)", 1.0)
     kl_coef: float = _help("lambda_KL of |v_theta - v_ref|^2 to the adapter-disabled model (0 = no reference pass)",
                            1e-4)
-    adv_max: float = _help("A_max of the optimality r = clip(A / A_max, -1, 1) / 2 + 1/2", 5.0)
-    num_timesteps: int = _help("forward-process timesteps per update, stratified over the rollout grid", 10)
-    timestep_fraction: float = _help("keep the first (noisiest) fraction of the grid for the timestep draws", 0.99)
+    adv_max: float = _help("A_max of the optimality r = clip(A / A_max, -1, 1) / 2 + 1/2 (and of the reference "
+                           "form's A_max / beta prefactor)", 5.0)
+    loss_form: str = _help("reference (the DiffusionNFT code: x0-space errors with detached adaptive weights, "
+                           "policy term x A_max / beta) | velocity_mse (plain velocity MSE; deviation)", "reference")
+    adv_mode: str = _help("advantage transform before r: all | positive_only | negative_only | one_only | binary "
+                          "(the reference code's adv_mode)", "all")
+    timestep_sampling: str = _help("stratified (num_timesteps draws from the top timestep_fraction of the grid, "
+                                   "shared by a minibatch) | permutation (reference: each sample its own random "
+                                   "permutation of all N grid steps, the first int(N * timestep_fraction) trained)",
+                                   "stratified")
+    num_timesteps: int = _help("forward-process timesteps per update (timestep_sampling=stratified)", 10)
+    timestep_fraction: float = _help("stratified: keep the first (noisiest) fraction of the grid for the draws; "
+                                     "permutation: the fraction of each sample's permutation trained", 0.99)
     reduction: str = _help("mean | sum of squared errors over elements (reference: mean)", "mean")
-    old_decay_flat: int = _help("old model = EMA of the policy: hard copy for the first N optimizer steps "
-                                "[uncertain: DiffusionNFT decay type 1 as recalled]", 0)
-    old_decay_rate: float = _help("then decay d = rate * (s - flat) ...", 0.001)
-    old_decay_max: float = _help("... capped at this value (snap <- d snap + (1 - d) theta)", 0.5)
+    old_decay_type: int = _help("the reference's old-model decay presets (flat, rate, max): 0 = (0, 0, 0) old = "
+                                "current, 1 = (0, 0.001, 0.5) default, 2 = (75, 0.0075, 0.999) its OCR recipe; "
+                                "old_decay_flat/rate/max override single values", 1)
+    old_decay_flat: Optional[int] = _help("old model = EMA of the policy: hard copy for the first N optimizer steps "
+                                          "(None = from old_decay_type)", None)
+    old_decay_rate: Optional[float] = _help("then decay d = rate * (s - flat) ... (None = from old_decay_type)", None)
+    old_decay_max: Optional[float] = _help("... capped at this value (snap <- d snap + (1 - d) theta; None = from "
+                                           "old_decay_type)", None)
     inner_epochs: int = _help("passes over each rollout batch", 1)
 
     def __post_init__(self):
+        from .algorithms.nft import ADV_MODES, DECAY_TYPES, LOSS_FORMS, TIMESTEP_SAMPLINGS
+
         _positive("nft", "beta", self.beta)
         _positive("nft", "kl_coef", self.kl_coef, allow_zero=True)
         _positive("nft", "adv_max", self.adv_max)
+        _choice("nft", "loss_form", self.loss_form, LOSS_FORMS)
+        _choice("nft", "adv_mode", self.adv_mode, ADV_MODES)
+        _choice("nft", "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         _positive("nft", "num_timesteps", self.num_timesteps)
         _fraction("nft", "timestep_fraction", self.timestep_fraction)
         _choice("nft", "reduction", self.reduction, ("mean", "sum"))
+        _choice("nft", "old_decay_type", self.old_decay_type, tuple(DECAY_TYPES))
+        for name, value in zip(("old_decay_flat", "old_decay_rate", "old_decay_max"), DECAY_TYPES[self.old_decay_type]):
+            if getattr(self, name) is None:  # resolved once here: the config written to disk holds the numbers
+                object.__setattr__(self, name, value)
         _positive("nft", "old_decay_flat", self.old_decay_flat, allow_zero=True)
         _positive("nft", "old_decay_rate", self.old_decay_rate, allow_zero=True)
         _decay("nft", "old_decay_max", self.old_decay_max)

@@ -72,6 +72,33 @@ def test_nft_step_neutral_at_start_old_model_decays_and_rolls_out(tmp_path):
     assert m["pos_minus_neg_first"] is not None and tr.step()["pos_minus_neg_first"] > 0
 
 
+def test_nft_permutation_timesteps_give_each_sample_its_own_grid_steps(tmp_path):
+    # timestep_sampling=permutation (the reference): every minibatch row trains int(N * fraction) distinct grid
+    # steps of its own, each denoiser call of the update sees one timestep per row
+    cfg = _cfg(tmp_path, "nft", nft=NFTConfig(timestep_sampling="permutation", timestep_fraction=0.67),
+               sampling=SamplingConfig(num_steps=3, guidance_scale=1.0, sampler="flow_ode"))
+    tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())
+    calls, predict = [], tr.adapter.predict
+
+    def recording(x, timestep, cond, g=1.0):
+        calls.append(torch.as_tensor(timestep).detach().clone())
+        return predict(x, timestep, cond, g)
+
+    tr.adapter.predict = recording
+    tr._sample_prompts = lambda: (["a red circle"] * 3 + ["two blue squares"] * 3, [None] * 6)
+    traj_steps = []
+    rollout = tr.algorithm.rollout
+    tr.algorithm.rollout = lambda prompts: traj_steps.append(len(calls)) or rollout(prompts)
+    m = tr.step()
+    update = calls[traj_steps[0] + 3:]  # after the 3 rollout calls
+    grid = set(tr.adapter.sampling_grid(3, torch.zeros(1, 16, 2, 2)).timesteps.tolist())
+    # 2 columns (int(3 * 0.67)), each with old, reference and current passes of the 6 rows
+    assert len(update) == 2 * 3 and all(c.shape == (6,) for c in update)
+    per_row = torch.stack(update[::3], dim=1)  # [6 rows, 2 columns]
+    assert all(len(set(row.tolist())) == 2 and set(row.tolist()) <= grid for row in per_row)
+    assert m["update_samples"] == 6 and m["optimizer_steps"] == 1
+
+
 def test_crd_log_ratio_zero_at_start_and_snapshot_schedules(tmp_path):
     cfg = _cfg(tmp_path, "crd", crd=CRDConfig(num_timesteps=2, steps_per_iter=1, beta_kl=0.1, kl_guidance_scale=2.0))
     tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())

@@ -147,9 +147,9 @@ class UpdateRule:
         """Optimizer step(s) on one scored batch -> metrics. adv, valid, rewards: [B]; tasks: one per row."""
         raise NotImplementedError
 
-    def forward_sample(self, x0: torch.Tensor, sigma: float, part):
-        """The forward-process point ``x_t = (1 - t) x0 + t eps`` (t = sigma) of this process's rows of ``part``
-        (x0: those rows [b, ...]) -> nft.ForwardSample, or None when the process holds none of them. The noise is
+    def forward_sample(self, x0: torch.Tensor, sigma, part):
+        """The forward-process point ``x_t = (1 - t) x0 + t eps`` (t = sigma, a float or one per row [b]) of this
+        process's rows of ``part`` (x0: those rows [b, ...]) -> nft.ForwardSample, or None when the process holds none of them. The noise is
         drawn either way, so the shared generator stays in step across processes (flowalign.distributed)."""
         from .nft import forward_process  # nft.py imports this module
 
