@@ -126,6 +126,7 @@ def flow_cps_step(
     *,
     prev_sample: Optional[torch.Tensor] = None,
     generator: GeneratorLike = None,
+    log_prob_convention: str = "density",
 ) -> GaussianStep:
     """Coefficient-preserving sampling (CPS) step.
 
@@ -135,6 +136,8 @@ def flow_cps_step(
     Requires 0 <= a <= 1. CPS is a few-step sampler, not an SDE discretisation: its per-step noise does not
     shrink with Delta, so with posterior-mean predictions many steps under-disperse the samples (on
     N(1.5, 0.5^2) with the exact velocity, 100 steps at a = 0.7 gave std 0.42).
+    log_prob_convention: "density" (the true Gaussian log-density) or "squared_error" (the Flow-GRPO / VeRL-Omni
+    CPS code's ``-mean_d (x' - mu)^2``, whose clip ranges were tuned on it; see GaussianStep).
     """
     a = non_negative("noise_level", noise_level)
     if a > 1:
@@ -144,7 +147,8 @@ def flow_cps_step(
     x0_hat = sample - t * velocity
     x1_hat = sample + (1 - t) * velocity
     mean = (1 - t_next) * x0_hat + (t_next**2 - std**2).clamp_min(0).sqrt() * x1_hat
-    return _finish(mean, std, prepare_prev_sample(prev_sample, sample), sample, generator)
+    return _finish(mean, std, prepare_prev_sample(prev_sample, sample), sample, generator,
+                   log_prob_convention=log_prob_convention)
 
 
 def flow_ode_step(
@@ -157,4 +161,47 @@ def flow_ode_step(
     """
     velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
     mean = sample + (t_next - t) * velocity
+    return GaussianStep(prev_sample=mean, mean=mean, std=torch.zeros_like(t), dt=t - t_next)
+
+
+def flow_dpm2_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    prev_x0: Optional[torch.Tensor] = None,
+    prev_sigma: Optional[Scalar] = None,
+) -> GaussianStep:
+    """Deterministic multistep DPM-Solver++(2M) step in data (x0) prediction (Lu et al., arXiv 2211.01095), the
+    DiffusionNFT reference's default rollout solver; std 0.
+
+    With ``alpha = 1 - t``, ``lambda = log(alpha / t)``, ``x0_hat = x - t v`` and the previous step's
+    ``(prev_x0, prev_sigma)`` (the multistep history, passed in: the function keeps no state):
+    ``h = lambda' - lambda``, ``r0 = (lambda - lambda_prev) / h``, ``D1 = (x0_hat - prev_x0) / r0`` and
+    ``x' = (t' / t) x - alpha' (e^{-h} - 1) (x0_hat + D1 / 2)``. Without history (the first step) or when the
+    previous point was pure noise (lambda_prev = -inf, r0 = inf) D1 = 0: the first-order step, which on the flow
+    path is exactly the Euler step ``x - Delta v``. At t' = 0 the step returns x0_hat. Sigma arithmetic in float64.
+    """
+    velocity, sample, t, t_next = _prepare(velocity, sample, sigma, sigma_next)
+    x0_hat = sample - t * velocity
+    first_order = prev_x0 is None
+    if not first_order:
+        prev_x0 = as_float32("prev_x0", prev_x0)
+        same_shape("prev_x0", prev_x0, sample)
+        if prev_sigma is None:
+            raise ValueError("prev_x0 needs prev_sigma, the noise level the previous prediction was made at")
+        t_prev = per_sample("prev_sigma", prev_sigma, sample).double()
+        first_order = bool((t_prev >= 1).all())
+    td, tnd = t.double(), t_next.double()
+    if first_order:
+        mean = sample + (t_next - t) * velocity
+    else:
+        lam = torch.log((1 - td) / td)
+        lam_next = torch.log((1 - tnd) / tnd.clamp_min(1e-300))
+        h = lam_next - lam
+        r0 = torch.where(t_prev >= 1, torch.full_like(h, float("inf")), (lam - torch.log((1 - t_prev) / t_prev)) / h)
+        d1 = (x0_hat - prev_x0) / r0.float()
+        coef = (-(1 - tnd) * torch.expm1(-h)).float()
+        mean = (tnd / td).float() * sample + coef * (x0_hat + 0.5 * d1)
+    mean = torch.where(t_next <= 0, x0_hat, mean)
     return GaussianStep(prev_sample=mean, mean=mean, std=torch.zeros_like(t), dt=t - t_next)

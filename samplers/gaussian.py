@@ -19,6 +19,7 @@ import torch
 
 _REDUCTIONS = ("mean", "sum")
 _KL_SCALINGS = ("exact", "reference")
+LOG_PROB_CONVENTIONS = ("density", "squared_error")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -44,6 +45,9 @@ class GaussianStep:
             relative to the exact KL: Delta for the Flow-GRPO flow SDE (it divides by ``s_t^2``, not the transition
             variance ``s_t^2 Delta``); None (= 1) where the public code uses the true variance (CPS, DanceGRPO's
             constant-noise SDE in VeRL-Omni, DDIM). ``kl(..., scaling="reference")`` multiplies by it.
+        log_prob_convention: what ``log_prob`` returns: "density" (the Gaussian log-density, default) or
+            "squared_error" (``-(x' - mu)^2`` reduced, no 1/(2 std^2) and no constants: the Flow-GRPO and
+            VeRL-Omni CPS code's "log-prob", whose ratios are ``exp(2 std^2 x`` the true log-ratio ``)``).
     """
 
     prev_sample: torch.Tensor
@@ -51,6 +55,12 @@ class GaussianStep:
     std: torch.Tensor
     dt: Optional[torch.Tensor] = None
     reference_kl_factor: Optional[torch.Tensor] = None
+    log_prob_convention: str = "density"
+
+    def __post_init__(self):
+        if self.log_prob_convention not in LOG_PROB_CONVENTIONS:
+            raise ValueError(f"log_prob_convention must be one of {LOG_PROB_CONVENTIONS}, "
+                             f"got {self.log_prob_convention!r}")
 
     @property
     def deterministic(self) -> bool:
@@ -68,12 +78,14 @@ class GaussianStep:
         """log N(x; mean, std^2 I) -> [B].
 
         Per element: ``-(x - mu)^2 / (2 std^2) - log std - log sqrt(2 pi)``; summed or averaged over D.
-        x defaults to ``prev_sample``.
+        x defaults to ``prev_sample``. With ``log_prob_convention="squared_error"``: ``-(x - mu)^2`` per element.
         """
         self._require_stochastic("log_prob")
         x = self.prev_sample if x is None else x.float()
         if x.shape != self.mean.shape:
             raise ValueError(f"x has shape {tuple(x.shape)} but the step's mean has {tuple(self.mean.shape)}")
+        if self.log_prob_convention == "squared_error":
+            return _reduce(-((x - self.mean) ** 2), reduction)
         std = self.std.expand_as(self.mean)
         elem = -((x - self.mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
         return _reduce(elem, reduction)

@@ -8,6 +8,7 @@ from flowalign.samplers import (
     ddim_step,
     flow_constant_noise_step,
     flow_cps_step,
+    flow_dpm2_step,
     flow_ode_step,
     flow_sde_step,
 )
@@ -20,6 +21,9 @@ SAMPLERS = {
                             (0.9, 0.6), (0.8, 0.5), True),
     "flow_cps": (lambda o, x, a, b, **kw: flow_cps_step(o, x, a, b, 0.7, **kw), (0.9, 0.6), (0.8, 0.5), True),
     "flow_ode": (lambda o, x, a, b, **kw: flow_ode_step(o, x, a, b), (0.9, 0.6), (0.8, 0.5), False),
+    # the multistep solver with a history: the previous prediction x0_hat = x (t' = 0.95)
+    "flow_dpm2": (lambda o, x, a, b, **kw: flow_dpm2_step(o, x, a, b, prev_x0=x, prev_sigma=0.95), (0.9, 0.6),
+                  (0.8, 0.5), False),
     "ddim_eta1": (lambda o, x, a, b, **kw: ddim_step(o, x, a, b, 1.0, **kw), (0.2, 0.5), (0.4, 0.7), True),
     "ddim_eta0": (lambda o, x, a, b, **kw: ddim_step(o, x, a, b, 0.0, **kw), (0.2, 0.5), (0.4, 0.7), False),
 }
