@@ -15,7 +15,7 @@ from .resources import asset
 DEFAULT_MODEL = asset("toy-sd3")  # the shipped tiny pipeline (flowalign.resources)
 
 
-SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "ddim")
+SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "flow_dpm2", "ddim")
 ALGORITHMS = ("grpo", "nft", "crd", "opd", "backprop")
 SHARDINGS = ("none", "fsdp")  # flowalign.distributed / flowalign.fsdp
 LOGGERS = ("tensorboard", "wandb")
@@ -86,9 +86,24 @@ class SamplingConfig:
     eval_guidance_scale: Optional[float] = _help("CFG scale at held-out evaluation (None = guidance_scale)", None)
     guidance_scale: float = _help("CFG scale of the policy (the policy is the CFG-combined velocity)", 4.5)
     sampler: str = _help("flow_sde | flow_constant_noise | flow_cps | flow_ode (deterministic; CRD/OPD/NFT rollouts) "
+                         "| flow_dpm2 (deterministic DPM-Solver++(2M), the DiffusionNFT reference's; NFT/CRD) "
                          "| ddim (SD/SDXL)", "flow_sde")
     noise_level: float = _help("a of the flow SDE / CPS, eta of the constant-noise SDE / DDIM", 0.7)
     sde_window: Optional[tuple] = _help("[start, length]: only these steps are stochastic (Flow-GRPO-Fast)", None)
+    sde_window_size: Optional[int] = _help("a window of this many stochastic steps placed at random per rollout "
+                                           "batch inside sde_window_range (Flow-GRPO-Fast, VeRL-Omni)", None)
+    sde_window_range: Optional[tuple] = _help("[lo, hi]: the random window's start is uniform in lo..hi - size "
+                                              "(None = [0, num_steps])", None)
+    log_prob_convention: str = _help("density (the true log-density) | squared_error (flow_cps only: the "
+                                     "Flow-GRPO/VeRL-Omni code's -mean (x' - mu)^2, which its clip ranges assume)",
+                                     "density")
+    grid: str = _help("pipeline (the scheduler's own sigmas) | shifted_linear (DanceGRPO: shift(linspace(1, 0, "
+                      "N + 1)))", "pipeline")
+    grid_shift: Optional[float] = _help("shift of grid=shifted_linear (None = the scheduler config's shift)", None)
+    integer_timesteps: bool = _help("the denoiser receives int(sigma * 1000) (DanceGRPO; the DiffusionNFT sampler); "
+                                    "the step math keeps the exact sigma", False)
+    decode: str = _help("what the reward sees: final (x_N) | last_x0_hat (the last step's x0 prediction, "
+                        "DanceGRPO)", "final")
     resolution: Optional[int] = _help("image height = width in pixels (None = the pipeline's default size)", None)
     num_frames: Optional[int] = _help("video frames (Wan; None = the pipeline's default)", None)
 
@@ -100,12 +115,58 @@ class SamplingConfig:
         _positive("sampling", "eval_num_steps", self.eval_num_steps)
         _positive("sampling", "noise_level", self.noise_level)
         _choice("sampling", "sampler", self.sampler, SAMPLERS)
+        _choice("sampling", "log_prob_convention", self.log_prob_convention, ("density", "squared_error"))
+        if self.log_prob_convention == "squared_error" and self.sampler != "flow_cps":
+            raise ValueError("sampling.log_prob_convention=squared_error is the reference code's CPS log-prob: "
+                             f"use it with sampling.sampler=flow_cps (got {self.sampler})")
+        _choice("sampling", "grid", self.grid, ("pipeline", "shifted_linear"))
+        if self.grid_shift is not None:
+            _positive("sampling", "grid_shift", self.grid_shift)
+        _choice("sampling", "decode", self.decode, ("final", "last_x0_hat"))
         if self.sde_window is not None:
             if len(self.sde_window) != 2 or self.sde_window[0] < 0 or self.sde_window[1] < 1 or \
                     self.sde_window[0] + self.sde_window[1] > self.num_steps:
                 raise ValueError(f"sampling.sde_window={list(self.sde_window)} must be [start, length] with "
                                  f"length >= 1 inside the {self.num_steps} steps")
             object.__setattr__(self, "sde_window", tuple(int(v) for v in self.sde_window))
+        if self.sde_window_range is not None and self.sde_window_size is None:
+            raise ValueError("sampling.sde_window_range needs sampling.sde_window_size (the random window's length)")
+        if self.sde_window_size is not None:
+            if self.sde_window is not None:
+                raise ValueError("give sampling.sde_window (a fixed window) or sampling.sde_window_size (a random "
+                                 "one), not both")
+            rng = self.sde_window_range if self.sde_window_range is not None else (0, self.num_steps)
+            if len(rng) != 2:
+                raise ValueError(f"sampling.sde_window_range={list(rng)} must be [lo, hi]")
+            lo, hi = rng
+            if not 0 <= lo < hi <= self.num_steps or not 1 <= self.sde_window_size <= hi - lo:
+                raise ValueError(f"sampling.sde_window_range=[{lo}, {hi}] must satisfy 0 <= lo < hi <= num_steps="
+                                 f"{self.num_steps} and hold sde_window_size={self.sde_window_size} steps")
+            object.__setattr__(self, "sde_window_range", (int(lo), int(hi)))
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Group advantages ``A = (R - mean) / max(std + eps, floor)``, clipped (flowalign.algorithms.advantages); used
+    by every reward-driven algorithm. Reference settings: Flow-GRPO / DiffusionNFT (the defaults), VeRL-Omni
+    (estimator=unbiased), DanceGRPO (std=group, estimator=unbiased, eps=1e-8), Flow-Factory (eps=0, floor=1e-6)."""
+
+    mean: str = _help("group (each prompt's own mean) | global (one batch mean: Flow-GRPO with per-prompt stat "
+                      "tracking off)", "group")
+    std: str = _help("global (whole batch, Flow-GRPO default) | group", "global")
+    estimator: str = _help("population (Flow-GRPO, DiffusionNFT, Flow-Factory) | unbiased (VeRL-Omni, DanceGRPO)",
+                           "population")
+    eps: float = _help("added to the std (Flow-GRPO 1e-4, DanceGRPO 1e-8, Flow-Factory 0)", 1e-4)
+    floor: float = _help("lower bound of std + eps (Flow-Factory: 1e-6)", 0.0)
+    clip: float = _help("clip advantages to +-clip", 5.0)
+
+    def __post_init__(self):
+        _choice("advantage", "mean", self.mean, ("group", "global"))
+        _choice("advantage", "std", self.std, ("global", "group"))
+        _choice("advantage", "estimator", self.estimator, ("population", "unbiased"))
+        _positive("advantage", "eps", self.eps, allow_zero=True)
+        _positive("advantage", "floor", self.floor, allow_zero=True)
+        _positive("advantage", "clip", self.clip)
 
 
 @dataclass(frozen=True)
@@ -113,9 +174,17 @@ class GRPOConfig:
     clip_range: float = _help("ratio clip eps (Flow-GRPO: 1e-4 with mean-reduced log-probs)", 1e-4)
     beta: float = _help("KL coefficient to the adapter-disabled reference (0 = no reference pass)", 0.0)
     kl_scaling: str = _help("exact | reference (the Flow-GRPO code's x Delta scaling; use with beta=0.04)", "exact")
-    adv_std: str = _help("advantage std: global (whole batch, Flow-GRPO default) | group", "global")
-    adv_clip: float = _help("clip advantages to +-adv_clip", 5.0)
+    kl_reward: float = _help("subtract kl_reward x the per-step KL to the reference from the reward before the "
+                             "advantages, one advantage per step (Flow-GRPO's sample.kl_reward; a reference pass "
+                             "per rollout step)", 0.0)
+    timestep_fraction: float = _help("train int(S x fraction) of the S trainable stochastic steps (Flow-GRPO / "
+                                     "DanceGRPO timestep_fraction)", 1.0)
+    timestep_selection: str = _help("first (the first ones, Flow-GRPO) | random (each sample its own random subset, "
+                                    "DanceGRPO)", "first")
+    train_last_step: bool = _help("false: the last step may be stochastic but is never trained (DanceGRPO)", True)
     guard: bool = _help("GRPO-Guard ratio normalisation and 1/Delta reweighting", False)
+    guard_bias: str = _help("GRPO-Guard's bias b = mean_d(dmu^2) / (2 s^2): sample (per sample, VeRL-Omni) | batch "
+                            "(averaged over the batch, as Flow-GRPO's GRPO-Guard script computes it)", "sample")
     kl_divergence: str = _help("f-divergence of the reference regulariser: reverse_kl (the plain KL) | forward_kl | "
                                "js | hellinger | jeffreys (KL weighted by h(r) of the exact transition ratio)",
                                "reverse_kl")
@@ -125,7 +194,10 @@ class GRPOConfig:
         _positive("grpo", "clip_range", self.clip_range)
         _positive("grpo", "beta", self.beta, allow_zero=True)
         _choice("grpo", "kl_scaling", self.kl_scaling, ("exact", "reference"))
-        _choice("grpo", "adv_std", self.adv_std, ("global", "group"))
+        _positive("grpo", "kl_reward", self.kl_reward, allow_zero=True)
+        _fraction("grpo", "timestep_fraction", self.timestep_fraction)
+        _choice("grpo", "timestep_selection", self.timestep_selection, ("first", "random"))
+        _choice("grpo", "guard_bias", self.guard_bias, ("sample", "batch"))
         _choice("grpo", "kl_divergence", self.kl_divergence, DIVERGENCES)
         _positive("grpo", "inner_epochs", self.inner_epochs)
 
@@ -385,6 +457,7 @@ class DistillConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
@@ -396,6 +469,9 @@ class Config:
     def __post_init__(self):
         """Checks across sections (the ones that only matter for the chosen algorithm)."""
         algo, s = self.train.algorithm, self.sampling
+        if s.sampler == "flow_dpm2" and algo not in ("nft", "crd"):
+            raise ValueError(f"sampling.sampler=flow_dpm2 (a multistep solver) cannot be re-scored step by step: use "
+                             f"it with train.algorithm=nft or crd, or flow_ode for {algo}")
         if algo in ("nft", "crd") and s.sampler == "ddim":
             raise ValueError(f"train.algorithm={algo} uses the rectified-flow forward process: it needs a flow "
                              "sampler (sampling.sampler=flow_ode, flow_sde, ...) and a flow pipeline (sd3/flux/wan)")
@@ -412,10 +488,13 @@ class Config:
                              f"(got {s.sampler}) and backprop.grad_steps <= sampling.num_steps={s.num_steps}")
 
 
-_SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "grpo": GRPOConfig, "train": TrainConfig,
+_SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "advantage": AdvantageConfig,
+                    "grpo": GRPOConfig, "train": TrainConfig,
                     "nft": NFTConfig, "crd": CRDConfig, "opd": OPDConfig, "backprop": BackpropConfig,
                     "distill": DistillConfig}
 
+
+MOVED_KEYS = {"grpo.adv_std": "advantage.std", "grpo.adv_clip": "advantage.clip"}  # old name -> new name
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                "tuple": "a list", "dict": "a mapping"}
@@ -464,6 +543,9 @@ def config_from_dict(data: dict) -> Config:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         checked = {}
         for key, value in (values or {}).items():
+            if f"{section}.{key}" in MOVED_KEYS:
+                raise ValueError(f"{section}.{key} moved to {MOVED_KEYS[f'{section}.{key}']} (it applies to every "
+                                 "algorithm): rename the key")
             if key not in fields:
                 raise ValueError(f"unknown key {section}.{key}; valid keys: {', '.join(sorted(fields))}")
             checked[key] = _check_type(section, key, value, str(fields[key].type))

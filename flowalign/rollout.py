@@ -7,8 +7,14 @@ flow families at ``t = sigma_k -> t' = sigma_{k+1}``, SD/SDXL at DDIM timesteps 
 Each step is a Gaussian transition from ``flowalign.samplers``: stochastic steps use the chosen sampler
 (``flow_sde``, ``flow_constant_noise``, ``flow_cps`` or ``ddim`` with eta = noise_level > 0); the others
 use its deterministic variant (``flow_ode`` / DDIM eta = 0), e.g. outside an SDE window
-(Flow-GRPO-Fast / MixGRPO). ``rescore`` recomputes step k with the current network at the recorded
-x_k and the recorded x_{k+1}: with an unchanged policy it reproduces the recorded log-prob.
+(Flow-GRPO-Fast / MixGRPO). ``flow_dpm2`` is the deterministic multistep DPM-Solver++(2M) (the DiffusionNFT
+reference's rollouts). ``rescore`` recomputes step k with the current network at the recorded x_k and the
+recorded x_{k+1}: with an unchanged policy it reproduces the recorded log-prob.
+
+Grids: the pipeline scheduler's own (``grid="pipeline"``) or DanceGRPO's ``shift(linspace(1, 0, N + 1))``
+(``grid="shifted_linear"``, ``sigma' = shift sigma / (1 + (shift - 1) sigma)``); ``integer_timesteps`` truncates
+the timestep the denoiser receives to an integer (``int(sigma * 1000)``, as DanceGRPO and the DiffusionNFT
+sampler do) while the step math keeps the exact sigma.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from . import lora
 from .distributed import RowShard
-from .models.base import Conditioning, GeneratorLike, PipelineAdapter
+from .models.base import Conditioning, GeneratorLike, PipelineAdapter, SamplingGrid
 from .samplers import (
     GaussianStep,
     ddim_step,
     flow_constant_noise_step,
     flow_cps_step,
+    flow_dpm2_step,
     flow_ode_step,
     flow_sde_step,
 )
@@ -34,9 +42,13 @@ FLOW_SAMPLERS = {
     "flow_constant_noise": flow_constant_noise_step,
     "flow_cps": flow_cps_step,
     "flow_ode": None,  # deterministic Euler step
+    "flow_dpm2": None,  # deterministic DPM-Solver++(2M) (multistep: its history is kept by the rollout)
 }
 SAMPLERS = (*FLOW_SAMPLERS, "ddim")
-DEFAULT_NOISE_LEVEL = {"flow_sde": 0.7, "flow_constant_noise": 0.3, "flow_cps": 0.7, "flow_ode": 0.0, "ddim": 1.0}
+DETERMINISTIC_SAMPLERS = ("flow_ode", "flow_dpm2")
+DEFAULT_NOISE_LEVEL = {"flow_sde": 0.7, "flow_constant_noise": 0.3, "flow_cps": 0.7, "flow_ode": 0.0, "flow_dpm2": 0.0,
+                       "ddim": 1.0}
+GRIDS = ("pipeline", "shifted_linear")
 
 
 @dataclass
@@ -52,6 +64,11 @@ class Trajectory:
     sampler, noise_level: the stochastic sampler and its a / eta.
     alpha_prod, alpha_prod_prev: [N], DDIM only.
     means: [B, N, ...] step means when ``record_means=True``, else None.
+    log_prob_convention: "density" or "squared_error" (CPS as the Flow-GRPO code scores it; GaussianStep).
+    reference_kl: [B, N] exact KL (mean over elements) of each stochastic transition to the adapter-disabled
+        model's from the same x_k, when ``record_reference_kl=True`` (Flow-GRPO's ``kl_reward``); NaN elsewhere.
+    last_x0_hat: [B, ...] the last step's clean-latent prediction ``x_{N-1} - sigma_{N-1} v`` (flow families),
+        which DanceGRPO decodes instead of x_N.
     """
 
     latents: torch.Tensor
@@ -68,6 +85,9 @@ class Trajectory:
     alpha_prod: Optional[torch.Tensor] = None
     alpha_prod_prev: Optional[torch.Tensor] = None
     means: Optional[torch.Tensor] = None
+    log_prob_convention: str = "density"
+    reference_kl: Optional[torch.Tensor] = None
+    last_x0_hat: Optional[torch.Tensor] = None
 
     @property
     def num_steps(self) -> int:
@@ -81,6 +101,16 @@ class Trajectory:
     def final(self) -> torch.Tensor:
         """x_N [B, ...], the latent to decode."""
         return self.latents[:, -1]
+
+    def output(self, decode: str = "final") -> torch.Tensor:
+        """The latent a reward sees: ``final`` (x_N) or ``last_x0_hat`` (DanceGRPO) [B, ...]."""
+        if decode == "final":
+            return self.final
+        if decode == "last_x0_hat":
+            if self.last_x0_hat is None:
+                raise ValueError("this trajectory has no last-step x0 prediction (a DDIM rollout); decode 'final'")
+            return self.last_x0_hat
+        raise ValueError(f"decode must be 'final' or 'last_x0_hat', got {decode!r}")
 
     @property
     def stochastic_steps(self) -> list[int]:
@@ -127,18 +157,54 @@ def _check_sampler(adapter: PipelineAdapter, sampler: str) -> None:
 
 
 def _transition(adapter, sampler, noise_level, stochastic, out, x, k, sigmas, alpha_prod, alpha_prod_prev,
-                prev_sample=None, generator=None) -> GaussianStep:
-    """Step k from x [B, ...] given the network output ``out`` (CFG-combined, float32)."""
+                prev_sample=None, generator=None, log_prob_convention="density", history=None) -> GaussianStep:
+    """Step k from x [B, ...] given the network output ``out`` (CFG-combined, float32). history: flow_dpm2's
+    (x0_hat, sigma) of the previous step, or None."""
     b = x.shape[0]
     if not adapter.is_flow:
         eta = noise_level if stochastic else 0.0
         return ddim_step(out, x, alpha_prod[k].expand(b), alpha_prod_prev[k].expand(b), eta, adapter.prediction_type,
                          prev_sample=prev_sample, generator=generator)
-    s, s_next = sigmas[k].expand(b), sigmas[k + 1].expand(b)
+    s, s_next = sigmas[k].expand(b), sigmas[k + 1].expand(b)  # k: a step, or one per row [b]
+    if sampler == "flow_dpm2":
+        return flow_dpm2_step(out, x, s, s_next, *(history or (None, None)))
     fn = FLOW_SAMPLERS[sampler]
     if not stochastic or fn is None:
         return flow_ode_step(out, x, s, s_next)
+    if sampler == "flow_cps":
+        return fn(out, x, s, s_next, noise_level, prev_sample=prev_sample, generator=generator,
+                  log_prob_convention=log_prob_convention)
     return fn(out, x, s, s_next, noise_level, prev_sample=prev_sample, generator=generator)
+
+
+def shifted_linear_grid(adapter: PipelineAdapter, num_steps: int, device, shift: Optional[float] = None
+                        ) -> SamplingGrid:
+    """DanceGRPO's grid: ``sigma = shift s / (1 + (shift - 1) s)`` at ``s = linspace(1, 0, N + 1)``; timesteps
+    ``sigma_k * num_train_timesteps`` (k < N). shift: default the scheduler config's ``shift`` (1 if it has none)."""
+    config = adapter.pipe.scheduler.config
+    shift = float(config.get("shift", 1.0) if shift is None else shift)
+    if not shift > 0:
+        raise ValueError(f"grid shift must be > 0, got {shift}")
+    s = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    sigmas = (shift * s / (1 + (shift - 1) * s)).float().to(device)
+    return SamplingGrid(timesteps=sigmas[:-1] * float(config.get("num_train_timesteps", 1000)), sigmas=sigmas)
+
+
+def sampling_grid(adapter: PipelineAdapter, num_steps: int, x: torch.Tensor, grid: str = "pipeline",
+                  shift: Optional[float] = None, integer_timesteps: bool = False) -> SamplingGrid:
+    """The rollout's grid (module docstring): the pipeline's own or DanceGRPO's, timesteps optionally truncated to
+    integers (the denoiser's input only; the sigmas stay exact)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    if grid == "shifted_linear":
+        if not adapter.is_flow:
+            raise ValueError("grid='shifted_linear' is a flow-matching grid; SD/SDXL use the DDIM grid")
+        out = shifted_linear_grid(adapter, num_steps, x.device, shift)
+    else:
+        out = adapter.sampling_grid(num_steps, x)
+    if integer_timesteps:
+        out = SamplingGrid(out.timesteps.trunc(), out.sigmas, out.alpha_prod, out.alpha_prod_prev)
+    return out
 
 
 def _initial_noise(adapter, batch_size, group_size, generator, height, width, num_frames) -> torch.Tensor:
@@ -172,6 +238,11 @@ def rollout(
     cond: Optional[Conditioning] = None,
     record_means: bool = False,
     reduction: str = "mean",
+    log_prob_convention: str = "density",
+    grid: str = "pipeline",
+    grid_shift: Optional[float] = None,
+    integer_timesteps: bool = False,
+    record_reference_kl: bool = False,
 ) -> Trajectory:
     """Sample B = len(prompts) latents and record every transition (no gradients).
 
@@ -179,7 +250,8 @@ def rollout(
         prompts: the batch, one prompt per row; rows of one prompt group must be consecutive.
         num_steps: N; the grid is the pipeline scheduler's for N steps.
         guidance_scale: CFG scale of the policy (FLUX: the embedded guidance; see FluxAdapter.true_cfg_scale).
-        sampler: flow_sde (default for flow) / flow_constant_noise / flow_cps / flow_ode, or ddim (SD/SDXL).
+        sampler: flow_sde (default for flow) / flow_constant_noise / flow_cps / flow_ode / flow_dpm2, or ddim
+            (SD/SDXL).
         noise_level: a (flow_sde, flow_cps), eta (flow_constant_noise, ddim); default per sampler.
         sde_window: (start, length): only these steps are stochastic, the rest ODE / eta=0 DDIM.
         stochastic_steps: alternatively, explicit indices or an [N] bool mask.
@@ -188,6 +260,10 @@ def rollout(
         latents: initial noise [B, ...] to use instead of drawing it.
         cond: pre-encoded Conditioning for the prompts (else ``adapter.encode_prompts``).
         reduction: "mean" or "sum" over elements for the recorded log-probs.
+        log_prob_convention: "density", or "squared_error" for CPS as the Flow-GRPO code scores it.
+        grid, grid_shift, integer_timesteps: the sampling grid (module docstring).
+        record_reference_kl: also run the adapter-disabled model at every stochastic step and record the exact
+            per-step KL of the two transitions (``Trajectory.reference_kl``; one extra denoiser call per step).
     """
     sampler = sampler or adapter.default_sampler
     _check_sampler(adapter, sampler)
@@ -198,21 +274,29 @@ def rollout(
         raise ValueError(f"cond holds {len(cond)} rows for {len(prompts)} prompts")
     x = latents.float() if latents is not None else _initial_noise(
         adapter, len(prompts), group_size, generator, height, width, num_frames)
-    grid = adapter.sampling_grid(num_steps, x)
+    grid = sampling_grid(adapter, num_steps, x, grid, grid_shift, integer_timesteps)
     requested = stochastic_mask(num_steps, sde_window, stochastic_steps)
-    requested &= noise_level > 0 and sampler != "flow_ode"
+    requested &= noise_level > 0 and sampler not in DETERMINISTIC_SAMPLERS
 
-    xs, logps, means = [x], [], []
+    xs, logps, means, kls = [x], [], [], []
     stochastic = torch.zeros(num_steps, dtype=torch.bool)
+    history, x0_hat = None, None
     for k in range(num_steps):
         out = adapter.predict(x, grid.timesteps[k], cond, guidance_scale)
         step = _transition(adapter, sampler, noise_level, bool(requested[k]), out, x, k, grid.sigmas,
-                           grid.alpha_prod, grid.alpha_prod_prev, generator=generator)
+                           grid.alpha_prod, grid.alpha_prod_prev, generator=generator,
+                           log_prob_convention=log_prob_convention, history=history)
         stochastic[k] = not step.deterministic
         nan = torch.full((x.shape[0],), float("nan"), device=x.device)
         logps.append(step.log_prob(reduction=reduction) if stochastic[k] else nan)
+        if record_reference_kl:
+            kls.append(_reference_kl(adapter, sampler, noise_level, step, x, k, grid, cond, guidance_scale)
+                       if stochastic[k] else nan)
         if record_means:
             means.append(step.mean)
+        if adapter.is_flow:
+            x0_hat = x - grid.sigmas[k] * out
+            history = (x0_hat, grid.sigmas[k])
         x = step.prev_sample
         xs.append(x)
     return Trajectory(
@@ -220,14 +304,24 @@ def rollout(
         log_probs=torch.stack(logps, dim=1), stochastic=stochastic, prompts=prompts, cond=cond,
         guidance_scale=float(guidance_scale), sampler=sampler, noise_level=noise_level, reduction=reduction,
         alpha_prod=grid.alpha_prod, alpha_prod_prev=grid.alpha_prod_prev,
-        means=torch.stack(means, dim=1) if record_means else None,
+        means=torch.stack(means, dim=1) if record_means else None, log_prob_convention=log_prob_convention,
+        reference_kl=torch.stack(kls, dim=1) if record_reference_kl else None, last_x0_hat=x0_hat,
     )
+
+
+def _reference_kl(adapter, sampler, noise_level, step: GaussianStep, x, k, grid, cond, guidance_scale) -> torch.Tensor:
+    """KL(policy step || adapter-disabled step) from the same x_k -> [B] (exact, mean over elements)."""
+    with lora.adapter_disabled(adapter):
+        out_ref = adapter.predict(x, grid.timesteps[k], cond, guidance_scale)
+    ref = _transition(adapter, sampler, noise_level, True, out_ref, x, k, grid.sigmas, grid.alpha_prod,
+                      grid.alpha_prod_prev, prev_sample=step.prev_sample)
+    return step.kl(ref)
 
 
 def rescore(
     adapter: PipelineAdapter,
     traj: Trajectory,
-    step_index: int,
+    step_index: Union[int, torch.Tensor],
     *,
     index: Union[torch.Tensor, Sequence[int], slice, None] = None,
     guidance_scale: Optional[float] = None,
@@ -239,19 +333,37 @@ def rescore(
     ``prev_sample``, so ``step.log_prob()`` is log pi_theta(x_{k+1} | x_k); with the rollout's policy it
     equals ``traj.log_probs[:, k]`` (ratio 1 up to float error). Deterministic steps return the ODE /
     eta=0 step (use ``mean_matching``). guidance_scale / cond override the recorded ones (e.g. a teacher
-    with its own CFG).
+    with its own CFG). step_index: one step for all rows, or a LongTensor with one step per selected row (each
+    sample its own step, DanceGRPO's random subsets); the steps of one call must be all stochastic or all not.
     """
-    k = int(step_index)
-    if not 0 <= k < traj.num_steps:
-        raise IndexError(f"step_index {k} out of range for a trajectory of {traj.num_steps} steps")
     idx = slice(None) if index is None else index
     rows = idx if not isinstance(idx, (list, tuple)) else torch.tensor(idx, dtype=torch.long)
-    x = traj.latents[rows, k]
-    prev = traj.latents[rows, k + 1]
+    per_row = isinstance(step_index, torch.Tensor) and step_index.dim() == 1
+    k = step_index.long().cpu() if per_row else int(step_index)
+    ks = k if per_row else torch.tensor([k])
+    if ks.numel() and (ks.min() < 0 or ks.max() >= traj.num_steps):
+        raise IndexError(f"step_index {ks.tolist()} out of range for a trajectory of {traj.num_steps} steps")
+    stochastic = traj.stochastic[ks]
+    if stochastic.numel() and not (stochastic.all() or not stochastic.any()):
+        raise ValueError("per-row steps mix stochastic and deterministic steps; re-score them in separate calls")
+    if traj.sampler == "flow_dpm2" and bool((ks > 0).any()):
+        raise ValueError("a flow_dpm2 step depends on the previous step's prediction, which re-scoring does not "
+                         "recompute: roll out with flow_ode (or a stochastic sampler) for algorithms that re-score")
+    if per_row:
+        selected = torch.arange(traj.batch_size)[rows]
+        if selected.shape != k.shape:
+            raise ValueError(f"{k.numel()} per-row steps for {selected.numel()} selected rows")
+        x, prev = traj.latents[selected, k], traj.latents[selected, k + 1]
+        dev = traj.timesteps.device
+        timestep, kk = traj.timesteps[k.to(dev)], k.to(dev)
+    else:
+        x, prev = traj.latents[rows, k], traj.latents[rows, k + 1]
+        timestep, kk = traj.timesteps[k], k
     g = traj.guidance_scale if guidance_scale is None else guidance_scale
     if cond is None:
         cond = traj.cond if index is None else traj.cond.select(idx)
-    out = adapter.predict(x, traj.timesteps[k], cond, g)
-    stochastic = bool(traj.stochastic[k])
-    return _transition(adapter, traj.sampler, traj.noise_level, stochastic, out, x, k, traj.sigmas,
-                       traj.alpha_prod, traj.alpha_prod_prev, prev_sample=prev if stochastic else None)
+    out = adapter.predict(x, timestep, cond, g)
+    is_stochastic = bool(stochastic.any())
+    return _transition(adapter, traj.sampler, traj.noise_level, is_stochastic, out, x, kk, traj.sigmas,
+                       traj.alpha_prod, traj.alpha_prod_prev, prev_sample=prev if is_stochastic else None,
+                       log_prob_convention=traj.log_prob_convention)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed, fsdp, lora
-from .algorithms.advantages import group_advantages, group_ids_from_prompts
+from .algorithms.advantages import advantages_for
 from .algorithms.backprop import BackpropUpdate
 from .algorithms.crd import CRDUpdate
 from .algorithms.grpo import GRPOUpdate
@@ -170,7 +170,7 @@ class Trainer:
             n = traj.batch_size
             return torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool)
         with torch.no_grad():
-            images = self.adapter.decode(traj.final)
+            images = self.adapter.decode(traj.output(self.cfg.sampling.decode))
         if len(self.rewards) == 1:
             scores, valid, n_bad = safe_scores(next(iter(self.rewards.values())), images, traj.prompts)
             self.bad_rewards += n_bad
@@ -196,8 +196,7 @@ class Trainer:
         t1 = time.perf_counter()
         rewards, valid = self._score(traj, tasks[mine])
         rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
-        adv = group_advantages(rewards, group_ids_from_prompts(prompts), std_mode=self.cfg.grpo.adv_std,
-                               clip=self.cfg.grpo.adv_clip, valid=valid)
+        adv = advantages_for(rewards, prompts, self.cfg, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
         t2 = time.perf_counter()
         metrics = self.algorithm.update(traj, adv=adv, valid=valid, rewards=rewards, tasks=tasks)

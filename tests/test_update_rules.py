@@ -168,3 +168,49 @@ def test_opd_train_window():
     assert train_steps(4, None, g) == [0, 1, 2, 3]
     starts = {train_steps(10, (0, 5, 3), g)[0] for _ in range(200)}
     assert starts == {0, 1, 2, 3}  # 3 consecutive steps inside 0..5
+
+
+def test_grpo_trains_the_selected_steps_and_kl_reward_gives_per_step_advantages(tmp_path):
+    from flowalign.algorithms.advantages import advantages_for
+    from flowalign.config import GRPOConfig
+
+    sde = SamplingConfig(num_steps=3, guidance_scale=1.0, sampler="flow_sde", noise_level=0.7)
+    cfg = _cfg(tmp_path, "grpo", sampling=sde, grpo=GRPOConfig(clip_range=0.2, kl_reward=0.5, train_last_step=False,
+                                                             timestep_selection="random", timestep_fraction=0.5))
+    tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())
+    lora_params = tr.params
+    with torch.no_grad():
+        for p in lora_params:  # a LoRA away from the base, so the per-step KL to the reference is not 0
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    trained = []
+    import flowalign.algorithms.grpo as grpo_module
+
+    real = grpo_module.rescore
+
+    def recording(adapter, traj, k, **kw):
+        trained.append(k.clone() if isinstance(k, torch.Tensor) else k)
+        return real(adapter, traj, k, **kw)
+
+    grpo_module.rescore = recording
+    seen = {}
+    update = tr.algorithm.update
+
+    def spy(traj, adv, valid, rewards=None, tasks=None):
+        seen["traj"], seen["rewards"], seen["valid"] = traj, rewards, valid
+        seen["step_adv"] = tr.algorithm._step_advantages(traj, adv, valid, rewards)
+        return update(traj, adv, valid, rewards, tasks)
+
+    tr.algorithm.update = spy
+    try:
+        m = tr.step()
+    finally:
+        grpo_module.rescore = real
+    traj = seen["traj"]
+    assert traj.stochastic.all() and torch.isfinite(traj.reference_kl).all()
+    # the last step (2) is stochastic but never trained; one of the two others (int(2 x 0.5)) per row
+    assert all(isinstance(k, torch.Tensor) and set(k.tolist()) <= {0, 1} for k in trained)
+    for k in (0, 1, 2):
+        expected = advantages_for(seen["rewards"] - 0.5 * traj.reference_kl[:, k], traj.prompts, cfg,
+                                  valid=seen["valid"])
+        torch.testing.assert_close(seen["step_adv"][:, k], expected)
+    assert m["kl_reward_penalty"] > 0 and m["update_samples"] == 6

@@ -17,7 +17,7 @@ import torch
 
 from .. import fsdp
 from ..distributed import SINGLE, Distributed
-from ..rollout import Trajectory, rollout
+from ..rollout import DETERMINISTIC_SAMPLERS, Trajectory, rollout
 from ..samplers._checks import randn_like
 
 
@@ -72,19 +72,35 @@ def load_tensors_(targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor
             t.copy_(fsdp.local_like(v, t))
 
 
-def configured_rollout(adapter, prompts: Sequence[str], cfg, generator: torch.Generator,
-                       record_means: bool = False) -> Trajectory:
-    """``rollout`` with the ``sampling`` section of the config (steps, CFG, sampler, noise, SDE window, size).
+def sde_window(cfg, generator) -> Optional[tuple[int, int]]:
+    """The rollout's (start, length) SDE window: ``sampling.sde_window``, or with ``sampling.sde_window_size`` a
+    window placed uniformly at random in ``sampling.sde_window_range`` (start in lo..hi - size, Flow-GRPO-Fast)
+    drawn from ``generator`` (the trainer's, shared by every process, so all shards use one window)."""
+    s = cfg.sampling
+    if s.sde_window_size is None:
+        return s.sde_window
+    lo, hi = s.sde_window_range or (0, s.num_steps)
+    start = lo + int(torch.randint(hi - s.sde_window_size - lo + 1, (1,), generator=generator))
+    return start, s.sde_window_size
+
+
+def configured_rollout(adapter, prompts: Sequence[str], cfg, generator, record_means: bool = False,
+                       record_reference_kl: bool = False) -> Trajectory:
+    """``rollout`` with the ``sampling`` section of the config (steps, CFG, sampler, noise, SDE window, grid, size).
 
     With a stochastic sampler each group of ``train.group_size`` consecutive rows shares its initial noise (the
-    SDE makes the samples differ, as in Flow-GRPO); with the deterministic ``flow_ode`` every row draws its own
-    noise, else a group would hold identical samples and zero advantages."""
+    SDE makes the samples differ, as in Flow-GRPO); with a deterministic sampler (``flow_ode``, ``flow_dpm2``)
+    every row draws its own noise, else a group would hold identical samples and zero advantages.
+    generator: a torch.Generator or a distributed ``RowShard`` of one (its shared generator draws the window)."""
     s = cfg.sampling
-    group_size = 1 if s.sampler == "flow_ode" else cfg.train.group_size
+    group_size = 1 if s.sampler in DETERMINISTIC_SAMPLERS else cfg.train.group_size
+    window = sde_window(cfg, getattr(generator, "generator", generator))
     return rollout(adapter, prompts, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                   sampler=s.sampler, noise_level=s.noise_level, sde_window=s.sde_window,
+                   sampler=s.sampler, noise_level=s.noise_level, sde_window=window,
                    group_size=group_size, generator=generator, record_means=record_means,
-                   height=s.resolution, width=s.resolution, num_frames=s.num_frames)
+                   height=s.resolution, width=s.resolution, num_frames=s.num_frames,
+                   log_prob_convention=s.log_prob_convention, grid=s.grid, grid_shift=s.grid_shift,
+                   integer_timesteps=s.integer_timesteps, record_reference_kl=record_reference_kl)
 
 
 def forward_timesteps(traj: Trajectory, num_draws: int, fraction: float,

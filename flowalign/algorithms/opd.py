@@ -123,8 +123,8 @@ def _combine(parts: list[tuple[torch.Tensor, GaussianStep]], like: GaussianStep)
     fields = {}
     for name in (f.name for f in dataclasses.fields(GaussianStep)):
         ref = getattr(like, name)
-        if ref is None:
-            fields[name] = None
+        if not isinstance(ref, torch.Tensor):  # None or a setting such as log_prob_convention
+            fields[name] = ref
             continue
         out = torch.empty_like(ref, dtype=torch.float32)
         for rows, step in parts:
@@ -168,7 +168,7 @@ def teacher_rescore(adapter: PipelineAdapter, traj: Trajectory, step_index: int,
 
 
 def _expand_layout(step: GaussianStep, n: int) -> GaussianStep:
-    grow = lambda x: None if x is None else x[:1].expand(n, *x.shape[1:])  # noqa: E731
+    grow = lambda x: x[:1].expand(n, *x.shape[1:]) if isinstance(x, torch.Tensor) else x  # noqa: E731
     return GaussianStep(**{f.name: grow(getattr(step, f.name)) for f in dataclasses.fields(GaussianStep)})
 
 

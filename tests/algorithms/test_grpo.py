@@ -103,3 +103,28 @@ def test_f_divergence_weights_the_reference_regulariser():
     w = h / h.mean()
     torch.testing.assert_close(js.loss, 0.04 * (w * new.kl(ref)).mean().detach(), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(w, torch.ones(4))  # the weights are not trivially 1 here
+
+
+def test_guard_batch_bias_averages_b_over_the_batch():
+    from flowalign.algorithms.grpo import guard_log_ratio
+
+    old, new, _ = _steps(seed=4, shift=0.5)
+    s = new.std.reshape(-1)
+    b = ((new.mean - old.mean) ** 2).flatten(1).mean(1) / (2 * s**2)
+    per_sample = guard_log_ratio(new, old.log_prob(), old.mean)
+    batch = guard_log_ratio(new, old.log_prob(), old.mean, bias="batch")
+    torch.testing.assert_close(batch - per_sample, (b.mean() - b) * s)
+
+
+def test_step_columns_first_and_random():
+    from flowalign.algorithms.grpo import step_columns
+
+    pool = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert step_columns(pool, 0.99, "first", 4, None) == list(range(9))  # Flow-GRPO: int(10 x 0.99) = 9 steps
+    assert step_columns(pool[:1], 0.5, "first", 4, None) == [0]  # at least one
+    g = torch.Generator().manual_seed(0)
+    cols = step_columns(list(range(15)), 0.6, "random", 50, g)  # DanceGRPO: int(15 x 0.6) = 9 of 15 per sample
+    chosen = torch.stack(cols, dim=1)
+    assert chosen.shape == (50, 9)
+    assert all(len(set(r.tolist())) == 9 and set(r.tolist()) <= set(range(15)) for r in chosen)
+    assert len({frozenset(r.tolist()) for r in chosen}) > 40  # each sample its own subset
