@@ -319,9 +319,14 @@ class CRDConfig:
                            5.0)
     centering: str = _help("group (within each prompt's group: the theory) | batch (public code; deviation: "
                            "log Z(c) does not cancel)", "group")
-    form: str = _help("mse | bce [uncertain]", "mse")
-    center_weighting: str = _help("uniform | softmax [uncertain] (softmax(R~/tau) positive/negative halves)", "uniform")
+    form: str = _help("mse | bce (both x A_max / beta, as Flow-Factory)", "mse")
+    center_weighting: str = _help("uniform | softmax (two directions, softmax(+-R~/tau) centres, 1/2 each: "
+                                  "Flow-Factory weight_temp = tau > 0) | hard (its weight_temp = 0)", "uniform")
     tau: float = _help("temperature of center_weighting=softmax", 1.0)
+    old_model: str = _help("v_old inside l: snapshot (the old EMA copy) | reference (the adapter-disabled base: "
+                           "Flow-Factory's use_old_for_loss: false)", "snapshot")
+    adaptive_weights: bool = _help("divide each squared error by its detached mean |v - u| (Flow-Factory's "
+                                   "adaptive_logp)", True)
     beta_kl: float = _help("KL anchor coefficient at R~ = 1 (reward-adaptive: kl_floor + R~ (beta_kl - kl_floor)); "
                            "0 = no anchor pass", 0.1)
     kl_floor: float = _help("KL anchor coefficient at R~ = 0", 1e-4)
@@ -329,18 +334,22 @@ class CRDConfig:
     num_timesteps: int = _help("K stratified forward-process timesteps per optimizer step", 20)
     timestep_fraction: float = _help("draw from the first (noisiest) fraction of the rollout grid (top 99%)", 0.99)
     steps_per_iter: int = _help("optimizer steps per iteration (the prompt groups are split between them)", 2)
-    sampler_hard_copy_steps: int = _help("the sampler snapshot is a hard copy while s < this, then "
-                                         "d = min(0.0075 (s - N), 0.999)", 75)
-    old_decay_max: float = _help("cap of the v_old snapshot decay min(0.25 + 0.005 s, cap) (SPEC: 0.999)", 0.999)
-    sampler_decay_max: float = _help("cap of the sampler snapshot decay (SPEC: 0.999)", 0.999)
+    old_schedule: str = _help("decay of the v_old snapshot, 'start_step-start_value-slope-end_value' (Flow-Factory's "
+                              "format: d = start_value while s < start_step, then min(start_value + (s - start_step) "
+                              "slope, end_value)) or a preset (none, slow, medium, offline, fast, moderate, 0-6)",
+                              "0-0.25-0.005-0.999")
+    sampler_schedule: str = _help("decay of the sampler (rollout) snapshot, same format", "75-0-0.0075-0.999")
     eps: float = _help("floor of the adaptive weights w = max(mean_d |v - u|, eps)", 1e-5)
 
     def __post_init__(self):
+        from .algorithms.crd import parse_schedule
+
         _positive("crd", "beta", self.beta)
         _positive("crd", "adv_max", self.adv_max)
         _choice("crd", "centering", self.centering, ("group", "batch"))
         _choice("crd", "form", self.form, ("mse", "bce"))
-        _choice("crd", "center_weighting", self.center_weighting, ("uniform", "softmax"))
+        _choice("crd", "center_weighting", self.center_weighting, ("uniform", "softmax", "hard"))
+        _choice("crd", "old_model", self.old_model, ("snapshot", "reference"))
         _positive("crd", "tau", self.tau)
         _positive("crd", "beta_kl", self.beta_kl, allow_zero=True)
         _positive("crd", "kl_floor", self.kl_floor, allow_zero=True)
@@ -348,10 +357,12 @@ class CRDConfig:
         _positive("crd", "num_timesteps", self.num_timesteps)
         _fraction("crd", "timestep_fraction", self.timestep_fraction)
         _positive("crd", "steps_per_iter", self.steps_per_iter)
-        _positive("crd", "sampler_hard_copy_steps", self.sampler_hard_copy_steps, allow_zero=True)
         _positive("crd", "eps", self.eps)
-        _decay("crd", "old_decay_max", self.old_decay_max)
-        _decay("crd", "sampler_decay_max", self.sampler_decay_max)
+        for name in ("old_schedule", "sampler_schedule"):
+            try:
+                parse_schedule(getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f"crd.{name}: {err}") from None
 
 
 TEACHER_KEYS = ("lora", "guidance_scale", "prompts", "reward")
@@ -494,7 +505,11 @@ _SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "advantage
                     "distill": DistillConfig}
 
 
-MOVED_KEYS = {"grpo.adv_std": "advantage.std", "grpo.adv_clip": "advantage.clip"}  # old name -> new name
+# old key -> where it went (a config naming an old key fails with this hint)
+MOVED_KEYS = {"grpo.adv_std": "advantage.std", "grpo.adv_clip": "advantage.clip",
+              "crd.old_decay_max": "crd.old_schedule ('0-0.25-0.005-<max>')",
+              "crd.sampler_decay_max": "crd.sampler_schedule ('75-0-0.0075-<max>')",
+              "crd.sampler_hard_copy_steps": "crd.sampler_schedule ('<steps>-0-0.0075-0.999')"}
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                "tuple": "a list", "dict": "a mapping"}
@@ -544,8 +559,7 @@ def config_from_dict(data: dict) -> Config:
         checked = {}
         for key, value in (values or {}).items():
             if f"{section}.{key}" in MOVED_KEYS:
-                raise ValueError(f"{section}.{key} moved to {MOVED_KEYS[f'{section}.{key}']} (it applies to every "
-                                 "algorithm): rename the key")
+                raise ValueError(f"{section}.{key} is now {MOVED_KEYS[f'{section}.{key}']}: rename the key")
             if key not in fields:
                 raise ValueError(f"unknown key {section}.{key}; valid keys: {', '.join(sorted(fields))}")
             checked[key] = _check_type(section, key, value, str(fields[key].type))

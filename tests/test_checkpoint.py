@@ -29,7 +29,7 @@ def _cfg(model, out, algorithm="grpo", rank=2, **train):
     return Config(model=ModelConfig(path=model, lora_rank=rank),
                   sampling=SamplingConfig(num_steps=2, eval_num_steps=1, sampler=sampler, guidance_scale=2.0),
                   nft=NFTConfig(num_timesteps=1, old_decay_rate=0.3), crd=CRDConfig(num_timesteps=1, steps_per_iter=1,
-                                                                                  sampler_hard_copy_steps=1),
+                                                                                  sampler_schedule="1-0-0.0075-0.999"),
                   train=TrainConfig(algorithm=algorithm, prompts_per_iter=1, group_size=2, minibatch=2, lr=0.05,
                                     eval_per_task=1, out_dir=str(out), **train))
 

@@ -22,7 +22,10 @@ def test_defaults_are_valid_and_frozen():
         ({"grpo": {"kl_scaling": "approx"}}, "choose one of exact, reference"),
         ({"sampling": {"sde_window": [8, 5]}}, "sampling.sde_window=[8, 5]"),
         ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not valid"),
-        ({"crd": {"old_decay_max": 1.0}}, "crd.old_decay_max must be in [0, 1), got 1.0"),
+        ({"crd": {"old_decay_max": 1.0}}, "crd.old_decay_max is now crd.old_schedule ('0-0.25-0.005-<max>')"),
+        ({"grpo": {"adv_std": "group"}}, "grpo.adv_std is now advantage.std: rename the key"),
+        ({"crd": {"old_schedule": "0-0.25-fast"}}, "crd.old_schedule: schedule '0-0.25-fast' must be "),
+        ({"nft": {"old_decay_max": 1.0}}, "nft.old_decay_max must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_values_name_the_key(data, needle):

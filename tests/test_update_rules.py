@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flowalign import lora
-from flowalign.algorithms.crd import old_decay, sampler_decay
+from flowalign.algorithms.crd import OLD_SCHEDULE, SAMPLER_SCHEDULE, schedule_decay
 from flowalign.algorithms.nft import old_model_decay
 from flowalign.algorithms.opd import train_steps
 from flowalign.config import Config, CRDConfig, NFTConfig, OPDConfig, SamplingConfig, TrainConfig
@@ -105,15 +105,16 @@ def test_crd_log_ratio_zero_at_start_and_snapshot_schedules(tmp_path):
     theta0 = _clone(tr.params)
     m = tr.step()
     assert m["log_ratio_abs_first"] == 0.0  # old == current at s = 0: l = 0 exactly
-    assert m["optimizer_steps"] == 1 and m["old_decay"] == old_decay(1) and m["sampler_decay"] == sampler_decay(1)
+    assert m["optimizer_steps"] == 1 and m["old_decay"] == schedule_decay(OLD_SCHEDULE, 1) == 0.255
+    assert m["sampler_decay"] == schedule_decay(SAMPLER_SCHEDULE, 1) == 0.0
     theta1 = _clone(tr.params)
-    d = old_decay(1)
+    d = schedule_decay(OLD_SCHEDULE, 1)
     for s, a, b in zip(tr.algorithm.old.tensors, theta0, theta1):
         torch.testing.assert_close(s, d * a + (1 - d) * b)
     for s, b in zip(tr.algorithm.sampler.tensors, theta1):
         assert torch.equal(s, b)  # hard copy while s < 75
     m2 = tr.step()
-    assert m2["log_ratio_abs_first"] > 0 and m2["old_decay"] == old_decay(2)
+    assert m2["log_ratio_abs_first"] > 0 and m2["old_decay"] == schedule_decay(OLD_SCHEDULE, 2)
 
 
 def test_crd_two_optimizer_steps_per_iteration_whole_groups(tmp_path):
@@ -214,3 +215,18 @@ def test_grpo_trains_the_selected_steps_and_kl_reward_gives_per_step_advantages(
                                   valid=seen["valid"])
         torch.testing.assert_close(seen["step_adv"][:, k], expected)
     assert m["kl_reward_penalty"] > 0 and m["update_samples"] == 6
+
+
+@pytest.mark.parametrize("old_model", ["snapshot", "reference"])
+def test_crd_old_model_snapshot_or_reference(tmp_path, old_model):
+    # Flow-Factory's use_old_for_loss=false: v_old is the adapter-disabled base. With a LoRA away from the base at
+    # s = 0 the snapshot (a copy of the LoRA) gives l = 0 exactly, the reference does not.
+    cfg = _cfg(tmp_path, "crd", crd=CRDConfig(num_timesteps=1, steps_per_iter=1, beta_kl=0.0, old_model=old_model))
+    tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())
+    with torch.no_grad():
+        for p in tr.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    tr.algorithm.old.update(0.0)
+    tr.algorithm.sampler.update(0.0)
+    m = tr.step()
+    assert (m["log_ratio_abs_first"] == 0.0) == (old_model == "snapshot")

@@ -1,4 +1,4 @@
-"""CRD, Centered Reward Distillation (SPEC §5). No I/O.
+"""CRD, Centered Reward Distillation (arXiv 2603.14128; SPEC §5). No I/O.
 
 Theory: the KL-regularised optimum is ``pi* ∝ pi_ref exp(R / beta)``, so
 ``beta log(pi* / pi_ref)(x | c) = R(x, c) - beta log Z(c)``. Centering WITHIN a prompt's group cancels the
@@ -17,10 +17,17 @@ Loss (MSE form):
 plus the KL anchor ``mean_i (1e-4 + R~_i (beta_KL - 1e-4)) D_i`` with ``D_i = mean_d (v_theta - v_ref^CFG)^2``.
 centering="group" (default) centres within prompt groups as the theory needs; centering="batch" centres over the
 whole batch as the public implementation does (prompts mixed: log Z(c) does NOT cancel) -- a documented deviation.
+Centre weights (``center_weighting``, Flow-Factory's ``weight_temp``): "uniform" (the plain mean, tau < 0 there);
+"softmax" (tau > 0: two directions, centres weighted by softmax(R~/tau) and softmax(-R~/tau), every sample in both
+halves of the loss with weight 1/2); "hard" (tau = 0 as the public code computes it: softmax(R~) over the samples
+with R~ > 0 and softmax(R~) over those with R~ < 0, a uniform mean where none is; since R~ >= 0 the second is the
+plain mean in practice). Any weights summing to 1 per group keep the log Z(c) cancellation.
 
 Snapshots (updated once per epoch after the optimizer step, s = optimizer-step count):
-``snap <- d snap + (1 - d) theta`` with d = ``old_decay(s)`` (the v_old inside l) or ``sampler_decay(s)``
-(the rollout policy); d <= 0 is a hard copy.
+``snap <- d snap + (1 - d) theta`` with d from a schedule ``start_step-start_value-slope-end_value`` (Flow-Factory's
+format): ``d(s) = start_value`` while ``s < start_step``, then ``min(start_value + (s - start_step) slope,
+end_value)``; d <= 0 is a hard copy, d >= 1 keeps the snapshot. Defaults: old (the v_old inside l)
+"0-0.25-0.005-0.999", sampler (the rollout policy) "75-0-0.0075-0.999".
 ``CRDUpdate`` is the update rule the trainer drives (old and sampler models = shadow copies of the LoRA weights).
 """
 
@@ -40,32 +47,36 @@ from .base import Snapshot, UpdateRule, forward_timesteps, require_flow
 
 CENTERINGS = ("group", "batch")
 FORMS = ("mse", "bce")
-CENTER_WEIGHTINGS = ("uniform", "softmax")
+CENTER_WEIGHTINGS = ("uniform", "softmax", "hard")
+OLD_MODELS = ("snapshot", "reference")
 
 
 # ---- implicit log-ratio and reward ---------------------------------------------------------------
 
 
-def _adaptive_sq_error(v: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
-    """``mean_d (v - u)^2 / sg(max(mean_d |v - u|, eps))`` -> [B] float64."""
+def _adaptive_sq_error(v: torch.Tensor, target: torch.Tensor, eps: float, adaptive: bool = True) -> torch.Tensor:
+    """``mean_d (v - u)^2 / sg(max(mean_d |v - u|, eps))`` -> [B] float64 (without the weight when not adaptive)."""
     diff = (v.double() - target.double()).flatten(1)
+    if not adaptive:
+        return (diff**2).mean(1)
     w = diff.detach().abs().mean(1).clamp_min(eps)
     return (diff**2).mean(1) / w
 
 
 def implicit_log_ratio(v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor,
-                       eps: float = 1e-5) -> torch.Tensor:
+                       eps: float = 1e-5, adaptive: bool = True) -> torch.Tensor:
     """``l = -mean_d[(v_theta - u)^2 / w_theta - (v_old - u)^2 / w_old]`` -> [B] float32.
 
     v_theta (with grad), v_old (snapshot, no grad), target u = eps - x0: [B, ...]. The weights
     ``w = sg(max(mean_d |v - u|, eps))`` and the ratio are computed in float64. l > 0 where v_theta denoises
-    the sample better than v_old (a higher implicit likelihood).
+    the sample better than v_old (a higher implicit likelihood). adaptive=False drops the weights (w = 1:
+    Flow-Factory's ``adaptive_logp: false``).
     """
     if not (v_theta.shape == v_old.shape == target.shape):
         raise ValueError(f"v_theta {tuple(v_theta.shape)}, v_old {tuple(v_old.shape)} and target "
                          f"{tuple(target.shape)} must share one shape [B, ...]")
     target = target.detach()
-    l = -(_adaptive_sq_error(v_theta, target, eps) - _adaptive_sq_error(v_old.detach(), target, eps))
+    l = -(_adaptive_sq_error(v_theta, target, eps, adaptive) - _adaptive_sq_error(v_old.detach(), target, eps, adaptive))
     return l.float()
 
 
@@ -105,34 +116,44 @@ def group_center(x: torch.Tensor, index: torch.Tensor, weights: Optional[torch.T
 
 
 def _group_softmax(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax of x within each group (masked entries get 0) -> [B]."""
+    """softmax of x within each group over the entries of ``mask`` (others get 0) -> [B]; a group with no masked
+    entry gets 0 everywhere."""
     g = int(index.max()) + 1
     neg_inf = torch.full((g,), -float("inf"), dtype=x.dtype, device=x.device)
     gmax = neg_inf.scatter_reduce(0, index, torch.where(mask, x, -float("inf")), "amax")[index]
     e = torch.where(mask, (x - gmax).exp(), torch.zeros_like(x))
     z = torch.zeros(g, dtype=x.dtype, device=x.device).index_add_(0, index, e)[index]
-    return e / z
+    return torch.where(z > 0, e / z.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(e))
+
+
+def _selected_softmax(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Flow-Factory's hard selection: softmax of x over the valid ``selected`` entries of each group; a group with
+    none selected falls back to uniform weights over its valid entries -> [B]."""
+    weights = _group_softmax(x, index, valid & selected)
+    g = int(index.max()) + 1
+    any_selected = torch.zeros(g, dtype=x.dtype, device=x.device).index_add_(0, index, (valid & selected).to(x.dtype))
+    uniform = _group_softmax(torch.zeros_like(x), index, valid)
+    return torch.where(any_selected[index] > 0, weights, uniform)
 
 
 def _centers(l: torch.Tensor, reward: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, weighting: str,
-             tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(center(l) detached, center(R~)) per sample [B]."""
+             tau: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    """The centring directions: a list of (weight of that direction's loss, center(l) detached, center(R~)), each
+    center per sample [B] (module docstring)."""
     if weighting not in CENTER_WEIGHTINGS:
         raise ValueError(f"center_weighting must be one of {CENTER_WEIGHTINGS}, got {weighting!r}")
     m = mask.to(l.dtype)
     if weighting == "uniform":
-        return group_center(l.detach(), index, m), group_center(reward, index, m)
-    # [uncertain] softmax(R~/tau)-weighted centering with positive and negative halves: samples at or above
-    # their group's mean reward are centred at the softmax(+R~/tau)-weighted mean, the others at the
-    # softmax(-R~/tau)-weighted mean. Any weights summing to 1 per group keep the log Z(c) cancellation.
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    w_pos = _group_softmax(reward / tau, index, mask)
-    w_neg = _group_softmax(-reward / tau, index, mask)
-    positive = reward >= group_center(reward, index, m)
-    c_l = torch.where(positive, group_center(l.detach(), index, w_pos), group_center(l.detach(), index, w_neg))
-    c_r = torch.where(positive, group_center(reward, index, w_pos), group_center(reward, index, w_neg))
-    return c_l, c_r
+        return [(1.0, group_center(l.detach(), index, m), group_center(reward, index, m))]
+    if weighting == "softmax":
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau} (tau = 0 is center_weighting='hard')")
+        w_pos = _group_softmax(reward / tau, index, mask)
+        w_neg = _group_softmax(-reward / tau, index, mask)
+    else:  # the public code's weight_temp = 0: note the negative side's softmax is of +R~, as written there
+        w_pos = _selected_softmax(reward, index, mask, reward > 0)
+        w_neg = _selected_softmax(reward, index, mask, reward < 0)
+    return [(0.5, group_center(l.detach(), index, w), group_center(reward, index, w)) for w in (w_pos, w_neg)]
 
 
 # ---- KL anchor --------------------------------------------------------------------------------------
@@ -190,9 +211,10 @@ def crd_loss(
         adv_max: A_max of the MSE prefactor ``A_max / beta`` (5).
         centering: "group" (theory, default) or "batch" ([deviation] the public code: one centre over a
             batch that mixes prompts, so log Z(c) does not cancel).
-        form: "mse" (default) or "bce" ([uncertain] BCE with logits ``beta l_c`` and target ``sigmoid(R~_c)``,
-            averaged, without the MSE prefactor; same fixed point ``beta l_c = R~_c``).
-        center_weighting: "uniform" (default) or "softmax" ([uncertain] see ``_centers``) with temperature tau.
+        form: "mse" (default) or "bce" (BCE with logits ``beta l_c`` and target ``sigmoid(R~_c)``, as Flow-Factory;
+            same fixed point ``beta l_c = R~_c``). Both are scaled by ``A_max / beta``.
+        center_weighting: "uniform" (default), "softmax" (two directions at temperature tau) or "hard" (the
+            public code's tau = 0); see the module docstring.
         kl_distance: D_i [B] (``kl_anchor_distance``), with grad; None drops the anchor.
         beta_kl, kl_floor: the anchor's coefficient ``kl_floor + R~_i (beta_kl - kl_floor)``.
         mask: [B] bool, valid samples (excluded ones enter neither the centres nor the means).
@@ -207,15 +229,20 @@ def crd_loss(
     mask = torch.ones(n, dtype=torch.bool, device=log_ratio.device) if mask is None else mask.bool()
     reward = reward.detach().float()
     index = _group_index(group_ids, n, centering, log_ratio.device)
-    c_l, c_r = _centers(log_ratio, reward, index, mask, center_weighting, tau)
-    l_c = log_ratio - c_l
-    r_c = reward - c_r
+    directions = _centers(log_ratio, reward, index, mask, center_weighting, tau)
+    per_sample = torch.zeros_like(log_ratio)
+    for weight, c_l, c_r in directions:
+        l_c, r_c = log_ratio - c_l, reward - c_r
+        if form == "mse":
+            term = (beta * l_c - r_c) ** 2
+        else:
+            term = F.binary_cross_entropy_with_logits(beta * l_c, torch.sigmoid(r_c), reduction="none")
+        per_sample = per_sample + weight * term
+    per_sample = (adv_max / beta) * per_sample
+    _, c_l, c_r = directions[0]
+    l_c, r_c = log_ratio - c_l, reward - c_r  # the first direction's, for the metrics
     m = mask.float()
     denom = m.sum().clamp_min(1.0)
-    if form == "mse":
-        per_sample = (adv_max / beta) * (beta * l_c - r_c) ** 2
-    else:
-        per_sample = F.binary_cross_entropy_with_logits(beta * l_c, torch.sigmoid(r_c), reduction="none")
     main = (per_sample * m).sum() / denom
     kl = torch.zeros((), device=log_ratio.device)
     if kl_distance is not None:
@@ -229,38 +256,58 @@ def crd_loss(
 # ---- snapshot schedules -----------------------------------------------------------------------------
 
 
-def old_decay(step: int, max_decay: float = 0.999) -> float:
-    """Decay of the v_old snapshot (inside l) after optimizer step ``step``: ``min(0.25 + 0.005 s, max_decay)``.
+# Flow-Factory's schedule presets (start_step, start_value, slope, end_value), by number and name.
+SCHEDULE_PRESETS = {"none": (0, 0.0, 0.0, 0.0), "slow": (0, 0.0, 0.001, 0.5), "medium": (75, 0.0, 0.0075, 0.999),
+                    "offline": (0, 1.0, 0.0, 1.0), "fast": (0, 0.0, 0.02, 0.99), "moderate": (0, 0.0, 0.01, 0.5)}
+SCHEDULE_PRESETS.update({str(i): v for i, v in enumerate(SCHEDULE_PRESETS.values())})
+SCHEDULE_PRESETS["6"] = (0, 0.0, 0.0075, 0.999)
+OLD_SCHEDULE = "0-0.25-0.005-0.999"  # d = min(0.25 + 0.005 s, 0.999) (SPEC §5)
+SAMPLER_SCHEDULE = "75-0-0.0075-0.999"  # hard copy while s < 75, then min(0.0075 (s - 75), 0.999)
 
-    ``max_decay`` = 0.999 is the SPEC schedule; a lower cap keeps v_old (the anchor of the implicit log-ratio)
-    closer to the current policy, so a short run keeps compounding its tilt instead of converging to
-    ``pi_old exp(R / beta)`` around an almost frozen ``pi_old``.
-    """
+
+def parse_schedule(spec: str) -> tuple[int, float, float, float]:
+    """``"start_step-start_value-slope-end_value"`` (e.g. "75-0-0.0075-0.999") or a preset name/number of
+    ``SCHEDULE_PRESETS`` -> (start_step, start_value, slope, end_value). Raises ValueError saying the format."""
+    spec = str(spec).strip()
+    if spec in SCHEDULE_PRESETS:
+        return SCHEDULE_PRESETS[spec]
+    parts = spec.split("-")
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        start, v0, slope, v1 = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
+    except ValueError:
+        raise ValueError(f"schedule {spec!r} must be 'start_step-start_value-slope-end_value' (e.g. "
+                         f"'75-0-0.0075-0.999') or one of {', '.join(k for k in SCHEDULE_PRESETS if not k.isdigit())}"
+                         ) from None
+    if start < 0 or slope < 0 or not (0 <= v0 <= 1 and 0 <= v1 <= 1):
+        raise ValueError(f"schedule {spec!r}: start_step and slope must be >= 0 and both values in [0, 1]")
+    return start, v0, slope, v1
+
+
+def schedule_decay(spec: str, step: int) -> float:
+    """d(s) of a schedule: ``start_value`` while s < start_step, then ``min(start_value + (s - start_step) slope,
+    end_value)``."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return min(0.25 + 0.005 * step, max_decay)
-
-
-def sampler_decay(step: int, hard_copy_steps: int = 75, max_decay: float = 0.999) -> float:
-    """Decay of the sampler snapshot: 0 (hard copy) while s < 75, then ``min(0.0075 (s - 75), max_decay)``."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step < hard_copy_steps:
-        return 0.0
-    return min(0.0075 * (step - hard_copy_steps), max_decay)
+    start, v0, slope, v1 = parse_schedule(spec)
+    if step < start:
+        return v0
+    return min(v0 + (step - start) * slope, v1)
 
 
 @torch.no_grad()
 def ema_update_(snapshot: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
-    """In place ``snap <- d snap + (1 - d) theta`` for each pair; d <= 0 copies theta exactly."""
-    if decay >= 1:
-        raise ValueError(f"decay must be < 1 (d <= 0 is a hard copy), got {decay}")
+    """In place ``snap <- d snap + (1 - d) theta`` for each pair; d <= 0 copies theta exactly, d >= 1 keeps the
+    snapshot (an offline schedule)."""
     snapshot, params = list(snapshot), list(params)
     if len(snapshot) != len(params):
         raise ValueError(f"{len(snapshot)} snapshot tensors for {len(params)} parameters")
     for s, p in zip(snapshot, params):
         if s.shape != p.shape:
             raise ValueError(f"snapshot tensor {tuple(s.shape)} does not match parameter {tuple(p.shape)}")
+        if decay >= 1:
+            continue
         if decay <= 0:
             s.copy_(p.detach())
         else:
@@ -312,8 +359,9 @@ class CRDUpdate(UpdateRule):
     (``train.minibatch // group_size`` groups) gets fresh noise, ``l = implicit_log_ratio(v_theta, v_old, u)``
     (guidance 1), the KL anchor distance to the base model (adapter disabled) at CFG ``crd.kl_guidance_scale``,
     and ``crd_loss``; gradients accumulate over draws and micro-batches. After the iteration, with s the
-    optimizer-step count: ``old <- old_decay(s)``, ``sampler <- sampler_decay(s)`` (SPEC schedules, capped at
-    ``crd.old_decay_max`` / ``crd.sampler_decay_max``).
+    optimizer-step count: ``old`` and ``sampler`` move by ``schedule_decay`` of ``crd.old_schedule`` /
+    ``crd.sampler_schedule``. With ``crd.old_model=reference`` v_old is the adapter-disabled base (Flow-Factory's
+    ``use_old_for_loss: false``); the old snapshot is still kept and moved, as there.
     Metrics: loss, main, kl, ``log_ratio_abs_first`` (mean |l| of the first micro-batch: 0 while old == current),
     residual_abs, grad_norm, old_decay, sampler_decay, optimizer_steps, update_samples.
     """
@@ -362,10 +410,11 @@ class CRDUpdate(UpdateRule):
                     fp = self.forward_sample(x0, sigma, part)
                     if fp is None:  # this process holds none of these rows
                         continue
-                    with torch.no_grad(), self.old.swapped_in():
+                    old = self.old.swapped_in() if c.old_model == "snapshot" else lora.adapter_disabled(self.adapter)
+                    with torch.no_grad(), old:
                         v_old = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
                     v = self.adapter.predict(fp.x_t, timestep, cond, 1.0)
-                    l = implicit_log_ratio(v, v_old, fp.target, eps=c.eps)
+                    l = implicit_log_ratio(v, v_old, fp.target, eps=c.eps, adaptive=c.adaptive_weights)
                     dist = None
                     if c.beta_kl > 0:
                         ref_cond = self.adapter.encode_prompts(cond.prompts, c.kl_guidance_scale)
@@ -389,8 +438,8 @@ class CRDUpdate(UpdateRule):
                     stats["residual"].append(out.residual[mask].abs().mean().item())
             grad_norm = self.optimizer_step()
         s = self.optimizer_steps
-        d_old = old_decay(s, c.old_decay_max)
-        d_sampler = sampler_decay(s, c.sampler_hard_copy_steps, c.sampler_decay_max)
+        d_old = schedule_decay(c.old_schedule, s)
+        d_sampler = schedule_decay(c.sampler_schedule, s)
         self.old.update(d_old)
         self.sampler.update(d_sampler)
         if not stats["loss"]:  # distributed: this process held none of the valid rows

@@ -9,8 +9,8 @@ from flowalign.algorithms.crd import (
     implicit_log_ratio,
     kl_anchor_distance,
     normalized_reward,
-    old_decay,
-    sampler_decay,
+    parse_schedule,
+    schedule_decay,
     stratified_timesteps,
 )
 
@@ -22,7 +22,8 @@ def _batch(seed=0):
     return torch.randn(9, generator=g), torch.rand(9, generator=g)
 
 
-@pytest.mark.parametrize("form,weighting", [("mse", "uniform"), ("bce", "uniform"), ("mse", "softmax")])
+@pytest.mark.parametrize("form,weighting", [("mse", "uniform"), ("bce", "uniform"), ("mse", "softmax"),
+                                           ("bce", "softmax"), ("mse", "hard")])
 def test_per_prompt_constants_cancel_within_groups(form, weighting):
     l, r = _batch()
     shift = torch.tensor([3.0, -1.5, 0.7])[GROUPS]
@@ -117,18 +118,25 @@ def test_implicit_log_ratio():
 
 
 def test_decay_schedules_and_ema_update():
-    assert old_decay(0) == 0.25 and old_decay(10) == pytest.approx(0.3) and old_decay(10_000) == 0.999
-    assert sampler_decay(0) == 0.0 and sampler_decay(74) == 0.0 and sampler_decay(75) == 0.0
-    assert sampler_decay(175) == pytest.approx(0.75) and sampler_decay(10_000) == 0.999
-    assert old_decay(10, max_decay=0.9) == pytest.approx(0.3) and old_decay(10_000, max_decay=0.9) == 0.9
-    assert sampler_decay(175, max_decay=0.5) == 0.5 and sampler_decay(80, max_decay=0.5) == pytest.approx(0.0375)
+    old, sampler = "0-0.25-0.005-0.999", "75-0-0.0075-0.999"  # SPEC §5 (Flow-Factory's defaults)
+    assert schedule_decay(old, 0) == 0.25 and schedule_decay(old, 10) == pytest.approx(0.3)
+    assert schedule_decay(old, 10_000) == 0.999
+    assert [schedule_decay(sampler, s) for s in (0, 74, 75)] == [0.0, 0.0, 0.0]
+    assert schedule_decay(sampler, 175) == pytest.approx(0.75) and schedule_decay(sampler, 10_000) == 0.999
+    assert schedule_decay("0-0.25-0.005-0.9", 10_000) == 0.9 and schedule_decay("75-0-0.0075-0.5", 175) == 0.5
+    assert schedule_decay("10-0.3-0.1-0.6", 5) == 0.3  # start_value before start_step, not a hard copy
+    assert parse_schedule("medium") == parse_schedule("2") == (75, 0.0, 0.0075, 0.999)
+    assert parse_schedule("offline") == (0, 1.0, 0.0, 1.0)
+    for bad in ("0-0.25-0.005", "a-b-c-d", "0-1.5-0-1"):
+        with pytest.raises(ValueError, match="schedule"):
+            parse_schedule(bad)
     snap, p = [torch.zeros(3)], [torch.ones(3)]
     ema_update_(snap, p, 0.75)
     torch.testing.assert_close(snap[0], torch.full((3,), 0.25))
+    ema_update_(snap, p, 1.0)  # d >= 1 keeps the snapshot (the offline preset)
+    torch.testing.assert_close(snap[0], torch.full((3,), 0.25))
     ema_update_(snap, p, 0.0)
     torch.testing.assert_close(snap[0], p[0])
-    with pytest.raises(ValueError, match="decay"):
-        ema_update_(snap, p, 1.0)
 
 
 def test_stratified_timesteps():
@@ -140,3 +148,46 @@ def test_stratified_timesteps():
     vals, pos = stratified_timesteps(grid, num_draws=20, generator=torch.Generator().manual_seed(1))
     assert pos.max() < 990 and (pos[1:] > pos[:-1]).all()
     assert ((pos // 49.5).long() == torch.arange(20)).all()  # one draw in each stratum
+
+
+def test_softmax_centering_is_the_dual_direction_loss():
+    # Flow-Factory weight_temp = tau > 0: 1/2 of the loss centred at softmax(R~/tau)-weighted means, 1/2 at
+    # softmax(-R~/tau)-weighted ones, every sample in both (one group here: the whole batch)
+    l, r = _batch(5)
+    gid = torch.zeros(9, dtype=torch.long)
+    beta, a_max, tau = 0.5, 5.0, 0.3
+    out = crd_loss(l, r, gid, beta=beta, adv_max=a_max, center_weighting="softmax", tau=tau)
+    expected = 0.0
+    for sign in (1, -1):
+        w = torch.softmax(sign * r / tau, dim=0)
+        expected = expected + 0.5 * ((beta * (l - (w * l).sum()) - (r - (w * r).sum())) ** 2).mean()
+    torch.testing.assert_close(out.main, (a_max / beta) * expected)
+    bce = crd_loss(l, r, gid, beta=beta, adv_max=a_max, form="bce", center_weighting="softmax", tau=tau)
+    expected_bce = 0.0
+    for sign in (1, -1):
+        w = torch.softmax(sign * r / tau, dim=0)
+        expected_bce = expected_bce + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(
+            beta * (l - (w * l).sum()), torch.sigmoid(r - (w * r).sum()))
+    torch.testing.assert_close(bce.main, (a_max / beta) * expected_bce)  # BCE carries the prefactor too
+
+
+def test_hard_centering_as_the_public_code_computes_it():
+    # weight_temp = 0: positive centre = softmax(R~) over R~ > 0 (temperature 1); negative centre = softmax(R~)
+    # over R~ < 0, which is empty for R~ in [0, 1], so the plain mean
+    l, r = _batch(6)
+    r[2] = 0.0  # A <= -A_max: left out of the positive pool
+    gid = torch.zeros(9, dtype=torch.long)
+    out = crd_loss(l, r, gid, beta=1.0, adv_max=5.0, center_weighting="hard")
+    pos = r > 0
+    w = torch.zeros(9)
+    w[pos] = torch.softmax(r[pos], dim=0)
+    plus = ((l - (w * l).sum()) - (r - (w * r).sum())) ** 2
+    minus = ((l - l.mean()) - (r - r.mean())) ** 2
+    torch.testing.assert_close(out.main, 5.0 * (0.5 * plus + 0.5 * minus).mean())
+
+
+def test_implicit_log_ratio_without_adaptive_weights():
+    g = torch.Generator().manual_seed(7)
+    u, v_old, v = (torch.randn(3, 2, 4, generator=g) for _ in range(3))
+    plain = -(((v - u) ** 2).flatten(1).mean(1) - ((v_old - u) ** 2).flatten(1).mean(1))
+    torch.testing.assert_close(implicit_log_ratio(v, v_old, u, adaptive=False), plain)
