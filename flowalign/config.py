@@ -19,7 +19,7 @@ SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "flow_dpm
 ALGORITHMS = ("grpo", "nft", "crd", "opd", "backprop")
 SHARDINGS = ("none", "fsdp")  # flowalign.distributed / flowalign.fsdp
 LOGGERS = ("tensorboard", "wandb")
-DIVERGENCES = ("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys")  # flowalign.algorithms.fdistill
+DIVERGENCES = ("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys", "sf", "neyman")  # algorithms.fdistill
 
 
 def _help(text: str, default: Any) -> Any:
@@ -445,6 +445,12 @@ class DistillConfig:
                                  "discriminator step every iteration (DMD2: 5)", 5)
     lambda_gan: float = _help("weight of the generator's GAN term softplus(-D(fake))", 1e-3)
     num_bins: int = _help("time bins of the ratio normalisation r / mean_bin(r)", 10)
+    ratio_bin_range: tuple = _help("[lo, hi]: the t range the bins split (FastGen: the schedule's [t_min, t_max], "
+                                   "[0, 0.999] for rectified flow)", (0.0, 1.0))
+    ratio_ema: float = _help("EMA rate of the per-bin ratio means across generator steps (FastGen's "
+                             "ratio_ema_rate; 0 = this batch's means)", 0.0)
+    disc_heads: int = _help("discriminator heads K, one per feature level of its conv net (1-3); the ratio uses the "
+                            "mean of the K logits (FastGen)", 1)
     t_range: tuple = _help("[t_min, t_max]: noise levels of the fake-score, discriminator and generator losses",
                            (0.02, 0.98))
     disc_channels: int = _help("width of the discriminator (a small conv net on noised latents)", 32)
@@ -457,6 +463,15 @@ class DistillConfig:
                      "disc_channels"):
             _positive("distill", name, getattr(self, name))
         _positive("distill", "lambda_gan", self.lambda_gan, allow_zero=True)
+        _decay("distill", "ratio_ema", self.ratio_ema)
+        if not 1 <= self.disc_heads <= 3:
+            raise ValueError(f"distill.disc_heads must be 1, 2 or 3 (the discriminator has 3 feature levels), got "
+                             f"{self.disc_heads}")
+        blo, bhi = (float(v) for v in self.ratio_bin_range) if len(self.ratio_bin_range) == 2 else (-1.0, -1.0)
+        if not 0 <= blo < bhi <= 1:
+            raise ValueError(f"distill.ratio_bin_range={list(self.ratio_bin_range)} must be [lo, hi] with "
+                             "0 <= lo < hi <= 1")
+        object.__setattr__(self, "ratio_bin_range", (blo, bhi))
         lo, hi = (float(v) for v in self.t_range) if len(self.t_range) == 2 else (-1.0, -1.0)
         if not 0 < lo < hi <= 1:
             raise ValueError(f"distill.t_range={list(self.t_range)} must be [t_min, t_max] with "

@@ -7,7 +7,7 @@ Three parts share ONE denoiser (no copy of its weights):
   S-step grid, differentiated through all S steps: ``x = G_theta(z, c)`` [B, C, h, w];
 - fake score: LoRA adapter ``fake``, trained by denoising on the student's samples (DMD2):
   ``L_fake = mean |v_fake(x_t, t, c) - (eps - x)|^2`` with ``x_t = (1 - t) x + t eps``;
-- discriminator D(x_t, t, c) -> logit [B], trained with ``softplus(D(fake)) + softplus(-D(real))`` on noised
+- discriminator D(x_t, t, c) -> logit [B] (or [B, K] with ``distill.disc_heads`` = K), trained with ``softplus(D(fake)) + softplus(-D(real))`` on noised
   student samples vs noised teacher samples (``distill.real_samples`` drawn once at the start with
   ``teacher_steps`` ODE steps), so D estimates log(p_teacher / q_student) at noise level t.
 
@@ -50,26 +50,36 @@ STUDENT, FAKE = "student", "fake"  # LoRA adapter names on the shared denoiser
 
 
 class LatentDiscriminator(nn.Module):
-    """D(x_t, t, e) -> logits [B] (projection discriminator on noised latents).
+    """D(x_t, t, e) -> logits [B] (one head) or [B, K] (K heads) (projection discriminator on noised latents).
 
-    ``phi = mean_{hw} convnet([x_t, t]) [B, W]``, ``D = w . phi + <phi, P e>`` with x_t [B, C, h, w], t [B] in [0, 1]
-    (a constant input channel) and e [B, E] the prompt's mean text token.
+    ``phi_j = mean_{hw}`` of conv level j of ``convnet([x_t, t])`` [B, W], and head j is ``w_j . phi_j + <phi_j, P_j e>``
+    with x_t [B, C, h, w], t [B] in [0, 1] (a constant input channel) and e [B, E] the prompt's mean text token.
+    One head reads the last level; K heads read the last K levels (FastGen: one head per feature level).
     """
 
-    def __init__(self, latent_channels: int, text_dim: int, width: int = 32):
+    def __init__(self, latent_channels: int, text_dim: int, width: int = 32, heads: int = 1):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(latent_channels + 1, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-        )
-        self.out = nn.Linear(width, 1)
-        self.proj = nn.Linear(text_dim, width, bias=False)
+        if not 1 <= heads <= 3:
+            raise ValueError(f"heads must be 1, 2 or 3, got {heads}")
+        self.levels = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(latent_channels + 1, width, 3, padding=1), nn.SiLU()),
+            nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()),
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.SiLU()),
+        ])
+        self.heads = heads
+        self.out = nn.ModuleList([nn.Linear(width, 1) for _ in range(heads)])
+        self.proj = nn.ModuleList([nn.Linear(text_dim, width, bias=False) for _ in range(heads)])
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         tt = t.float().view(-1, 1, 1, 1).expand(-1, 1, *x_t.shape[2:])
-        phi = self.net(torch.cat([x_t.float(), tt], 1)).mean((2, 3))
-        return self.out(phi).squeeze(-1) + (phi * self.proj(text.float())).sum(-1)
+        h, features = torch.cat([x_t.float(), tt], 1), []
+        for level in self.levels:
+            h = level(h)
+            features.append(h.mean((2, 3)))
+        e = text.float()
+        logits = [out(phi).squeeze(-1) + (phi * proj(e)).sum(-1)
+                  for phi, out, proj in zip(features[-self.heads:], self.out, self.proj)]
+        return logits[0] if self.heads == 1 else torch.stack(logits, dim=1)
 
 
 def text_features(cond: Conditioning) -> torch.Tensor:
@@ -153,7 +163,8 @@ class FDistiller:
             raise ValueError("real teacher latents need one prompt per row (real_prompts)")
         self.real, self.real_prompts = real, list(real_prompts)
         e = text_features(adapter.encode_prompts(self.real_prompts[:1]))
-        self.disc = LatentDiscriminator(real.shape[1], e.shape[-1], d.disc_channels).to(adapter.device)
+        self.disc = LatentDiscriminator(real.shape[1], e.shape[-1], d.disc_channels, d.disc_heads).to(adapter.device)
+        self.ratio_bins = torch.ones(d.num_bins)  # per-bin ratio means (FastGen's EMA state; used when ratio_ema > 0)
         self.opt_disc = torch.optim.AdamW(self.disc.parameters(), lr=d.disc_lr, weight_decay=0.0)
         grid = adapter.sampling_grid(d.student_steps, real[:1])
         self.timestep_scale = float(grid.timesteps[0] / grid.sigmas[0])  # scheduler units per unit of t (1000)
@@ -199,7 +210,8 @@ class FDistiller:
         x0_teacher = self._x0(x_t.detach(), t, cond, d.teacher_guidance_scale, None)
         d_fake = self.disc(x_t, t, text_features(cond))
         out = generator_surrogate_loss(x, x0_fake, x0_teacher, d_fake, t, self.divergence, lambda_gan=d.lambda_gan,
-                                       num_bins=d.num_bins)
+                                       num_bins=d.num_bins, bin_range=d.ratio_bin_range,
+                                       bin_means=self.ratio_bins if d.ratio_ema > 0 else None, ema_rate=d.ratio_ema)
         self.opt_student.zero_grad(set_to_none=True)
         out.loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.student_params, self.cfg.train.grad_clip)

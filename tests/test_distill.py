@@ -11,14 +11,15 @@ from flowalign import lora
 from flowalign.algorithms.fdistill import DIVERGENCES, discriminator_loss, discriminator_ratio
 from flowalign.config import DIVERGENCES as CONFIG_DIVERGENCES
 from flowalign.config import Config, DistillConfig, TrainConfig, config_from_dict
-from flowalign.distill import FAKE, STUDENT, FDistiller, LatentDiscriminator, bin_times, mean_pairwise_distance
+from flowalign.distill import (FAKE, STUDENT, FDistiller, LatentDiscriminator, bin_times, mean_pairwise_distance,
+                              text_features)
 from flowalign.models import adapter_for
 from flowalign.models.tiny import tiny_sd3_pipeline
 
 
-def _distiller(divergence: str, tmp_path) -> FDistiller:
+def _distiller(divergence: str, tmp_path, **options) -> FDistiller:
     cfg = Config(distill=DistillConfig(student_steps=2, divergence=divergence, teacher_steps=2, real_samples=4,
-                                       generator_every=1, teacher_guidance_scale=2.0, disc_channels=8),
+                                       generator_every=1, teacher_guidance_scale=2.0, disc_channels=8, **options),
                  train=TrainConfig(prompts_per_iter=2, group_size=2, lr=1e-2, out_dir=str(tmp_path)))
     adapter = adapter_for(tiny_sd3_pipeline(image_size=16), max_sequence_length=16)
     return FDistiller(cfg, adapter)
@@ -44,6 +45,21 @@ def test_one_iteration_per_divergence(divergence, tmp_path):
     assert lora.active_adapter(dist.adapter) == STUDENT
     if divergence == "reverse_kl":
         assert m["h_min"] == m["h_max"] == 1.0
+
+
+def test_fastgen_options_multi_head_discriminator_and_ratio_ema(tmp_path):
+    # distill.disc_heads = 2 gives [B, 2] logits (averaged for the ratio); distill.ratio_ema keeps per-bin means
+    dist = _distiller("neyman", tmp_path, disc_heads=2, ratio_ema=0.5, ratio_bin_range=(0.0, 0.999))
+    prompts = dist.batch_prompts()
+    x = dist.student_sample(prompts)
+    e = text_features(dist.adapter.encode_prompts(prompts))
+    assert dist.disc(x, torch.full((4,), 0.5), e).shape == (4, 2)
+    m = dist.step()
+    assert all(math.isfinite(m[k]) for k in ("loss_gen", "loss_fake", "loss_disc"))
+    t = dist.last_generator["t"]
+    seen = {min(int(float(v) / 0.999 * 10), 9) for v in t}  # the bins of the generator step's t over [0, 0.999]
+    moved = {int(i) for i in torch.nonzero(dist.ratio_bins != 1)}  # moved from 1 towards their batch means
+    assert moved == seen and len(seen) <= 2
 
 
 class FixedLogits(torch.nn.Module):

@@ -51,10 +51,15 @@ DIVERGENCES: dict[str, FDivergence] = {
     "hellinger": FDivergence("hellinger", lambda r: (r.sqrt() - 1) ** 2, lambda r: r.sqrt() / 2,
                              lambda lr: lr / 2 - math.log(2)),
     "jeffreys": FDivergence("jeffreys", lambda r: (r - 1) * torch.log(r), lambda r: r + 1, F.softplus),
+    "sf": FDivergence("sf", lambda r: (r + 1) * torch.log((r + 1) / (2 * r)), lambda r: 1 / (1 + r),
+                      lambda lr: -F.softplus(lr)),
+    "neyman": FDivergence("neyman", lambda r: (1 - r) ** 2 / r, lambda r: 2 / r, lambda lr: math.log(2) - lr),
 }
 """The fixed divergences by name: reverse KL (-log r, h = 1), forward KL (r log r, h = r),
 Jensen-Shannon (r log r - (r+1) log((r+1)/2), h = r/(r+1)), squared Hellinger ((sqrt r - 1)^2, h = sqrt(r)/2),
-Jeffreys ((r-1) log r, h = r + 1). The alpha family is ``alpha_divergence(a)``."""
+Jeffreys ((r-1) log r, h = r + 1), FastGen's "sf", a softened reverse KL ((r+1) log((r+1)/(2r)), h = 1/(1+r)),
+and Neyman chi^2 ((1-r)^2/r, h = 2/r; FastGen's code uses 1/r, the same after the batch normalisation of h). The
+alpha family is ``alpha_divergence(a)``."""
 
 
 def alpha_divergence(a: float) -> FDivergence:
@@ -110,23 +115,44 @@ def transition_weights(student: GaussianStep, teacher: GaussianStep, divergence=
 
 
 def discriminator_ratio(logits: torch.Tensor, t: torch.Tensor, num_bins: int = 10, logit_clamp: float = 10.0,
-                        clip: tuple[float, float] = (0.1, 20.0)) -> torch.Tensor:
+                        clip: tuple[float, float] = (0.1, 20.0), bin_range: tuple[float, float] = (0.0, 1.0),
+                        bin_means: Optional[torch.Tensor] = None, ema_rate: float = 0.0) -> torch.Tensor:
     """Density ratio from discriminator logits -> [B] (detached).
 
-    ``r = clip(exp(clamp(d, -c, c)), 0.1, 20)``, then divided by its mean within its time bin
-    (``num_bins`` equal bins of t in [0, 1]; t = 1 falls in the last bin).
+    logits: [B], or [B, K] for a discriminator with K heads (averaged over K before the exp, as FastGen does).
+    ``r = clip(exp(clamp(d, -c, c)), 0.1, 20)``, then divided by its time bin's mean: ``num_bins`` equal bins of t
+    over ``bin_range`` (FastGen: the noise schedule's [t_min, t_max]; t outside falls in the first / last bin).
+    bin_means: optional [num_bins] state (start with ones) for FastGen's EMA of the per-bin means: each bin seen
+    in this batch moves ``m <- ema_rate m + (1 - ema_rate) batch mean`` (in place) and r is divided by the updated
+    m; ema_rate = 0 (FastGen's default) is the batch's own per-bin mean, as without state.
     """
-    d = logits.detach().float().reshape(-1)
+    d = logits.detach().float()
+    if d.dim() == 2:
+        d = d.mean(1)
+    d = d.reshape(-1)
     t = torch.as_tensor(t, dtype=torch.float32, device=d.device).reshape(-1)
     if t.shape != d.shape:
-        raise ValueError(f"t must have one value per logit ([{d.numel()}]), got {tuple(t.shape)}")
+        raise ValueError(f"t must have one value per sample ([{d.numel()}]), got {tuple(t.shape)}")
     if ((t < 0) | (t > 1)).any():
         raise ValueError("t must lie in [0, 1] (divide scheduler timesteps by num_train_timesteps)")
+    lo, hi = (float(v) for v in bin_range)
+    if not hi > lo:
+        raise ValueError(f"bin_range must be [lo, hi] with hi > lo, got {list(bin_range)}")
+    if not 0 <= ema_rate < 1:
+        raise ValueError(f"ema_rate must be in [0, 1), got {ema_rate}")
     r = d.clamp(-logit_clamp, logit_clamp).exp().clamp(*clip)
-    bins = (t * num_bins).long().clamp(max=num_bins - 1)
+    bins = ((t - lo) / (hi - lo) * num_bins).floor().long().clamp(0, num_bins - 1)
     total = torch.zeros(num_bins, device=d.device).index_add_(0, bins, r)
     count = torch.zeros(num_bins, device=d.device).index_add_(0, bins, torch.ones_like(r))
-    return r / (total / count.clamp_min(1))[bins]
+    batch_means = total / count.clamp_min(1)
+    if bin_means is None:
+        return r / batch_means[bins]
+    if bin_means.shape != (num_bins,):
+        raise ValueError(f"bin_means must have shape [{num_bins}], got {tuple(bin_means.shape)}")
+    seen = count > 0
+    updated = torch.where(seen, ema_rate * bin_means.to(d.device) + (1 - ema_rate) * batch_means, bin_means.to(d.device))
+    bin_means.copy_(updated.to(bin_means.device))
+    return r / updated[bins]
 
 
 @dataclass
@@ -149,6 +175,9 @@ def generator_surrogate_loss(
     alpha: Optional[float] = None,
     lambda_gan: float = 1e-3,
     num_bins: int = 10,
+    bin_range: tuple[float, float] = (0.0, 1.0),
+    bin_means: Optional[torch.Tensor] = None,
+    ema_rate: float = 0.0,
 ) -> GeneratorLoss:
     """DMD2-style generator loss with f-divergence weights.
 
@@ -162,16 +191,18 @@ def generator_surrogate_loss(
         x: generator outputs [B, ...] (with grad).
         x0_fake, x0_teacher: the fake-score network's and the teacher's (CFG, in x0 space) x0 predictions at
             the noised x_t [B, ...] (no grad).
-        d_fake: discriminator logits on the generated samples [B] (with grad for the GAN term).
+        d_fake: discriminator logits on the generated samples [B] or [B, K] (K heads; with grad for the GAN term,
+            averaged over all entries).
         t: noise level of each sample's x_t in [0, 1] [B].
         divergence: a name from the table (default "js") or "alpha" with alpha=a.
+        num_bins, bin_range, bin_means, ema_rate: the ratio's time-bin normalisation (``discriminator_ratio``).
     """
     if not (x.shape == x0_fake.shape == x0_teacher.shape):
         raise ValueError(f"x {tuple(x.shape)}, x0_fake {tuple(x0_fake.shape)} and x0_teacher "
                          f"{tuple(x0_teacher.shape)} must share one shape")
     div = _as_divergence(divergence, alpha)
     with torch.no_grad():
-        r = discriminator_ratio(d_fake, t, num_bins)
+        r = discriminator_ratio(d_fake, t, num_bins, bin_range=bin_range, bin_means=bin_means, ema_rate=ema_rate)
         h = div.h(r)
         h = h / h.mean()
         scale = (x - x0_teacher).abs().flatten(1).mean(1) + 1e-6

@@ -98,6 +98,29 @@ def test_discriminator_ratio_bins():
     torch.testing.assert_close(r, expected)
 
 
+def test_discriminator_ratio_fastgen_options():
+    # [B, K] logits are averaged over K before the exp; bins over [t_min, t_max]; an EMA of the per-bin means
+    d = torch.tensor([[0.0, 2.0], [1.0, 1.0], [0.2, 0.8], [3.0, 1.0]])
+    t = torch.tensor([0.1, 0.15, 0.8, 0.85])
+    torch.testing.assert_close(discriminator_ratio(d, t), discriminator_ratio(d.mean(1), t))
+    raw = d.mean(1).exp()
+    # bin_range (0, 0.2) with 2 bins: t = 0.1 and 0.15 fall in the second bin, t >= 0.2 past the last (clamped)
+    r = discriminator_ratio(d, t, num_bins=2, bin_range=(0.0, 0.2))
+    torch.testing.assert_close(r, raw / raw.mean())
+    state = torch.ones(2)
+    first = discriminator_ratio(d, t, num_bins=2, bin_means=state, ema_rate=0.5)
+    means = torch.tensor([(raw[0] + raw[1]) / 2, (raw[2] + raw[3]) / 2])
+    torch.testing.assert_close(state, 0.5 + 0.5 * means)  # both bins seen: m <- 0.5 m + 0.5 batch mean
+    torch.testing.assert_close(first, raw / state[torch.tensor([0, 0, 1, 1])])
+    only_first_bin = discriminator_ratio(d[:2], t[:2], num_bins=2, bin_means=state, ema_rate=0.5)
+    assert state[1] == 0.5 + 0.5 * means[1]  # an empty bin keeps its mean
+    torch.testing.assert_close(state[0], 0.5 * (0.5 + 0.5 * means[0]) + 0.5 * means[0])
+    torch.testing.assert_close(only_first_bin, raw[:2] / state[0])
+    # ema_rate = 0 with state is the stateless batch normalisation
+    torch.testing.assert_close(discriminator_ratio(d, t, bin_means=torch.ones(10), ema_rate=0.0),
+                               discriminator_ratio(d, t))
+
+
 def test_generator_surrogate_gradient_and_discriminator_loss():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 2, 5, generator=g).requires_grad_(True)
