@@ -350,7 +350,7 @@ def rescore(
         raise ValueError("a flow_dpm2 step depends on the previous step's prediction, which re-scoring does not "
                          "recompute: roll out with flow_ode (or a stochastic sampler) for algorithms that re-score")
     if per_row:
-        selected = torch.arange(traj.batch_size)[rows]
+        selected = torch.arange(traj.batch_size)[rows.cpu() if isinstance(rows, torch.Tensor) else rows]
         if selected.shape != k.shape:
             raise ValueError(f"{k.numel()} per-row steps for {selected.numel()} selected rows")
         x, prev = traj.latents[selected, k], traj.latents[selected, k + 1]

@@ -29,6 +29,13 @@ RUNS = {
     "grpo": dict(sampling=SDE, grpo=GRPOConfig(clip_range=0.2, beta=0.1)),
     "nft": dict(sampling=ODE, nft=NFTConfig(num_timesteps=2)),
     "crd": dict(sampling=ODE, crd=CRDConfig(num_timesteps=2, steps_per_iter=1)),
+    # reference-parity switches that draw from the shared generator or gather per-step statistics (docs/parity.md)
+    "grpo_parity": dict(sampling=SamplingConfig(num_steps=3, guidance_scale=2.0, sampler="flow_sde", noise_level=0.7,
+                                                sde_window_size=2),
+                        grpo=GRPOConfig(clip_range=0.2, kl_reward=0.5, timestep_selection="random",
+                                        timestep_fraction=0.5)),
+    "nft_parity": dict(sampling=SamplingConfig(num_steps=3, guidance_scale=1.0, sampler="flow_dpm2"),
+                       nft=NFTConfig(timestep_sampling="permutation", timestep_fraction=0.67)),
 }
 
 
@@ -39,10 +46,11 @@ class MeanPixel(Reward):
         return images.mean(dim=(1, 2, 3))
 
 
-def _run(algorithm: str, pipe, out_dir: str) -> dict:
-    """ITERATIONS iterations -> the LoRA weights, the logged reward means and gradient norms."""
-    cfg = Config(train=TrainConfig(algorithm=algorithm, prompts_per_iter=2, group_size=2, minibatch=2, lr=LR,
-                                   out_dir=out_dir), **RUNS[algorithm])
+def _run(name: str, pipe, out_dir: str) -> dict:
+    """ITERATIONS iterations of RUNS[name] (algorithm: the name's first word) -> the LoRA weights, the logged
+    reward means and gradient norms."""
+    cfg = Config(train=TrainConfig(algorithm=name.split("_")[0], prompts_per_iter=2, group_size=2, minibatch=2, lr=LR,
+                                   out_dir=out_dir), **RUNS[name])
     tr = Trainer(cfg, adapter=adapter_for(copy.deepcopy(pipe)), reward=MeanPixel())
     metrics = [tr.step() for _ in range(ITERATIONS)]
     return {"params": [p.detach().clone() for p in tr.params], "rewards": [m["reward_mean"] for m in metrics],
