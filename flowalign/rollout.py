@@ -294,7 +294,8 @@ def rollout(
                        if stochastic[k] else nan)
         if record_means:
             means.append(step.mean)
-        if adapter.is_flow:
+        # x0_hat: flow_dpm2's history, and at the last step what decode="last_x0_hat" shows the reward
+        if adapter.is_flow and (sampler == "flow_dpm2" or k == num_steps - 1):
             x0_hat = x - grid.sigmas[k] * out
             history = (x0_hat, grid.sigmas[k])
         x = step.prev_sample
