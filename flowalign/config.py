@@ -342,14 +342,14 @@ class CRDConfig:
     eps: float = _help("floor of the adaptive weights w = max(mean_d |v - u|, eps)", 1e-5)
 
     def __post_init__(self):
-        from .algorithms.crd import parse_schedule
+        from .algorithms.crd import CENTER_WEIGHTINGS, CENTERINGS, FORMS, OLD_MODELS, parse_schedule
 
         _positive("crd", "beta", self.beta)
         _positive("crd", "adv_max", self.adv_max)
-        _choice("crd", "centering", self.centering, ("group", "batch"))
-        _choice("crd", "form", self.form, ("mse", "bce"))
-        _choice("crd", "center_weighting", self.center_weighting, ("uniform", "softmax", "hard"))
-        _choice("crd", "old_model", self.old_model, ("snapshot", "reference"))
+        _choice("crd", "centering", self.centering, CENTERINGS)
+        _choice("crd", "form", self.form, FORMS)
+        _choice("crd", "center_weighting", self.center_weighting, CENTER_WEIGHTINGS)
+        _choice("crd", "old_model", self.old_model, OLD_MODELS)
         _positive("crd", "tau", self.tau)
         _positive("crd", "beta_kl", self.beta_kl, allow_zero=True)
         _positive("crd", "kl_floor", self.kl_floor, allow_zero=True)
