@@ -36,8 +36,6 @@ def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bo
     return load_config(config, overrides)
 
 
-ALGORITHM_NAMES = {"grpo": "Flow-GRPO", "nft": "DiffusionNFT", "crd": "Centered Reward Distillation",
-                   "opd": "DiffusionOPD"}
 BASE_GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.5, 7.0)  # the base is also reported at these CFG scales (its best one too)
 
 
@@ -53,7 +51,7 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None,
     os.makedirs(out_dir, exist_ok=True)
     remove_logs(out_dir)  # a fresh run owns its logs
     trainer = Trainer(cfg)
-    name = ALGORITHM_NAMES[cfg.train.algorithm]
+    name = trainer.algorithm.title
     base = _toy_scores(trainer.evaluate(base=True))
     print(f"base held-out toy_geneval {base['toy_geneval']:.3f} (strict {base['strict']:.3f}, n={base['n']}, "
           f"CFG {trainer.heldout.guidance_scale:g})")

@@ -76,3 +76,16 @@ def test_report_lists_a_check_kind_that_only_one_side_has(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| position | relation | 0.000 | 0.500 |" in report
     assert "| position | relation, objects drawn | n/a | 1.000 |" in report  # no base image drew both objects
+
+
+def test_every_update_rule_has_a_title_and_demo_runs_a_non_toy_reward_recipe(tmp_path):
+    # the report names the method by its rule's title (a table lookup used to miss reward backprop)
+    from flowalign.algorithms.base import UpdateRule
+    from flowalign.trainer import ALGORITHMS
+
+    assert all(rule.title != UpdateRule.title for rule in ALGORITHMS.values())
+    out = tmp_path / "bp"
+    from flowalign.resources import shipped_config
+
+    assert main(["demo", "--quick", "--out", str(out), "--config", shipped_config("toy_backprop.yaml")]) == 0
+    assert "Reward backprop" in (out / "report.md").read_text()

@@ -126,6 +126,7 @@ class BackpropUpdate(UpdateRule):
     """
 
     name = "backprop"
+    title = "Reward backprop"  # how reports name the method
     uses_rewards = False
 
     def __init__(self, cfg, adapter, params, optimizer, generator, reward=None):

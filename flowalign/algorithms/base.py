@@ -141,6 +141,7 @@ class UpdateRule:
     """
 
     name = "base"
+    title = "update rule"  # how reports name the method (each rule sets its own)
     uses_rewards = True
     dist: Distributed = SINGLE
 

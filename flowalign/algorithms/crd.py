@@ -367,6 +367,7 @@ class CRDUpdate(UpdateRule):
     """
 
     name = "crd"
+    title = "Centered Reward Distillation"  # how reports name the method
 
     def __init__(self, cfg, adapter, params, optimizer, generator):
         super().__init__(cfg, adapter, params, optimizer, generator)

@@ -155,6 +155,7 @@ class GRPOUpdate(UpdateRule):
     """
 
     name = "grpo"
+    title = "Flow-GRPO"  # how reports name the method
 
     def rollout(self, prompts):
         return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)),

@@ -305,6 +305,7 @@ class NFTUpdate(UpdateRule):
     """
 
     name = "nft"
+    title = "DiffusionNFT"  # how reports name the method
 
     def __init__(self, cfg, adapter, params, optimizer, generator):
         super().__init__(cfg, adapter, params, optimizer, generator)

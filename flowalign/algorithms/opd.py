@@ -269,6 +269,7 @@ class OPDUpdate(UpdateRule):
     """
 
     name = "opd"
+    title = "DiffusionOPD"  # how reports name the method
     uses_rewards = False
 
     def __init__(self, cfg, adapter, params, optimizer, generator):
