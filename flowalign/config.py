@@ -637,13 +637,26 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def resolve_config_path(path: str) -> str:
+    """``path`` if it is a file, else the shipped recipe it names (``configs/toy_grpo.yaml`` or ``toy_grpo.yaml``
+    from any folder); FileNotFoundError naming it otherwise."""
+    from .resources import shipped_config
+
+    if os.path.isfile(path):
+        return path
+    name = os.path.basename(path)
+    shipped = shipped_config(name)
+    if os.path.normpath(path) in (name, os.path.join("configs", name)) and os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(f"config file {path!r} not found (shipped recipes: `ls {os.path.dirname(shipped)}`)")
+
+
 def load_config(path: str, overrides: Optional[list[str] | dict] = None) -> Config:
     """Read a YAML config file and apply ``section.key=value`` overrides; every error is one line naming the
     file or key."""
     import yaml
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
+    path = resolve_config_path(path)
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)

@@ -170,3 +170,14 @@ def test_bfloat16_run_loads_the_pipeline_in_bf16(tmp_path, tiny_pipe16, monkeypa
     assert loaded == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16)]
     evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
     assert len(evals) == 2 and all(0 <= e["toy_geneval"] <= 1 for e in evals)
+
+
+def test_shipped_recipes_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in ("configs/toy_grpo.yaml", "toy_grpo.yaml"):
+        assert load_config(path).train.algorithm == "grpo"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "toy_grpo.yaml").write_text("train: {iterations: 3}\n")
+    assert load_config("configs/toy_grpo.yaml").train.iterations == 3  # a file of that name wins
+    with pytest.raises(FileNotFoundError, match="config file 'elsewhere/toy_grpo.yaml' not found"):
+        load_config("elsewhere/toy_grpo.yaml")  # only the bare name or configs/NAME stand for a shipped recipe
