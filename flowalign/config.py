@@ -115,14 +115,17 @@ class SamplingConfig:
         _positive("sampling", "eval_num_steps", self.eval_num_steps)
         _positive("sampling", "noise_level", self.noise_level)
         _choice("sampling", "sampler", self.sampler, SAMPLERS)
-        _choice("sampling", "log_prob_convention", self.log_prob_convention, ("density", "squared_error"))
+        from .rollout import DECODES, GRIDS
+        from .samplers.gaussian import LOG_PROB_CONVENTIONS
+
+        _choice("sampling", "log_prob_convention", self.log_prob_convention, LOG_PROB_CONVENTIONS)
         if self.log_prob_convention == "squared_error" and self.sampler != "flow_cps":
             raise ValueError("sampling.log_prob_convention=squared_error is the reference code's CPS log-prob: "
                              f"use it with sampling.sampler=flow_cps (got {self.sampler})")
-        _choice("sampling", "grid", self.grid, ("pipeline", "shifted_linear"))
+        _choice("sampling", "grid", self.grid, GRIDS)
         if self.grid_shift is not None:
             _positive("sampling", "grid_shift", self.grid_shift)
-        _choice("sampling", "decode", self.decode, ("final", "last_x0_hat"))
+        _choice("sampling", "decode", self.decode, DECODES)
         if self.sde_window is not None:
             if len(self.sde_window) != 2 or self.sde_window[0] < 0 or self.sde_window[1] < 1 or \
                     self.sde_window[0] + self.sde_window[1] > self.num_steps:
@@ -161,9 +164,11 @@ class AdvantageConfig:
     clip: float = _help("clip advantages to +-clip", 5.0)
 
     def __post_init__(self):
-        _choice("advantage", "mean", self.mean, ("group", "global"))
-        _choice("advantage", "std", self.std, ("global", "group"))
-        _choice("advantage", "estimator", self.estimator, ("population", "unbiased"))
+        from .algorithms.advantages import ESTIMATORS, MEAN_MODES, STD_MODES
+
+        _choice("advantage", "mean", self.mean, MEAN_MODES)
+        _choice("advantage", "std", self.std, STD_MODES)
+        _choice("advantage", "estimator", self.estimator, ESTIMATORS)
         _positive("advantage", "eps", self.eps, allow_zero=True)
         _positive("advantage", "floor", self.floor, allow_zero=True)
         _positive("advantage", "clip", self.clip)
@@ -196,8 +201,10 @@ class GRPOConfig:
         _choice("grpo", "kl_scaling", self.kl_scaling, ("exact", "reference"))
         _positive("grpo", "kl_reward", self.kl_reward, allow_zero=True)
         _fraction("grpo", "timestep_fraction", self.timestep_fraction)
-        _choice("grpo", "timestep_selection", self.timestep_selection, ("first", "random"))
-        _choice("grpo", "guard_bias", self.guard_bias, ("sample", "batch"))
+        from .algorithms.grpo import GUARD_BIASES, STEP_SELECTIONS
+
+        _choice("grpo", "timestep_selection", self.timestep_selection, STEP_SELECTIONS)
+        _choice("grpo", "guard_bias", self.guard_bias, GUARD_BIASES)
         _choice("grpo", "kl_divergence", self.kl_divergence, DIVERGENCES)
         _positive("grpo", "inner_epochs", self.inner_epochs)
 

@@ -49,6 +49,7 @@ DETERMINISTIC_SAMPLERS = ("flow_ode", "flow_dpm2")
 DEFAULT_NOISE_LEVEL = {"flow_sde": 0.7, "flow_constant_noise": 0.3, "flow_cps": 0.7, "flow_ode": 0.0, "flow_dpm2": 0.0,
                        "ddim": 1.0}
 GRIDS = ("pipeline", "shifted_linear")
+DECODES = ("final", "last_x0_hat")  # what Trajectory.output gives the reward
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Trajectory:
             if self.last_x0_hat is None:
                 raise ValueError("this trajectory has no last-step x0 prediction (a DDIM rollout); decode 'final'")
             return self.last_x0_hat
-        raise ValueError(f"decode must be 'final' or 'last_x0_hat', got {decode!r}")
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
 
     @property
     def stochastic_steps(self) -> list[int]:

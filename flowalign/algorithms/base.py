@@ -166,8 +166,9 @@ class UpdateRule:
 
     def forward_sample(self, x0: torch.Tensor, sigma, part):
         """The forward-process point ``x_t = (1 - t) x0 + t eps`` (t = sigma, a float or one per row [b]) of this
-        process's rows of ``part`` (x0: those rows [b, ...]) -> nft.ForwardSample, or None when the process holds none of them. The noise is
-        drawn either way, so the shared generator stays in step across processes (flowalign.distributed)."""
+        process's rows of ``part`` (x0: those rows [b, ...]) -> nft.ForwardSample, or None when the process holds
+        none of them. The noise is drawn either way, so the shared generator stays in step across processes
+        (flowalign.distributed)."""
         from .nft import forward_process  # nft.py imports this module
 
         noise = randn_like(x0, self.dist.noise(self.generator, part))

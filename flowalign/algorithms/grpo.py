@@ -28,6 +28,10 @@ from .fdistill import transition_weights
 from .base import UpdateRule, configured_rollout
 
 
+GUARD_BIASES = ("sample", "batch")
+STEP_SELECTIONS = ("first", "random")
+
+
 def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
     """PPO's pessimistic surrogate per sample: ``max(-A rho, -A clip(rho, 1-eps, 1+eps))`` -> [B]."""
     ratio = log_ratio.exp()
@@ -44,8 +48,8 @@ def guard_log_ratio(new: GaussianStep, logp_old: torch.Tensor, mean_old: torch.T
     b = ((new.mean - mean_old) ** 2).flatten(1).mean(1) / (2 * s**2)
     if bias == "batch":
         b = b.mean().expand_as(b)
-    elif bias != "sample":
-        raise ValueError(f"bias must be 'sample' or 'batch', got {bias!r}")
+    elif bias not in GUARD_BIASES:
+        raise ValueError(f"bias must be one of {GUARD_BIASES}, got {bias!r}")
     return (new.log_prob(reduction="mean") - logp_old + b) * s
 
 
@@ -136,8 +140,8 @@ def step_columns(pool: Sequence[int], fraction: float, selection: str, num_rows:
     count = max(1, int(len(pool) * fraction))
     if selection == "first":
         return list(pool[:count])
-    if selection != "random":
-        raise ValueError(f"selection must be 'first' or 'random', got {selection!r}")
+    if selection not in STEP_SELECTIONS:
+        raise ValueError(f"selection must be one of {STEP_SELECTIONS}, got {selection!r}")
     order = torch.rand(num_rows, len(pool), generator=generator).argsort(dim=1)[:, :count]
     chosen = torch.as_tensor(list(pool), dtype=torch.long)[order]
     return [chosen[:, j] for j in range(count)]
