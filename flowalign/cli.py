@@ -9,15 +9,15 @@ import sys
 
 def _demo(args: argparse.Namespace) -> int:
     from .config import DEFAULT_MODEL
-    from .demo import DEMO_CONFIG, run_demo
+    from .apps.demo import DEMO_CONFIG, run_demo
 
     run_demo(args.out, seed=args.seed, steps=args.steps, quick=args.quick, model=args.model or DEFAULT_MODEL,
-             config=args.config or DEMO_CONFIG)
+             config=args.config or DEMO_CONFIG, resume=args.resume)
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .sample import parse_scales, rlg_sweep, sample_png
+    from .apps.sample import parse_scales, rlg_sweep, sample_png
 
     scales = parse_scales(args.rlg_scale)
     kw = dict(model=args.model, lora_dir=args.lora, seed=args.seed, steps=args.steps,
@@ -71,7 +71,7 @@ def _distill(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from .bench import bench_scale, run_bench
+    from .apps.bench import bench_scale, run_bench
 
     command = "flowalign " + shlex.join(args.argv)
     if args.scale:
@@ -118,7 +118,7 @@ def _options(items: list[str]) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_loras
+    from .apps.eval import evaluate_loras
 
     result = evaluate_loras(args.lora, args.model, prompts=args.prompts, per_task=args.per_task, steps=args.steps,
                             guidance_scale=args.guidance_scale, out=args.out, reward=args.reward,
@@ -136,7 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _gradio(args: argparse.Namespace) -> int:
     try:
-        from .app import launch
+        from .apps.gradio_app import launch
         import gradio  # noqa: F401
     except ImportError as err:
         print(f"flowalign: error: {err}", file=sys.stderr)
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a <= 2-minute smoke run")
     demo.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
     demo.add_argument("--config", default=None, help="recipe YAML, any algorithm (default: configs/toy_demo.yaml)")
+    demo.add_argument("--resume", action="store_true", help="continue a killed demo from its newest checkpoint")
     demo.set_defaults(func=_demo)
 
     from .config import DEFAULT_MODEL

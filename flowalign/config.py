@@ -15,11 +15,8 @@ from .resources import asset
 DEFAULT_MODEL = asset("toy-sd3")  # the shipped tiny pipeline (flowalign.resources)
 
 
-SAMPLERS = ("flow_sde", "flow_constant_noise", "flow_cps", "flow_ode", "flow_dpm2", "ddim")
-ALGORITHMS = ("grpo", "nft", "crd", "opd", "backprop")
-SHARDINGS = ("none", "fsdp")  # flowalign.distributed / flowalign.fsdp
+SHARDINGS = ("none", "fsdp")  # flowalign.runtime.distributed / flowalign.runtime.fsdp
 LOGGERS = ("tensorboard", "wandb")
-DIVERGENCES = ("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys", "sf", "neyman")  # algorithms.fdistill
 
 
 def _help(text: str, default: Any) -> Any:
@@ -88,7 +85,9 @@ class SamplingConfig:
     sampler: str = _help("flow_sde | flow_constant_noise | flow_cps | flow_ode (deterministic; CRD/OPD/NFT rollouts) "
                          "| flow_dpm2 (deterministic DPM-Solver++(2M), the DiffusionNFT reference's; NFT/CRD) "
                          "| ddim (SD/SDXL)", "flow_sde")
-    noise_level: float = _help("a of the flow SDE / CPS, eta of the constant-noise SDE / DDIM", 0.7)
+    noise_level: Optional[float] = _help("a of the flow SDE / CPS, eta of the constant-noise SDE / DDIM (None = the "
+                                         "sampler's own default: flow_sde 0.7, flow_constant_noise 0.3, flow_cps 0.7, "
+                                         "ddim 1.0; deterministic samplers 0)", None)
     sde_window: Optional[tuple] = _help("[start, length]: only these steps are stochastic (Flow-GRPO-Fast)", None)
     sde_window_size: Optional[int] = _help("a window of this many stochastic steps placed at random per rollout "
                                            "batch inside sde_window_range (Flow-GRPO-Fast, VeRL-Omni)", None)
@@ -113,9 +112,13 @@ class SamplingConfig:
             if getattr(self, name) is not None:
                 _positive("sampling", name, getattr(self, name))
         _positive("sampling", "eval_num_steps", self.eval_num_steps)
-        _positive("sampling", "noise_level", self.noise_level)
-        _choice("sampling", "sampler", self.sampler, SAMPLERS)
-        from .rollout import DECODES, GRIDS
+        from .rollout import DECODES, GRIDS, SAMPLERS
+
+        _choice("sampling", "sampler", self.sampler, tuple(SAMPLERS))
+        spec = SAMPLERS[self.sampler]
+        if self.noise_level is None:  # switching sampler without a noise level gets that sampler's own
+            object.__setattr__(self, "noise_level", spec.default_noise_level)
+        _positive("sampling", "noise_level", self.noise_level, allow_zero=spec.step is None)
         from .samplers.gaussian import LOG_PROB_CONVENTIONS
 
         _choice("sampling", "log_prob_convention", self.log_prob_convention, LOG_PROB_CONVENTIONS)
@@ -205,7 +208,9 @@ class GRPOConfig:
 
         _choice("grpo", "timestep_selection", self.timestep_selection, STEP_SELECTIONS)
         _choice("grpo", "guard_bias", self.guard_bias, GUARD_BIASES)
-        _choice("grpo", "kl_divergence", self.kl_divergence, DIVERGENCES)
+        from .algorithms.divergences import DIVERGENCES
+
+        _choice("grpo", "kl_divergence", self.kl_divergence, tuple(DIVERGENCES))
         _positive("grpo", "inner_epochs", self.inner_epochs)
 
 
@@ -248,7 +253,9 @@ class TrainConfig:
                        "configs/accelerate/fsdp.yaml); no effect in one process", "none")
 
     def __post_init__(self):
-        _choice("train", "algorithm", self.algorithm, ALGORITHMS)
+        from .algorithms import ALGORITHMS
+
+        _choice("train", "algorithm", self.algorithm, tuple(ALGORITHMS))
         _choice("train", "shard", self.shard, SHARDINGS)
         _positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
@@ -464,7 +471,9 @@ class DistillConfig:
 
     def __post_init__(self):
         _positive("distill", "student_steps", self.student_steps)
-        _choice("distill", "divergence", self.divergence, DIVERGENCES)
+        from .algorithms.divergences import DIVERGENCES
+
+        _choice("distill", "divergence", self.divergence, tuple(DIVERGENCES))
         _positive("distill", "teacher_guidance_scale", self.teacher_guidance_scale)
         for name in ("teacher_steps", "real_samples", "fake_lr", "disc_lr", "generator_every", "num_bins",
                      "disc_channels"):

@@ -41,7 +41,8 @@ from torch import nn
 
 from . import lora
 from .algorithms.backprop import backprop_rollout
-from .algorithms.fdistill import discriminator_loss, generator_surrogate_loss, get_divergence
+from .algorithms.divergences import get_divergence
+from .algorithms.fdistill import discriminator_loss, generator_surrogate_loss
 from .models.base import Conditioning, PipelineAdapter
 from .prompts import PromptSource
 from .rollout import rollout
@@ -283,10 +284,10 @@ def run_distill(cfg, adapter: Optional[PipelineAdapter] = None, real: Optional[t
     from tqdm import tqdm
 
     from .config import config_to_dict
-    from .evaluate import sample_images
-    from .kernels import avoid_cudnn_attention
+    from .evaluation.sampling import sample_images
+    from .runtime.kernels import avoid_cudnn_attention
     from .models import load_adapter
-    from .report import image_grid
+    from .evaluation.report import image_grid
 
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
@@ -296,7 +297,7 @@ def run_distill(cfg, adapter: Optional[PipelineAdapter] = None, real: Optional[t
     if adapter is None:
         device = cfg.model.device or ("cuda" if torch.cuda.is_available() else None)
         adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device)
-    avoid_cudnn_attention(adapter.device)  # training backward (flowalign.kernels)
+    avoid_cudnn_attention(adapter.device)  # training backward (flowalign.runtime.kernels)
     dist = FDistiller(cfg, adapter, real, real_prompts)
     t_real = time.time() - t0
     history = []

@@ -24,20 +24,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .models.base import PipelineAdapter
+from .models.registry import ADAPTERS
 
-# peft matches a name against the END of module paths (".to_q" matches "transformer_blocks.0.attn.to_q").
-LORA_TARGET_MODULES: dict[str, list[str]] = {
-    # Flow-GRPO's SD3 targets: joint attention, both streams
-    "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
-    # FLUX: double-stream attention (+ context stream) and single-stream attention
-    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
-    # UNet attention (diffusers' train_text_to_image_lora / DDPO)
-    "sd": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
-    # Wan self- and cross-attention, FFN
-    "wan": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
-}
+# family -> default LoRA targets, from each adapter's ``lora_target_modules`` (flowalign.models.registry)
+LORA_TARGET_MODULES: dict[str, list[str]] = {f: list(cls.lora_target_modules) for f, cls in ADAPTERS.items()}
 _SAVE_PREFIX = {"transformer": "transformer", "unet": "unet"}  # <prefix>_lora_layers in save_lora_weights
 
 
@@ -119,7 +109,7 @@ def add_lora(
     flags = _grad_flags(adapter)
     config = LoraConfig(
         r=rank, lora_alpha=float(2 * rank if alpha is None else alpha), lora_dropout=dropout,
-        target_modules=list(target_modules or LORA_TARGET_MODULES[adapter.family]), init_lora_weights=init_lora_weights,
+        target_modules=list(target_modules or adapter.lora_target_modules), init_lora_weights=init_lora_weights,
     )
     adapter.denoiser.add_adapter(config, adapter_name=adapter_name)
     _restore_grad_flags(flags)
@@ -181,7 +171,7 @@ def lora_state_dict(adapter: PipelineAdapter, adapter_name: str = "default") -> 
     a collective that every process must call."""
     from peft import get_peft_model_state_dict
 
-    from .fsdp import full
+    from .runtime.fsdp import full
 
     _require(adapter, adapter_name)
     state = get_peft_model_state_dict(adapter.denoiser, adapter_name=adapter_name)

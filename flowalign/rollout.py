@@ -20,12 +20,12 @@ sampler do) while the step math keeps the exact sigma.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from . import lora
-from .distributed import RowShard
+from .runtime.distributed import RowShard
 from .models.base import Conditioning, GeneratorLike, PipelineAdapter, SamplingGrid
 from .samplers import (
     GaussianStep,
@@ -37,17 +37,27 @@ from .samplers import (
     flow_sde_step,
 )
 
-FLOW_SAMPLERS = {
-    "flow_sde": flow_sde_step,
-    "flow_constant_noise": flow_constant_noise_step,
-    "flow_cps": flow_cps_step,
-    "flow_ode": None,  # deterministic Euler step
-    "flow_dpm2": None,  # deterministic DPM-Solver++(2M) (multistep: its history is kept by the rollout)
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler of the table: its stochastic step (None: deterministic, the rollout steps it itself), the noise
+    level it uses when none is set (a of the flow SDE / CPS, eta of the constant-noise SDE / DDIM), and whether
+    it steps a rectified flow (sd3/flux/wan) or a DDPM (sd/sdxl)."""
+
+    step: Optional[Callable[..., GaussianStep]]
+    default_noise_level: float
+    flow: bool = True
+
+
+# ONE table: sampling.sampler -> its spec. The config's choices and defaults are read from it.
+SAMPLERS: dict[str, SamplerSpec] = {
+    "flow_sde": SamplerSpec(flow_sde_step, 0.7),  # Flow-GRPO's SDE
+    "flow_constant_noise": SamplerSpec(flow_constant_noise_step, 0.3),  # DanceGRPO's
+    "flow_cps": SamplerSpec(flow_cps_step, 0.7),  # coefficient-preserving (Flow-GRPO-Fast / VeRL-Omni)
+    "flow_ode": SamplerSpec(None, 0.0),  # deterministic Euler step
+    "flow_dpm2": SamplerSpec(None, 0.0),  # deterministic DPM-Solver++(2M): multistep, its history kept by the rollout
+    "ddim": SamplerSpec(ddim_step, 1.0, flow=False),  # DDPO's, eta = noise_level
 }
-SAMPLERS = (*FLOW_SAMPLERS, "ddim")
-DETERMINISTIC_SAMPLERS = ("flow_ode", "flow_dpm2")
-DEFAULT_NOISE_LEVEL = {"flow_sde": 0.7, "flow_constant_noise": 0.3, "flow_cps": 0.7, "flow_ode": 0.0, "flow_dpm2": 0.0,
-                       "ddim": 1.0}
+DETERMINISTIC_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if spec.step is None)
 GRIDS = ("pipeline", "shifted_linear")
 DECODES = ("final", "last_x0_hat")  # what Trajectory.output gives the reward
 
@@ -149,10 +159,10 @@ def stochastic_mask(num_steps: int, sde_window: Optional[tuple[int, int]] = None
 def _check_sampler(adapter: PipelineAdapter, sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if adapter.is_flow and sampler == "ddim":
+    if adapter.is_flow and not SAMPLERS[sampler].flow:
         raise ValueError(f"sampler 'ddim' is for SD/SDXL; the {adapter.family} pipeline is a flow model: "
                          "use flow_sde, flow_constant_noise, flow_cps or flow_ode")
-    if not adapter.is_flow and sampler != "ddim":
+    if not adapter.is_flow and SAMPLERS[sampler].flow:
         raise ValueError(f"sampler {sampler!r} needs a flow-matching pipeline (sd3/flux/wan); use sampler='ddim' "
                          f"(noise_level = eta) for {adapter.family}")
 
@@ -169,7 +179,7 @@ def _transition(adapter, sampler, noise_level, stochastic, out, x, k, sigmas, al
     s, s_next = sigmas[k].expand(b), sigmas[k + 1].expand(b)  # k: a step, or one per row [b]
     if sampler == "flow_dpm2":
         return flow_dpm2_step(out, x, s, s_next, *(history or (None, None)))
-    fn = FLOW_SAMPLERS[sampler]
+    fn = SAMPLERS[sampler].step
     if not stochastic or fn is None:
         return flow_ode_step(out, x, s, s_next)
     if sampler == "flow_cps":
@@ -211,7 +221,7 @@ def sampling_grid(adapter: PipelineAdapter, num_steps: int, x: torch.Tensor, gri
 def _initial_noise(adapter, batch_size, group_size, generator, height, width, num_frames) -> torch.Tensor:
     if batch_size % group_size:
         raise ValueError(f"batch of {batch_size} prompts is not a multiple of group_size={group_size}")
-    if isinstance(generator, RowShard):  # this process's rows of the global batch's noise (flowalign.distributed)
+    if isinstance(generator, RowShard):  # this process's rows of the global batch's noise (flowalign.runtime.distributed)
         full = _initial_noise(adapter, generator.total, group_size, generator.generator, height, width, num_frames)
         return full[generator.rows]
     gen = generator[::group_size] if isinstance(generator, (list, tuple)) else generator
@@ -268,7 +278,7 @@ def rollout(
     """
     sampler = sampler or adapter.default_sampler
     _check_sampler(adapter, sampler)
-    noise_level = DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else float(noise_level)
+    noise_level = SAMPLERS[sampler].default_noise_level if noise_level is None else float(noise_level)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     cond = adapter.encode_prompts(prompts, guidance_scale) if cond is None else cond
     if len(cond) != len(prompts):

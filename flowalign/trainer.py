@@ -2,43 +2,42 @@
 
 The math lives in ``flowalign.algorithms`` (each algorithm's loss and its update rule) and
 ``flowalign.samplers``; this file wires a pipeline adapter, rewards and prompt sources into the loop, dispatches
-the update on ``cfg.train.algorithm`` (the explicit table ``ALGORITHMS``), and logs metrics per iteration
-(``flowalign.logging_utils``). Checkpoints, resume and the NaN stop live in ``flowalign.checkpoint``.
+the update on ``cfg.train.algorithm`` (the table ``flowalign.algorithms.ALGORITHMS``), and logs metrics per iteration
+(``flowalign.runtime.metrics``). The trainer owns its state (``state_dict`` /
+``load_state_dict``; ``flowalign.runtime.checkpoint`` only writes and reads the dicts) and tells callbacks
+(``flowalign.callbacks``) what it does: the demo and the benchmark observe this one loop.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed, fsdp, lora
+from .runtime import checkpoint, distributed, fsdp
+from . import lora
+from .algorithms import ALGORITHMS
 from .algorithms.advantages import advantages_for
-from .algorithms.backprop import BackpropUpdate
-from .algorithms.crd import CRDUpdate
-from .algorithms.grpo import GRPOUpdate
-from .algorithms.nft import NFTUpdate
-from .algorithms.opd import OPDUpdate
+from .callbacks import CallbackList, TrainerCallback
 from .config import Config, config_to_dict
-from .ema import EMA
-from .heldout import HeldoutEval
-from .kernels import avoid_cudnn_attention
-from .logging_utils import EVALS_JSONL, MetricsLog
+from .errors import FlowalignError
+from .runtime.ema import EMA
+from .evaluation.heldout import HeldoutEval
+from .runtime.kernels import avoid_cudnn_attention
+from .runtime.metrics import EVALS_JSONL, MetricsLog, write_jsonl
+from .runtime.snapshot import load_tensors_
 from .models import DTYPES, load_adapter
 from .prompts import PromptSource, toy_tasks
 from .rewards import get as get_reward
-from .report import image_grid
+from .evaluation.report import image_grid
 from .rewards.guard import safe_scores
-
-
-# cfg.train.algorithm -> its update rule (flowalign.algorithms.*)
-ALGORITHMS = {"grpo": GRPOUpdate, "nft": NFTUpdate, "crd": CRDUpdate, "opd": OPDUpdate, "backprop": BackpropUpdate}
 
 
 class Trainer:
@@ -47,11 +46,15 @@ class Trainer:
     One iteration: ``prompts_per_iter`` prompts (per task, for OPD) x ``group_size`` samples are rolled out by the
     algorithm's rollout policy and scored; group advantages are computed; the algorithm's update rule takes its
     optimizer step(s). ``reward``: a Reward for every row (default: ``train.reward``; for OPD each task's
-    optional ``reward``), or a dict task -> Reward.
+    optional ``reward``), or a dict task -> Reward. ``callbacks``: :class:`~flowalign.callbacks.TrainerCallback` s
+    that observe the loop (also ``add_callback``).
     """
 
-    def __init__(self, cfg: Config, adapter=None, reward=None):
+    def __init__(self, cfg: Config, adapter=None, reward=None, callbacks: Sequence[TrainerCallback] = ()):
         self.cfg = cfg
+        self.callbacks = CallbackList()
+        for cb in callbacks:
+            self.callbacks.add(cb)
         self.dist = distributed.setup(cfg.train.shard)  # one process, or its place under accelerate launch / torchrun
         torch.manual_seed(cfg.train.seed)
         if adapter is None:
@@ -60,7 +63,7 @@ class Trainer:
                                    torch_dtype=lora.load_dtypes(DTYPES[cfg.model.dtype]),
                                    trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = adapter
-        avoid_cudnn_attention(self.adapter.device)  # its backward failed on FLUX shapes (flowalign.kernels)
+        avoid_cudnn_attention(self.adapter.device)  # its backward failed on FLUX shapes (flowalign.runtime.kernels)
         if cfg.model.dtype != "float32":
             lora.set_precision(self.adapter, DTYPES[cfg.model.dtype])
         self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
@@ -69,8 +72,9 @@ class Trainer:
         self.dist.broadcast_(self.params)  # distributed: every process starts from rank 0's LoRA
         if cfg.model.gradient_checkpointing:
             lora.set_gradient_checkpointing(self.adapter, True)
-        if self.dist.fsdp:  # train.shard=fsdp: base and LoRA weights sharded per block (flowalign.fsdp)
-            fsdp.shard_denoiser(self.adapter.denoiser, self.adapter.device, self.dist.world_size)
+        if self.dist.fsdp:  # train.shard=fsdp: base and LoRA weights sharded per block (flowalign.runtime.fsdp)
+            fsdp.shard_denoiser(self.adapter.denoiser, self.adapter.device, self.dist.world_size,
+                                self.adapter.fsdp_blocks)
             self.params = lora.lora_parameters(self.adapter)  # the sharded parameters that replaced them
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -93,27 +97,22 @@ class Trainer:
         self.algorithm = ALGORITHMS[cfg.train.algorithm](cfg, self.adapter, self.params, self.optimizer,
                                                          self.generator)
         self.algorithm.dist = self.dist
-        if isinstance(self.algorithm, BackpropUpdate):
-            self.algorithm.reward = self.reward  # differentiated, not only scored (checked: differentiable)
+        self.algorithm.use_reward(self.reward)
 
     def _tasks(self, reward) -> tuple[dict, dict]:
-        """({task: Reward or None}, {task: PromptSource}); one task (None) except for OPD."""
-        t = self.cfg.train
-        if t.algorithm != "opd":
-            r = reward if reward is not None else get_reward(t.reward, **t.reward_options)
-            return {None: r}, {None: PromptSource(t.prompts)}
+        """({task: Reward or None}, {task: PromptSource}) from the rule's ``task_specs`` (one task, None, except
+        for OPD's per-teacher tasks); ``reward`` given to the trainer replaces the configured ones."""
         rewards, sources = {}, {}
-        for task, spec in self.cfg.opd.teachers.items():
+        for task, (name, options, prompts) in ALGORITHMS[self.cfg.train.algorithm].task_specs(self.cfg).items():
             if isinstance(reward, dict):
                 rewards[task] = reward.get(task)
             else:
-                rewards[task] = reward if reward is not None else (get_reward(spec["reward"]) if spec.get("reward")
-                                                                   else None)
-            sources[task] = PromptSource(spec.get("prompts") or t.prompts)
+                rewards[task] = reward if reward is not None else (get_reward(name, **options) if name else None)
+            sources[task] = PromptSource(prompts)
         return rewards, sources
 
     def _heldout(self) -> Optional[HeldoutEval]:
-        """The held-out evaluator (see flowalign.heldout), or None when the prompts have no held-out split."""
+        """The held-out evaluator (see flowalign.evaluation.heldout), or None when the prompts have no held-out split."""
         t, s = self.cfg.train, self.cfg.sampling
         if t.eval_prompts is not None:
             sources = [t.eval_prompts]
@@ -135,21 +134,24 @@ class Trainer:
         if self.heldout is None or not (self.dist.is_main or self.dist.fsdp):
             return None
         t0 = time.perf_counter()
+        self.callbacks.on_phase_begin(self, "eval")
         with (lora.adapter_disabled(self.adapter) if base else self.evaluation_weights()):
             scores, images = self.heldout(self.adapter.pipe)
+        self.callbacks.on_phase_end(self, "eval")
         row = {"iteration": self.iteration, "samples": self.samples_seen, "weights": "base" if base else "lora",
                **scores, "time_eval": time.perf_counter() - t0}
         self.evals.append(row)
         cols = _grid_columns(self.heldout.tasks)
         if base:
             self._base_images = images[cols]
-        if not self.dist.is_main:
-            return row
-        with open(self.evals_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if not base and self._base_images is not None:
-            image_grid([self._base_images, images[cols]], ["base", f"it {self.iteration}"],
-                       [self.heldout.prompts[i] for i in cols], os.path.join(self.cfg.train.out_dir, "eval_grid.png"))
+        if self.dist.is_main:
+            with open(self.evals_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if not base and self._base_images is not None:
+                image_grid([self._base_images, images[cols]], ["base", f"it {self.iteration}"],
+                           [self.heldout.prompts[i] for i in cols],
+                           os.path.join(self.cfg.train.out_dir, "eval_grid.png"))
+        self.callbacks.on_evaluate(self, row)
         return row
 
     # --- one iteration -----------------------------------------------------------------------------
@@ -189,19 +191,27 @@ class Trainer:
     def step(self) -> dict:
         """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl).
         Distributed: each process rolls out and scores its shard of the global batch; rewards are gathered."""
+        cb = self.callbacks
+        cb.on_step_begin(self)
         t0 = time.perf_counter()
         prompts, tasks = self._sample_prompts()  # the global batch (the same on every process)
         mine = self.dist.shard(len(prompts), self.cfg.train.group_size)
+        cb.on_phase_begin(self, "rollout")
         traj = self.algorithm.rollout(prompts[mine])
+        cb.on_phase_end(self, "rollout")
         t1 = time.perf_counter()
+        cb.on_phase_begin(self, "reward")
         rewards, valid = self._score(traj, tasks[mine])
         rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
         adv = advantages_for(rewards, prompts, self.cfg, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
+        cb.on_phase_end(self, "reward")
         t2 = time.perf_counter()
+        cb.on_phase_begin(self, "update")
         metrics = self.algorithm.update(traj, adv=adv, valid=valid, rewards=rewards, tasks=tasks)
         if self.ema is not None:
             self.ema.update()
+        cb.on_phase_end(self, "update")
         t3 = time.perf_counter()
         self.iteration += 1
         self.samples_seen += len(prompts)
@@ -219,24 +229,126 @@ class Trainer:
         self.metrics_log.log(metrics)  # files and loggers on the main process only
         return metrics
 
-    def train(self, iterations: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
-              progress: bool = True) -> list[dict]:
-        """``iterations`` (default train.iterations) steps with periodic evaluation and checkpoints; stops with
-        FlowalignError after train.max_nan_steps skipped (NaN) optimizer steps in a row. Returns their metrics."""
+    def add_callback(self, callback: TrainerCallback) -> None:
+        self.callbacks.add(callback)
+
+    def train(self, iterations: Optional[int] = None, progress: bool = True) -> list[dict]:
+        """``iterations`` (default train.iterations) steps with periodic evaluation and checkpoints, or fewer when
+        a callback's ``on_step_end`` asks to stop; stops with FlowalignError after train.max_nan_steps skipped
+        (NaN) optimizer steps in a row. Returns their metrics."""
         history = []
         n = iterations if iterations is not None else self.cfg.train.iterations
-        bar = tqdm(range(n), desc=self.cfg.train.algorithm, disable=not (progress and self.dist.is_main))
+        t = self.cfg.train
+        self.callbacks.on_train_begin(self)
+        bar = tqdm(range(n), desc=t.algorithm, disable=not (progress and self.dist.is_main))
         for i in bar:
             m = self.step()
             history.append(m)
             bar.set_postfix(**self.algorithm.progress(m))
-            every = self.cfg.train.eval_every
-            if every > 0 and self.iteration % every == 0 and i < n - 1:  # the caller evaluates the end
-                self.evaluate()
-            checkpoint.after_iteration(self)
-            if callback is not None:
-                callback(m)
+            stop = self.callbacks.on_step_end(self, m)
+            if t.eval_every > 0 and self.iteration % t.eval_every == 0 and i < n - 1 and not stop:
+                self.evaluate()  # the caller evaluates the end
+            if t.checkpoint_every > 0 and self.iteration % t.checkpoint_every == 0:
+                self.save_checkpoint()
+            self._nan_stop()
+            if stop:
+                break
         return history
+
+    def _nan_stop(self) -> None:
+        """After ``train.max_nan_steps`` skipped (NaN/inf) optimizer steps in a row: a checkpoint and
+        FlowalignError."""
+        algo = self.algorithm
+        if algo.nan_streak >= self.cfg.train.max_nan_steps:
+            path = self.save_checkpoint()
+            raise FlowalignError(
+                f"stopped at iteration {self.iteration}: {algo.nan_streak} optimizer steps in a row had a NaN/inf "
+                f"loss or gradient (skipped, weights unchanged; {algo.nan_steps} in all); saved {path}; lower "
+                "train.lr or train.grad_clip, or fix the reward/model that gives NaN, then continue with "
+                "`flowalign train CONFIG --resume`")
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a run needs to continue exactly: weights, optimizer, EMA, algorithm state, RNGs, counters,
+        the evaluation history and the evaluation grid's base row. Under FSDP the sharded tensors are gathered
+        whole (a collective: every process calls this)."""
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+               "numpy": self.rng.bit_generator.state, "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        base = self._base_images  # uint8: what the grid draws, a quarter of the float32 bytes
+        return fsdp.full_state({
+            "format": checkpoint.FORMAT, "iteration": self.iteration, "samples_seen": self.samples_seen,
+            "bad_rewards": self.bad_rewards, "config": config_to_dict(self.cfg),
+            "lora": list(self.params), "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "algorithm": self.algorithm.state_dict(), "rng": rng, "evals": self.evals,
+            "base_images": None if base is None else (base.detach().float().clamp(0, 1) * 255).round().to(torch.uint8),
+        })
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put ``state_dict`` output (also after a JSON/safetensors round trip) back into this freshly built
+        trainer. The config's lr and weight decay win over the saved ones."""
+        load_tensors_(self.params, state["lora"], "checkpoint LoRA weights (model.lora_rank changed?)")
+        opt = state["optimizer"]
+        live = self.optimizer.state_dict()["param_groups"]
+        groups = [{k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items()}
+                  for saved, g in zip(opt["param_groups"], live)]  # JSON turned tuples (betas) into lists
+        moments = fsdp.shard_optimizer_state({int(k): v for k, v in opt["state"].items()}, self.params)
+        self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        for g in self.optimizer.param_groups:
+            g["lr"], g["weight_decay"] = self.cfg.train.lr, self.cfg.train.weight_decay
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        self.rng.bit_generator.state = rng["numpy"]
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.iteration, self.samples_seen = int(state["iteration"]), int(state["samples_seen"])
+        self.bad_rewards = int(state["bad_rewards"])
+        self.evals = list(state["evals"])
+        base = state["base_images"]
+        self._base_images = None if base is None else base.float() / 255
+
+    def save_checkpoint(self) -> str:
+        """``train.out_dir/ckpt-<iteration>/`` (see flowalign.runtime.checkpoint): the state and the evaluation
+        weights' LoRA folder; the newest ``train.keep_checkpoints`` are kept. Returns its path."""
+        def collect():
+            state = self.state_dict()
+            with self.evaluation_weights():
+                weights = lora.lora_state_dict(self.adapter)
+            return state, lambda folder: lora.save_lora(self.adapter, folder, state=weights)
+
+        t = self.cfg.train
+        return checkpoint.save(t.out_dir, self.iteration, collect, self.dist, t.keep_checkpoints)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Load ``path`` (a ckpt-<it> folder) into this freshly built trainer; the config must match."""
+        state = checkpoint.load(path, self.cfg)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, ValueError) as err:
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this run ({err}); resume with the "
+                                             "run's settings or start a fresh run in another train.out_dir") from None
+
+    def resume(self) -> str:
+        """Load the newest checkpoint of ``train.out_dir`` and cut metrics.jsonl / metrics.csv / evals.jsonl back
+        to its iteration. Returns its path; CheckpointError when there is none."""
+        out = self.cfg.train.out_dir
+        path = checkpoint.latest_checkpoint(out)
+        if path is None:
+            raise checkpoint.CheckpointError(f"nothing to resume: no checkpoint (ckpt-<iteration>/) in {out}; run "
+                                             "without --resume to start, or point train.out_dir at the run to continue")
+        self.load_checkpoint(path)
+        self.metrics_log.truncate(self.iteration)
+        if self.dist.is_main:  # distributed: rank 0 writes, every rank loads
+            write_jsonl(self.evals_path, self.evals)
+        return path
 
     def evaluation_weights(self):
         """Context for evaluation: the EMA weights when EMA is on, else the live ones."""
@@ -267,16 +379,17 @@ def _grid_columns(tasks: list, n: int = 8) -> list[int]:
 GRPOTrainer = Trainer
 
 
-def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) -> dict:
+def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True,
+                 callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train with ``cfg`` and write into ``train.out_dir``: ``config.yaml`` (the resolved config), a fresh
     ``metrics.jsonl`` / ``metrics.csv``, ``ckpt-<iteration>/`` checkpoints (at least the last), ``lora/`` (EMA
     weights when EMA is on) and ``reward_curve.png`` (the per-iteration reward, or the loss when no reward is
     logged, e.g. OPD without task rewards). With ``train.resume`` it continues the newest checkpoint instead (its
-    logs kept up to it). Returns a summary dict."""
+    logs kept up to it). ``callbacks`` observe the run (``on_train_end`` gets the summary). Returns a summary dict."""
     import yaml
 
     from .config import config_to_dict
-    from .report import plot_reward_curve
+    from .evaluation.report import plot_reward_curve
 
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
@@ -284,8 +397,8 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
     if main and not cfg.train.resume:
         checkpoint.start_fresh(out)  # a fresh run owns its logs (an unfinished run's checkpoint is refused)
     t0 = time.time()
-    trainer = Trainer(cfg, adapter=adapter, reward=reward)
-    resumed = checkpoint.resume(trainer) if cfg.train.resume else None
+    trainer = Trainer(cfg, adapter=adapter, reward=reward, callbacks=callbacks)
+    resumed = trainer.resume() if cfg.train.resume else None
     if resumed:
         print(f"resuming from {resumed}")
     if main:
@@ -293,7 +406,7 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     base = next((e for e in trainer.evals if e["weights"] == "base"), None) if resumed else trainer.evaluate(base=True)
     trainer.train(max(cfg.train.iterations - trainer.iteration, 0), progress=progress)
-    checkpoint.save_checkpoint(trainer)  # the end (a no-op when the loop just wrote this iteration)
+    trainer.save_checkpoint()  # the end (a no-op when the loop just wrote this iteration)
     history = trainer.metrics_log.rows  # with a resumed run's earlier iterations
     trainer.metrics_log.close()
     aligned = trainer.evaluate()
@@ -306,10 +419,12 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True) 
     if main:
         plot_reward_curve(curve, plot_path, key=key, title=f"{cfg.train.algorithm}: {key}", evals=evals,
                           evals_label=f"held-out {headline}")
-    return {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir,
-            "metrics": trainer.metrics_path,
-            "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0,
-            "base": base, "aligned": aligned, "headline": headline, "main": main}
+    summary = {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir,
+               "metrics": trainer.metrics_path,
+               "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0,
+               "base": base, "aligned": aligned, "headline": headline, "main": main}
+    trainer.callbacks.on_train_end(trainer, summary)
+    return summary
 
 
 def _headline(scores: Optional[dict]) -> Optional[str]:

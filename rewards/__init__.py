@@ -35,10 +35,18 @@ REWARDS = {
 
 
 def get(name: str, **options) -> Reward:
-    """Build the reward called ``name`` with ``options``; unknown names list the valid ones."""
+    """Build the reward called ``name`` with ``options``; unknown names list the valid ones. A reward class made
+    of other rewards (``multi``) builds them from their options through ``cls.from_options(get, **options)``."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose one of: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](**options)
+    cls = REWARDS[name]
+    build = getattr(cls, "from_options", None)
+    return build(get, **options) if build is not None else cls(**options)
 
 
-__all__ = ["REWARDS", "Reward", "get", "safe_scores", "to_pil_list"]
+def differentiable_rewards() -> list[str]:
+    """Names in ``REWARDS`` whose class is differentiable (a MultiReward is when all its parts are)."""
+    return sorted(k for k, cls in REWARDS.items() if getattr(cls, "differentiable", False) is True)
+
+
+__all__ = ["REWARDS", "Reward", "differentiable_rewards", "get", "safe_scores", "to_pil_list"]

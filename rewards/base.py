@@ -60,8 +60,8 @@ class Reward:
         Same values as ``__call__``. Raises TypeError for rewards that leave torch (PIL, a detector, OCR, HTTP)."""
         if not self.differentiable:
             raise TypeError(f"reward {self.name!r} is not differentiable in torch; reward backprop needs one with "
-                            f"differentiable=True ({', '.join(differentiable_rewards())}) or use a policy-gradient "
-                            "algorithm (grpo, nft, crd)")
+                            "differentiable=True (flowalign.rewards.differentiable_rewards() lists them) or use a "
+                            "policy-gradient algorithm (grpo, nft, crd)")
         prompts = list(prompts)
         if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5) or len(images) != len(prompts):
             raise ValueError(f"{self.name}: score_differentiable needs a tensor [B,3,H,W] or [B,F,3,H,W] with one "
@@ -76,10 +76,3 @@ class Reward:
             raise RuntimeError(f"{self.name}.score returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, "
                                f"expected a tensor [{len(prompts)}]")
         return out.float()
-
-
-def differentiable_rewards() -> list[str]:
-    """Names in ``REWARDS`` whose class is differentiable (a MultiReward is when all its parts are)."""
-    from . import REWARDS
-
-    return sorted(k for k, cls in REWARDS.items() if getattr(cls, "differentiable", False) is True)

@@ -11,7 +11,7 @@ After each call ``last_components`` holds {name: raw [B]} and ``last_normalized`
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -21,26 +21,34 @@ NORMALIZE = ("none", "zscore", "scale")
 
 
 class MultiReward(Reward):
-    """rewards: {name: Reward | options dict}; an options dict may name its class with 'reward' (so two
-    differently configured copies can coexist), else the key is the reward's name. weights: {name: w}
-    (missing -> 1)."""
+    """rewards: {name: Reward}; weights: {name: w} (missing -> 1). From a config, ``rewards.get("multi",
+    rewards={name: options dict})`` builds the parts (``from_options``): an options dict may name its class
+    with 'reward' (so two differently configured copies can coexist), else the key is the reward's name."""
 
     name = "multi"
 
+    @classmethod
+    def from_options(cls, get: Callable[..., Reward], rewards: dict, **options) -> "MultiReward":
+        """Build the parts given as options dicts with ``get`` (the reward table's builder), then the sum."""
+        built = {}
+        for key, r in (rewards or {}).items():
+            if isinstance(r, dict):
+                opts = dict(r)
+                r = get(opts.pop("reward", key), **opts)
+            built[key] = r
+        return cls(built, **options)
+
     def __init__(self, rewards: dict, weights: Optional[dict] = None, normalize: str = "none",
                  scales: Optional[dict] = None, eps: float = 1e-6):
-        from . import get  # the name table lives in the package __init__
-
         if not rewards:
             raise ValueError("multi reward: give at least one reward, e.g. rewards={'clip_score': {'model': 'tiny'}}")
         if normalize not in NORMALIZE:
             raise ValueError(f"multi reward: normalize must be one of {NORMALIZE}, got {normalize!r}")
-        self.rewards = {}
-        for key, r in rewards.items():
-            if isinstance(r, dict):
-                opts = dict(r)
-                r = get(opts.pop("reward", key), **opts)
-            self.rewards[key] = r
+        unbuilt = [k for k, r in rewards.items() if not callable(r)]
+        if unbuilt:
+            raise TypeError(f"multi reward: {unbuilt[0]!r} is not a reward; build the parts from options with "
+                            "flowalign.rewards.get('multi', rewards={name: options})")
+        self.rewards = dict(rewards)
         weights, scales = dict(weights or {}), dict(scales or {})
         for what, d in (("weights", weights), ("scales", scales)):
             unknown = set(d) - set(self.rewards)

@@ -9,7 +9,15 @@ re-score a stored transition instead of drawing one.
 """
 
 from .ddim import ddim_step
-from .flow import flow_constant_noise_step, flow_cps_step, flow_dpm2_step, flow_ode_step, flow_sde_step
+from .flow import (
+    ForwardSample,
+    flow_constant_noise_step,
+    flow_cps_step,
+    flow_dpm2_step,
+    flow_ode_step,
+    flow_sde_step,
+    forward_process,
+)
 from .gaussian import GaussianStep
 
 __all__ = [
@@ -20,4 +28,6 @@ __all__ = [
     "flow_ode_step",
     "flow_dpm2_step",
     "ddim_step",
+    "ForwardSample",
+    "forward_process",
 ]

@@ -9,12 +9,16 @@ Each function is pure in (sigma, sigma_next): no hidden step counter. ``sigma`` 
 floats or per-sample tensors [B]. Inputs may be any float dtype; all math and all returned tensors are
 float32 (bf16 overflows in the SDE drift). Passing ``prev_sample`` re-scores a stored transition
 instead of drawing a new one.
+
+``forward_process`` (end of file) is the forward process itself, written once: the training point
+``x_t`` and velocity target ``u = eps - x0`` of every forward-process method (DiffusionNFT, CRD, f-distill).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
@@ -205,3 +209,52 @@ def flow_dpm2_step(
         mean = (tnd / td).float() * sample + coef * (x0_hat + 0.5 * d1)
     mean = torch.where(t_next <= 0, x0_hat, mean)
     return GaussianStep(prev_sample=mean, mean=mean, std=torch.zeros_like(t), dt=t - t_next)
+
+
+# ---- the forward process --------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardSample:
+    """A point of the forward process: x_t [B, ...], the velocity target u = eps - x0 [B, ...], eps, t [B] and the
+    clean latent x0 [B, ...] it was made from."""
+
+    x_t: torch.Tensor
+    target: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    x0: Optional[torch.Tensor] = None
+
+    def t_like(self, x: torch.Tensor) -> torch.Tensor:
+        """t reshaped to broadcast against ``x`` [B, ...] -> [B, 1, ..., 1]."""
+        return self.t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def forward_process(
+    x0: torch.Tensor,
+    t: Union[float, torch.Tensor],
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> ForwardSample:
+    """Noise a clean latent: ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0`` (SPEC §0).
+
+    Args:
+        x0: clean latents [B, ...] (e.g. the final latent of a rollout), any float dtype; math in float32.
+        t: a float or a per-sample tensor [B], each in [0, 1].
+        noise: eps [B, ...]; drawn fresh (with ``generator``) when None.
+    """
+    x0 = x0.float()
+    b = x0.shape[0]
+    tt = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
+    tt = tt.expand(b) if tt.dim() == 0 else tt
+    if tt.shape != (b,):
+        raise ValueError(f"t must be a float or a tensor of shape [{b}], got shape {tuple(tt.shape)}")
+    if ((tt < 0) | (tt > 1)).any():
+        raise ValueError("t must lie in [0, 1] (1 = pure noise)")
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
+    noise = noise.float()
+    tb = tt.reshape(b, *([1] * (x0.dim() - 1)))
+    return ForwardSample(x_t=(1 - tb) * x0 + tb * noise, target=noise - x0, noise=noise, t=tt, x0=x0)

@@ -6,7 +6,7 @@ For each divergence (default reverse_kl, forward_kl, js) a fresh copy of the pip
 ``flowalign.distill`` (configs/toy_fdistill.yaml + the flags + any ``section.key=value`` overrides) for
 ``--iterations`` iterations, all from the SAME teacher samples (drawn once) and the same seed. Then:
 
-- quality: held-out toy_geneval (flowalign.heldout.HeldoutEval on 'toy': ``--eval-per-task`` images per GenEval
+- quality: held-out toy_geneval (flowalign.evaluation.heldout.HeldoutEval on 'toy': ``--eval-per-task`` images per GenEval
   task, the toy world's held-out prompts, fixed seeds), the student sampled at S steps with CFG 1;
 - diversity: for ``--div-prompts`` held-out prompts (one per GenEval task, cycled), ``--div-seeds`` samples each
   with different seeds; the mean over prompts of the mean pairwise RMS pixel distance
@@ -48,8 +48,8 @@ def evaluate(pipe, steps: int, guidance: float, args, div_prompts: list[str]) ->
     """Held-out toy_geneval and diversity of ``pipe`` sampled at (steps, guidance) -> (scores, diversity images
     [P, M, 3, H, W])."""
     from flowalign.distill import mean_pairwise_distance
-    from flowalign.evaluate import sample_images
-    from flowalign.heldout import HeldoutEval
+    from flowalign.evaluation.sampling import sample_images
+    from flowalign.evaluation.heldout import HeldoutEval
 
     t0 = time.time()
     heldout = HeldoutEval(["toy"], args.eval_per_task, steps, guidance)
@@ -107,10 +107,10 @@ def main(argv=None) -> int:
     from flowalign import lora
     from flowalign.config import load_config, with_overrides
     from flowalign.distill import STUDENT, run_distill, teacher_samples
-    from flowalign.evaluate import heldout_prompts
+    from flowalign.evaluation.sampling import heldout_prompts
     from flowalign.models import load_adapter
     from flowalign.prompts import PromptSource
-    from flowalign.report import image_grid
+    from flowalign.evaluation.report import image_grid
 
     torch.set_num_threads(args.threads)
     t_start = time.time()

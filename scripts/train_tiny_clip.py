@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowalign.models.tiny import tiny_clip_tokenizer
+from flowalign.toy.pipelines import tiny_clip_tokenizer
 from flowalign.toy import COLORS, SHAPES, TASKS, TEXT_TASK, render, sample_batch, split_of
 from flowalign.toy.grammar import MAX_COUNT, TEXT_LETTERS
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from flowalign.evaluate import evaluate_toy
-from flowalign.models.tiny import DEFAULT_WORDS, tiny_sd3_pipeline
+from flowalign.evaluation.sampling import evaluate_toy
+from flowalign.toy.pipelines import DEFAULT_WORDS, tiny_sd3_pipeline
 from flowalign.toy import GENEVAL_TASKS, noisy_caption, render, sample_batch
 
 IMAGE_SIZE = 64

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from flowalign.evaluate import heldout_prompts, score_toy
+from flowalign.evaluation.sampling import heldout_prompts, score_toy
 from flowalign.toy import render
 
 

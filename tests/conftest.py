@@ -18,7 +18,7 @@ def tiny_model(tmp_path_factory):
     """(pipeline folder, LoRA folder): a saved tiny SD3 pipeline (no T5) and a random nonzero LoRA for it."""
     from flowalign import lora
     from flowalign.models import adapter_for
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
     pipe = tiny_sd3_pipeline(with_t5=False)
@@ -34,7 +34,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_pipe_dir(tmp_path_factory):
     """A saved tiny SD3 pipeline folder (16 px images, no T5): `model.path` for end-to-end training runs."""
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     path = tmp_path_factory.mktemp("tiny16") / "pipe"
     tiny_sd3_pipeline(image_size=16, with_t5=False).save_pretrained(str(path))
@@ -44,7 +44,7 @@ def tiny_pipe_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_pipe16(tmp_path_factory):
     """Folder of a saved tiny SD3 pipeline (16 px images, with T5), seeded: what `flowalign train` runs load."""
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     path = tmp_path_factory.mktemp("tiny") / "pipe"
     torch.manual_seed(0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flowalign.bench import build_transformer, run_scale, scale_config
+from flowalign.apps.bench import build_transformer, run_scale, scale_config
 from flowalign.cli import main
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 
 SMALL = ["sampling.num_steps=2", "sampling.eval_num_steps=2", "sampling.sde_window=null",
          "train.prompts_per_iter=1", "train.group_size=4", "train.minibatch=4", "nft.num_timesteps=1"]

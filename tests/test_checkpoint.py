@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowalign import checkpoint
+from flowalign.runtime import checkpoint
 from flowalign.config import Config, CRDConfig, ModelConfig, NFTConfig, SamplingConfig, TrainConfig
 from flowalign.rewards import Reward
 from flowalign.trainer import Trainer
@@ -46,13 +46,17 @@ def _state(tr):
     return out
 
 
+def _uint8(images):
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 @pytest.mark.parametrize("algorithm,ema", [("grpo", 0.5), ("nft", 0.0), ("crd", 0.0)])
 def test_round_trip_continues_bit_identically(tmp_path, tiny_pipe_dir, algorithm, ema):
     a = Trainer(_cfg(tiny_pipe_dir, tmp_path, algorithm, ema_decay=ema), reward=MeanPixel())
     a.evaluate(base=True)
     a.step(), a.step()
     random.random()  # the python RNG is part of the state too
-    path = checkpoint.save_checkpoint(a)
+    path = a.save_checkpoint()
     py_state = random.getstate()
     assert os.path.basename(path) == "ckpt-2"
     assert sorted(os.listdir(path)) == ["lora", "state.json", "tensors.safetensors"]
@@ -62,11 +66,11 @@ def test_round_trip_continues_bit_identically(tmp_path, tiny_pipe_dir, algorithm
 
     b = Trainer(_cfg(tiny_pipe_dir, tmp_path, algorithm, ema_decay=ema, seed=7), reward=MeanPixel())
     with pytest.warns(RuntimeWarning, match="train.seed 0 -> 7"):
-        checkpoint.load_checkpoint(b, path)
+        b.load_checkpoint(path)
     assert all(torch.equal(x, y) for x, y in zip(_state(a), _state(b)))
     assert (b.iteration, b.samples_seen, b.algorithm.optimizer_steps) == (2, 4, a.algorithm.optimizer_steps)
     assert b.evals == a.evals
-    assert torch.equal(checkpoint._to_uint8(b._base_images), checkpoint._to_uint8(a._base_images))
+    assert torch.equal(_uint8(b._base_images), _uint8(a._base_images))  # the state keeps the grid row as uint8
     assert torch.equal(b.generator.get_state(), a.generator.get_state())
     assert b.rng.bit_generator.state == a.rng.bit_generator.state and random.getstate() == py_state
     ma, mb = a.step(), b.step()
@@ -98,23 +102,23 @@ def test_rotation_and_disk_full_keep_the_previous_checkpoint(tmp_path, tiny_pipe
     assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-3")
     monkeypatch.undo()
     fresh = Trainer(_cfg(tiny_pipe_dir, tmp_path), reward=MeanPixel())
-    checkpoint.load_checkpoint(fresh, str(tmp_path / "ckpt-3"))
+    fresh.load_checkpoint(str(tmp_path / "ckpt-3"))
     assert fresh.iteration == 3 and all(torch.equal(x, y) for x, y in zip(saved, fresh.params))
 
 
 def test_fresh_run_refuses_an_unfinished_one_and_rank_must_match(tmp_path, tiny_pipe_dir):
     tr = Trainer(_cfg(tiny_pipe_dir, tmp_path, iterations=5), reward=MeanPixel())
     tr.step()
-    path = checkpoint.save_checkpoint(tr)
+    path = tr.save_checkpoint()
     with pytest.raises(checkpoint.CheckpointError, match="holds an unfinished run .*--resume"):
         checkpoint.start_fresh(str(tmp_path))
     other = Trainer(_cfg(tiny_pipe_dir, tmp_path / "x", rank=3, iterations=5), reward=MeanPixel())
     with pytest.raises(checkpoint.CheckpointError, match="model.lora_rank was 2 there, now 3"):
-        checkpoint.load_checkpoint(other, path)
+        other.load_checkpoint(path)
     # a finished run's folder is reused by a fresh run: its checkpoints and logs go
     done = Trainer(_cfg(tiny_pipe_dir, tmp_path / "done", iterations=1), reward=MeanPixel())
     done.step()
-    checkpoint.save_checkpoint(done)
+    done.save_checkpoint()
     checkpoint.start_fresh(str(tmp_path / "done"))
     assert checkpoint.list_checkpoints(str(tmp_path / "done")) == []
     assert not (tmp_path / "done" / "metrics.jsonl").exists()

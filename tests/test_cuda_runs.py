@@ -11,7 +11,7 @@ import torch
 from flowalign import lora
 from flowalign.cli import main
 from flowalign.models import adapter_for
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

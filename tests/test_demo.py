@@ -53,7 +53,7 @@ def test_demo_with_a_missing_model_fails_in_one_line(tmp_path, capsys):
 
 
 def test_report_names_the_training_reward_and_its_options():
-    from flowalign.demo import training_reward
+    from flowalign.apps.demo import training_reward
 
     assert training_reward({"reward": "toy_geneval", "reward_options": {}}) == "`toy_geneval`"
     assert training_reward({"reward": "toy_geneval", "reward_options": {"partial": True}}) == (
@@ -61,7 +61,7 @@ def test_report_names_the_training_reward_and_its_options():
 
 
 def test_report_lists_a_check_kind_that_only_one_side_has(tmp_path):
-    from flowalign.demo import _write_report
+    from flowalign.apps.demo import _write_report
 
     def side(score, checks):
         return {"toy_geneval": score, "strict": score / 2, "extra_objects": 0.1, "n": 2, "checks": checks,
@@ -81,7 +81,7 @@ def test_report_lists_a_check_kind_that_only_one_side_has(tmp_path):
 def test_every_update_rule_has_a_title_and_demo_runs_a_non_toy_reward_recipe(tmp_path):
     # the report names the method by its rule's title (a table lookup used to miss reward backprop)
     from flowalign.algorithms.base import UpdateRule
-    from flowalign.trainer import ALGORITHMS
+    from flowalign.algorithms import ALGORITHMS
 
     assert all(rule.title != UpdateRule.title for rule in ALGORITHMS.values())
     out = tmp_path / "bp"

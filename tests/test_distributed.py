@@ -1,4 +1,4 @@
-"""Data parallel (flowalign.distributed): 2 CPU processes (gloo) take the same optimizer steps as 1 process on
+"""Data parallel (flowalign.runtime.distributed): 2 CPU processes (gloo) take the same optimizer steps as 1 process on
 the same global batch and seed; row sharding and sharded noise; one-process behaviour untouched."""
 
 import copy
@@ -10,9 +10,9 @@ import torch
 import torch.multiprocessing as mp
 
 from flowalign.config import Config, CRDConfig, GRPOConfig, NFTConfig, SamplingConfig, TrainConfig
-from flowalign.distributed import SINGLE, Distributed, RowShard, setup
+from flowalign.runtime.distributed import SINGLE, Distributed, RowShard, setup
 from flowalign.models import adapter_for
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 from flowalign.rewards import Reward
 from flowalign.samplers._checks import randn_like
 from flowalign.trainer import Trainer

@@ -3,7 +3,7 @@
 import json
 
 from flowalign.cli import main
-from flowalign.heldout import heldout_rows
+from flowalign.evaluation.heldout import heldout_rows
 
 
 def test_eval_scores_base_and_lora_on_the_same_prompts(tmp_path, tiny_model, capsys):
@@ -47,8 +47,8 @@ def test_eval_reward_option_must_be_key_value(tiny_model, capsys):
 
 
 def test_sample_images_leaves_the_callers_progress_bar_setting():
-    from flowalign.evaluate import sample_images
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.evaluation.sampling import sample_images
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(image_size=16)
     pipe.set_progress_bar_config(desc="mine", leave=False)

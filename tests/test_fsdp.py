@@ -1,4 +1,4 @@
-"""FSDP sharding (train.shard=fsdp, flowalign.fsdp) and multi-process checkpoints, on 2 CPU processes (gloo):
+"""FSDP sharding (train.shard=fsdp, flowalign.runtime.fsdp) and multi-process checkpoints, on 2 CPU processes (gloo):
 with the denoiser's base and LoRA weights sharded, GRPO, NFT, CRD and OPD take the same optimizer steps as one
 process on the same global batch; FLUX, Wan, SD and SDXL shard their own block lists and get one process's
 gradients (GRPO); a checkpoint written by a 2-process run (data parallel or FSDP) continues with --resume to the
@@ -14,12 +14,13 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from flowalign import fsdp, lora
+from flowalign import lora
+from flowalign.runtime import fsdp
 from flowalign.config import (Config, CRDConfig, GRPOConfig, ModelConfig, NFTConfig, OPDConfig, SamplingConfig,
                               TrainConfig)
-from flowalign.distributed import shard_mode
+from flowalign.runtime.distributed import shard_mode
 from flowalign.models import adapter_for
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 from flowalign.rewards import Reward
 from flowalign.trainer import Trainer
 
@@ -160,7 +161,7 @@ BLOCKS = {"flux": 2, "wan": 1, "sd": 4, "sdxl": 4}  # the tiny pipelines' FSDP u
 def _family_run(family: str, out_dir: str) -> dict:
     """Two GRPO iterations on the tiny ``family`` pipeline with train.shard=fsdp -> whole LoRA, grad norms, units,
     and the share of the first LoRA layer's base weight this process holds."""
-    from flowalign.models.tiny import TINY_BUILDERS
+    from flowalign.toy.pipelines import TINY_BUILDERS
 
     torch.manual_seed(0)
     cfg = Config(train=TrainConfig(algorithm="grpo", prompts_per_iter=2, group_size=2, minibatch=2, lr=LR,
@@ -179,7 +180,7 @@ def _family_run(family: str, out_dir: str) -> dict:
     base = lora.lora_layers(tr.adapter.denoiser)[0].base_layer.weight
     end = torch.cat([fsdp.full(p.detach()).flatten() for p in tr.params])
     return {"start": start, "end": end, "first_grad": grads[0],
-            "grad_norms": [m["grad_norm"] for m in metrics], "units": len(fsdp.blocks(tr.adapter.denoiser)),
+            "grad_norms": [m["grad_norm"] for m in metrics], "units": len(fsdp.blocks(tr.adapter.denoiser, tr.adapter.fsdp_blocks)),
             "base_share": _share(base)}
 
 
@@ -189,7 +190,7 @@ def _family_worker(rank: int, out_dir: str) -> None:
 
 
 def test_fsdp_shards_flux_wan_and_unet_blocks_like_one_process(tmp_path):
-    # fsdp.BLOCK_LISTS must find each family's blocks (FLUX: transformer_blocks + single_transformer_blocks; Wan:
+    # each adapter's fsdp_blocks must name its family's blocks (FLUX: transformer_blocks + single_transformer_blocks; Wan:
     # blocks; UNets: down_blocks + up_blocks) and the sharded run must take one process's steps
     _launch(_family_worker, str(tmp_path))  # first: forking after this process ran the UNets' convolutions on
     # its OpenMP pool can hang the children
@@ -274,7 +275,7 @@ def _disk_full_worker(rank: int, out_dir: str, pipe_dir: str, mode: str) -> None
     message (before the fix, rank 1 went on into the next iteration's collectives and waited there forever)."""
     import errno
 
-    from flowalign import checkpoint
+    from flowalign.runtime import checkpoint
     from flowalign.cli import main
 
     def full_disk(path, tensors):

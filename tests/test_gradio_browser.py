@@ -1,4 +1,4 @@
-"""End to end in a real browser: ``flowalign.app`` on a free 127.0.0.1 port with a tiny pipeline and LoRA,
+"""End to end in a real browser: ``flowalign.apps.gradio_app`` on a free 127.0.0.1 port with a tiny pipeline and LoRA,
 driven by headless Chromium (selenium + chromedriver): move the RLG slider, click Generate, check both
 images appear and the run used the slider's value. Skipped (with the reason) only when no browser is found;
 ``.ci/install-browser`` installs Debian's chromium + chromium-driver."""
@@ -39,7 +39,7 @@ def _free_port() -> int:
 @pytest.fixture
 def app_url(tiny_model):
     pytest.importorskip("gradio", reason='gradio not installed: pip install -e ".[dev]"')
-    from flowalign.app import launch
+    from flowalign.apps.gradio_app import launch
 
     model, lora_dir = tiny_model
     port = _free_port()

@@ -4,7 +4,7 @@ verifiable rewards (rendered ground truth scores ~1, images of other prompts sco
 import pytest
 import torch
 
-from flowalign.heldout import HeldoutEval, heldout_rows
+from flowalign.evaluation.heldout import HeldoutEval, heldout_rows
 from flowalign.prompts import toy_tasks
 from flowalign.toy import GENEVAL_TASKS, parse_prompt, render, split_of
 

@@ -1,10 +1,10 @@
-"""flowalign.kernels: training on CUDA turns cuDNN attention off (its backward failed on FLUX shapes on an H100);
+"""flowalign.runtime.kernels: training on CUDA turns cuDNN attention off (its backward failed on FLUX shapes on an H100);
 a CPU device, or FLOWALIGN_CUDNN_ATTENTION=1, leaves torch's flag alone."""
 
 import pytest
 import torch
 
-from flowalign.kernels import avoid_cudnn_attention
+from flowalign.runtime.kernels import avoid_cudnn_attention
 
 
 @pytest.fixture

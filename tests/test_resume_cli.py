@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowalign import checkpoint
+from flowalign.runtime import checkpoint
 from flowalign.cli import main
 from flowalign.config import load_config
 

@@ -6,7 +6,7 @@ import torch
 
 from flowalign import lora
 from flowalign.models import adapter_for
-from flowalign.models.tiny import TINY_BUILDERS
+from flowalign.toy.pipelines import TINY_BUILDERS
 from flowalign.rlg import disable_rlg, enable_rlg, rlg_mix, rlg_scale
 from flowalign.samplers import flow_ode_step, flow_sde_step
 

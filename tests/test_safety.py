@@ -12,7 +12,7 @@ from flowalign import lora
 from flowalign.cli import build_parser
 from flowalign.config import Config, with_overrides
 from flowalign.models import ModelNotFoundError, adapter_for, load_pipeline
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_trust_remote_code_only_when_asked(monkeypatch, tmp_path):
 
 
 def test_servers_bind_loopback_by_default():
-    from flowalign.app import launch
+    from flowalign.apps.gradio_app import launch
     from flowalign.rewards.remote import serve
 
     assert inspect.signature(launch).parameters["host"].default == "127.0.0.1"

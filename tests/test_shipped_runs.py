@@ -12,7 +12,7 @@ import torch
 
 from flowalign import lora
 from flowalign.config import DEFAULT_MODEL, load_config
-from flowalign.evaluate import sample_images
+from flowalign.evaluation.sampling import sample_images
 from flowalign.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ from flowalign import lora
 from flowalign.cli import main
 from flowalign.config import load_config, parse_overrides, with_overrides
 from flowalign.models import adapter_for
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

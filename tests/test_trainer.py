@@ -8,7 +8,7 @@ import torch
 
 from flowalign.config import Config, GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
 from flowalign.models import adapter_for
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 from flowalign.rewards import Reward
 from flowalign.trainer import GRPOTrainer
 

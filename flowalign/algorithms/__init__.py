@@ -1,1 +1,23 @@
-"""flowalign.algorithms."""
+"""flowalign.algorithms: one file per method (its losses and its update rule, no I/O) and ONE table.
+
+``ALGORITHMS`` maps ``train.algorithm`` to the method's :class:`~flowalign.algorithms.base.UpdateRule`; the trainer,
+the config's choices, the demo's report titles and the contract test (tests/algorithms/test_update_rule_contract.py)
+all read it. Adding a method = its file, one line here, its config section, and its recipe (docs/extending.md).
+Shared primitives live apart: ``advantages`` (group advantages), ``timesteps`` (forward-process draws),
+``divergences`` (the f-divergence table); the forward process itself is ``flowalign.samplers.forward_process``.
+"""
+
+from __future__ import annotations
+
+from .backprop import BackpropUpdate
+from .base import UpdateRule
+from .crd import CRDUpdate
+from .grpo import GRPOUpdate
+from .nft import NFTUpdate
+from .opd import OPDUpdate
+
+ALGORITHMS: dict[str, type[UpdateRule]] = {
+    rule.name: rule for rule in (GRPOUpdate, NFTUpdate, CRDUpdate, OPDUpdate, BackpropUpdate)
+}
+
+__all__ = ["ALGORITHMS", "BackpropUpdate", "CRDUpdate", "GRPOUpdate", "NFTUpdate", "OPDUpdate", "UpdateRule"]

@@ -136,6 +136,9 @@ class BackpropUpdate(UpdateRule):
         if reward is not None:
             self.reward = reward
 
+    def use_reward(self, reward) -> None:
+        self.reward = reward  # differentiated, not only scored (the setter checks it is differentiable)
+
     @property
     def reward(self):
         if self._reward is None:
@@ -145,7 +148,7 @@ class BackpropUpdate(UpdateRule):
     @reward.setter
     def reward(self, reward) -> None:
         if reward is None or not getattr(reward, "differentiable", False):
-            from ..rewards.base import differentiable_rewards
+            from ..rewards import differentiable_rewards
 
             name = getattr(reward, "name", reward)
             raise ValueError(f"train.algorithm=backprop needs a reward differentiable in torch, got {name!r}: use one "

@@ -1,6 +1,6 @@
-"""What every update rule shares: the :class:`UpdateRule` interface the trainer drives, weight
-:class:`Snapshot` s (old / sampler models as shadow copies of the LoRA parameters), the configured rollout,
-and forward-process timestep draws. No I/O.
+"""What every update rule shares: the :class:`UpdateRule` interface the trainer drives and the configured
+rollout. Weight snapshots live in flowalign.runtime.snapshot, timestep draws in flowalign.algorithms.timesteps.
+No I/O.
 
 An update rule owns one algorithm's side of an iteration: which weights roll out (``rollout``) and how a
 scored batch becomes optimizer steps (``update``), including any snapshot updates after them. The trainer
@@ -10,66 +10,15 @@ owns everything else (prompts, rewards, advantages, EMA, metrics, checkpoints).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .. import fsdp
-from ..distributed import SINGLE, Distributed
+from ..runtime import fsdp
+from ..runtime.distributed import SINGLE, Distributed
 from ..rollout import DETERMINISTIC_SAMPLERS, Trajectory, rollout
 from ..samplers._checks import randn_like
-
-
-class Snapshot:
-    """A shadow copy of some parameters (e.g. the LoRA weights) that can be swapped in for a forward pass.
-
-    ``update(d)``: ``snap <- d snap + (1 - d) theta`` (d <= 0: exact copy). ``swapped_in()``: inside the block
-    the live parameters hold the snapshot's values; they are restored exactly afterwards. Costs two copies of
-    the parameters per swap (cheap for LoRA) and no second model. With FSDP the parameters are sharded
-    ``DTensor`` s and so are the copies: every swap and update acts on this process's shard only (no communication).
-    """
-
-    def __init__(self, params: Sequence[torch.nn.Parameter]):
-        self.params = list(params)
-        self.tensors = [p.detach().clone() for p in self.params]
-
-    def update(self, decay: float) -> None:
-        from .crd import ema_update_  # crd.py imports this module
-
-        ema_update_(self.tensors, self.params, decay)
-
-    def state_dict(self) -> dict:
-        """{"tensors": [copies of the snapshot tensors]} (for checkpoints; sharded ones are gathered there)."""
-        return {"tensors": [t.detach().clone() for t in self.tensors]}
-
-    def load_state_dict(self, state: dict) -> None:
-        load_tensors_(self.tensors, state["tensors"], "snapshot")
-
-    @contextmanager
-    @torch.no_grad()
-    def swapped_in(self) -> Iterator[None]:
-        live = [p.detach().clone() for p in self.params]
-        for s, p in zip(self.tensors, self.params):
-            p.copy_(s)
-        try:
-            yield
-        finally:
-            for v, p in zip(live, self.params):
-                p.copy_(v)
-
-
-def load_tensors_(targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor], what: str) -> None:
-    """Copy ``values`` into ``targets`` in place (device and dtype of the targets); a count or shape mismatch
-    raises ValueError naming ``what`` (e.g. a checkpoint written with another LoRA rank). A sharded target (FSDP)
-    takes its own shard of the full saved tensor."""
-    if len(targets) != len(values):
-        raise ValueError(f"{what}: {len(values)} saved tensors for {len(targets)} parameters")
-    with torch.no_grad():
-        for i, (t, v) in enumerate(zip(targets, values)):
-            if tuple(t.shape) != tuple(v.shape):
-                raise ValueError(f"{what}: saved tensor {i} has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
-            t.copy_(fsdp.local_like(v, t))
+from ..samplers.flow import forward_process
 
 
 def sde_window(cfg, generator) -> Optional[tuple[int, int]]:
@@ -103,16 +52,6 @@ def configured_rollout(adapter, prompts: Sequence[str], cfg, generator, record_m
                    integer_timesteps=s.integer_timesteps, record_reference_kl=record_reference_kl)
 
 
-def forward_timesteps(traj: Trajectory, num_draws: int, fraction: float,
-                      generator: Optional[torch.Generator]) -> list[tuple[torch.Tensor, float]]:
-    """K stratified draws from the rollout's own grid (``stratified_timesteps``): a list of
-    (denoiser timestep in scheduler units, t = sigma in [0, 1]) for the forward process ``x_t = (1-t) x0 + t eps``."""
-    from .crd import stratified_timesteps  # crd.py imports this module
-
-    values, positions = stratified_timesteps(traj.timesteps, num_draws, fraction, generator)
-    return [(traj.timesteps[int(k)], float(traj.sigmas[int(k)])) for k in positions]
-
-
 def require_flow(adapter, algorithm: str) -> None:
     if not getattr(adapter, "is_flow", False):
         raise ValueError(f"{algorithm} trains on the rectified-flow forward process: it needs a flow-matching "
@@ -131,9 +70,9 @@ class UpdateRule:
     Subclasses implement ``update``; ``rollout`` defaults to the live policy with the sampling section.
     ``optimizer_steps`` counts the optimizer steps taken so far; ``nan_steps`` the steps skipped for a non-finite
     gradient norm or loss, ``nan_streak`` the current run of them. Subclasses with state of their own (snapshots)
-    extend ``state_dict`` / ``load_state_dict`` (checkpoints, flowalign.checkpoint).
+    extend ``state_dict`` / ``load_state_dict`` (checkpoints, flowalign.runtime.checkpoint).
 
-    Distributed (``dist``, set by the trainer; see flowalign.distributed): ``rollout`` gets this process's shard
+    Distributed (``dist``, set by the trainer; see flowalign.runtime.distributed): ``rollout`` gets this process's shard
     of the prompts, ``update`` its trajectory with the GLOBAL adv / valid / rewards / tasks; rules index the
     trajectory with ``dist.part(rows, traj.batch_size).local`` and weight their loss by its ``share``. Under
     FSDP (``dist.fsdp``) a process holding none of the rows gets a placeholder part (one row, share 0): rules run
@@ -156,6 +95,16 @@ class UpdateRule:
         """Put what the rule needs onto the model (e.g. OPD's teacher adapters) before the trainer shards it:
         FSDP shards only the parameters present then. The default adds nothing."""
 
+    @classmethod
+    def task_specs(cls, cfg) -> dict:
+        """The run's tasks: {task: (reward name or None, reward options, prompt spec)}; every row of a task is
+        scored by its reward. The default is one task (None) with ``train.reward`` on ``train.prompts``."""
+        t = cfg.train
+        return {None: (t.reward, t.reward_options, t.prompts)}
+
+    def use_reward(self, reward) -> None:
+        """The trainer hands over the (first) task's reward object; rules that differentiate it keep it."""
+
     def rollout(self, prompts: Sequence[str]) -> Trajectory:
         return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)))
 
@@ -166,11 +115,9 @@ class UpdateRule:
 
     def forward_sample(self, x0: torch.Tensor, sigma, part):
         """The forward-process point ``x_t = (1 - t) x0 + t eps`` (t = sigma, a float or one per row [b]) of this
-        process's rows of ``part`` (x0: those rows [b, ...]) -> nft.ForwardSample, or None when the process holds
+        process's rows of ``part`` (x0: those rows [b, ...]) -> a samplers.flow.ForwardSample, or None when the process holds
         none of them. The noise is drawn either way, so the shared generator stays in step across processes
-        (flowalign.distributed)."""
-        from .nft import forward_process  # nft.py imports this module
-
+        (flowalign.runtime.distributed)."""
         noise = randn_like(x0, self.dist.noise(self.generator, part))
         return forward_process(x0, sigma, noise=noise) if part.size else None
 

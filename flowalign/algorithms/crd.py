@@ -34,7 +34,7 @@ end_value)``; d <= 0 is a hard copy, d >= 1 keeps the snapshot. Defaults: old (t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from .. import lora
 from ..rollout import Trajectory
 from .advantages import group_ids_from_prompts
-from .base import Snapshot, UpdateRule, forward_timesteps, require_flow
+from ..runtime.snapshot import Snapshot
+from .base import UpdateRule, require_flow
+from .timesteps import forward_timesteps
 
 CENTERINGS = ("group", "batch")
 FORMS = ("mse", "bce")
@@ -296,54 +298,7 @@ def schedule_decay(spec: str, step: int) -> float:
     return min(v0 + (step - start) * slope, v1)
 
 
-@torch.no_grad()
-def ema_update_(snapshot: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
-    """In place ``snap <- d snap + (1 - d) theta`` for each pair; d <= 0 copies theta exactly, d >= 1 keeps the
-    snapshot (an offline schedule)."""
-    snapshot, params = list(snapshot), list(params)
-    if len(snapshot) != len(params):
-        raise ValueError(f"{len(snapshot)} snapshot tensors for {len(params)} parameters")
-    for s, p in zip(snapshot, params):
-        if s.shape != p.shape:
-            raise ValueError(f"snapshot tensor {tuple(s.shape)} does not match parameter {tuple(p.shape)}")
-        if decay >= 1:
-            continue
-        if decay <= 0:
-            s.copy_(p.detach())
-        else:
-            s.mul_(decay).add_(p.detach().to(s.dtype), alpha=1 - decay)
-
-
 # ---- timesteps --------------------------------------------------------------------------------------
-
-
-def stratified_timesteps(
-    timesteps: Sequence[float] | torch.Tensor,
-    num_draws: int = 20,
-    fraction: float = 0.99,
-    generator: Optional[torch.Generator] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K stratified draws from a scheduler's timestep list restricted to its top ``fraction``.
-
-    timesteps: [M] in the scheduler's order (high noise first). [uncertain] "top 99%" is read as Flow-GRPO's
-    ``timestep_fraction``: keep the first ``max(1, int(M * fraction))`` entries (drop the low-noise tail; with
-    M = 10 that is 9 steps). The kept positions are split into ``num_draws`` equal strata and one position is
-    drawn uniformly in each (strata repeat positions when K > kept). Returns (values [K], positions [K] long).
-    """
-    ts = torch.as_tensor(timesteps, dtype=torch.float32).flatten()
-    if ts.numel() == 0:
-        raise ValueError("timesteps is empty")
-    if num_draws < 1:
-        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    kept = max(1, int(ts.numel() * fraction))
-    edges = torch.linspace(0, kept, num_draws + 1, dtype=torch.float64)
-    lo = edges[:-1].floor().long()
-    width = (edges[1:].floor().long() - lo).clamp_min(1)
-    u = torch.rand(num_draws, generator=generator, dtype=torch.float64)
-    pos = (lo + (u * width).floor().long()).clamp(max=kept - 1)
-    return ts[pos], pos
 
 
 # ---- update rule ------------------------------------------------------------------------------------

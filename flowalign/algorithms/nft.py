@@ -37,14 +37,17 @@ Defaults [ref]: no CFG, beta = 1 (0.1 for OCR), lambda_KL = 1e-4, A_max = 5, lr 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .. import lora
 from ..rollout import Trajectory
-from .base import Snapshot, UpdateRule, forward_timesteps, require_flow
+from ..runtime.snapshot import Snapshot
+from ..samplers.flow import ForwardSample
+from .base import UpdateRule, require_flow
+from .timesteps import forward_timesteps
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -88,52 +91,6 @@ def optimality(advantages: torch.Tensor, adv_max: float = 5.0, adv_mode: str = "
     elif adv_mode == "binary":
         a = torch.sign(a)
     return (a / adv_max).clamp(-1.0, 1.0) / 2 + 0.5
-
-
-@dataclass
-class ForwardSample:
-    """A point of the forward process: x_t [B, ...], the velocity target u = eps - x0 [B, ...], eps, t [B] and the
-    clean latent x0 [B, ...] it was made from."""
-
-    x_t: torch.Tensor
-    target: torch.Tensor
-    noise: torch.Tensor
-    t: torch.Tensor
-    x0: Optional[torch.Tensor] = None
-
-    def t_like(self, x: torch.Tensor) -> torch.Tensor:
-        """t reshaped to broadcast against ``x`` [B, ...] -> [B, 1, ..., 1]."""
-        return self.t.reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def forward_process(
-    x0: torch.Tensor,
-    t: Union[float, torch.Tensor],
-    noise: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-) -> ForwardSample:
-    """Noise a clean latent: ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0`` (SPEC §0).
-
-    Args:
-        x0: clean latents [B, ...] (e.g. the final latent of a rollout), any float dtype; math in float32.
-        t: a float or a per-sample tensor [B], each in [0, 1].
-        noise: eps [B, ...]; drawn fresh (with ``generator``) when None.
-    """
-    x0 = x0.float()
-    b = x0.shape[0]
-    tt = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
-    tt = tt.expand(b) if tt.dim() == 0 else tt
-    if tt.shape != (b,):
-        raise ValueError(f"t must be a float or a tensor of shape [{b}], got shape {tuple(tt.shape)}")
-    if ((tt < 0) | (tt > 1)).any():
-        raise ValueError("t must lie in [0, 1] (1 = pure noise)")
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
-    elif noise.shape != x0.shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
-    noise = noise.float()
-    tb = tt.reshape(b, *([1] * (x0.dim() - 1)))
-    return ForwardSample(x_t=(1 - tb) * x0 + tb * noise, target=noise - x0, noise=noise, t=tt, x0=x0)
 
 
 def implicit_policies(v_theta: torch.Tensor, v_old: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

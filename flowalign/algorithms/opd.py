@@ -281,6 +281,12 @@ class OPDUpdate(UpdateRule):
         """The teacher adapters go onto the model before it is sharded (FSDP shards them with the base)."""
         load_teachers(adapter, cfg.opd.teachers)
 
+    @classmethod
+    def task_specs(cls, cfg) -> dict:
+        """One task per teacher: its optional ``reward`` (no options) on its ``prompts`` (default train.prompts)."""
+        return {task: (spec.get("reward"), {}, spec.get("prompts") or cfg.train.prompts)
+                for task, spec in cfg.opd.teachers.items()}
+
     @property
     def tasks(self) -> list[str]:
         return list(self.teachers)

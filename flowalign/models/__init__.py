@@ -11,30 +11,17 @@ from .base import (
     Conditioning,
     DDIMAdapter,
     FlowAdapter,
-    ModelNotFoundError,
     PipelineAdapter,
     SamplingGrid,
-    DTYPES,
-    INFERENCE_DTYPES,
-    detect_family,
-    inference_dtype,
-    load_for_inference,
-    load_pipeline,
     pipeline_call_kwargs,
     t5_sequence_length,
 )
 from .flux import FluxAdapter
+from .loading import DTYPES, INFERENCE_DTYPES, ModelNotFoundError, inference_dtype, load_for_inference, load_pipeline
+from .registry import ADAPTERS, FAMILY_BY_PIPELINE, PIPELINE_BY_FAMILY, detect_family
 from .sd import SDAdapter, SDXLAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
-
-ADAPTERS: dict[str, type[PipelineAdapter]] = {
-    "sd3": SD3Adapter,
-    "flux": FluxAdapter,
-    "sd": SDAdapter,
-    "sdxl": SDXLAdapter,
-    "wan": WanAdapter,
-}
 
 
 def adapter_for(pipe, family: str | None = None, **kwargs) -> PipelineAdapter:
@@ -54,7 +41,7 @@ def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, d
 
 
 __all__ = [
-    "ADAPTERS", "Conditioning", "DDIMAdapter", "FlowAdapter", "FluxAdapter", "ModelNotFoundError", "PipelineAdapter",
+    "ADAPTERS", "FAMILY_BY_PIPELINE", "PIPELINE_BY_FAMILY", "Conditioning", "DDIMAdapter", "FlowAdapter", "FluxAdapter", "ModelNotFoundError", "PipelineAdapter",
     "SD3Adapter", "SDAdapter", "SDXLAdapter", "SamplingGrid", "WanAdapter", "adapter_for", "detect_family",
     "DTYPES", "INFERENCE_DTYPES", "inference_dtype", "load_adapter", "load_for_inference", "load_pipeline",
     "pipeline_call_kwargs", "t5_sequence_length",

@@ -20,6 +20,9 @@ class FluxAdapter(FlowAdapter):
 
     family = "flux"
     pipeline_class = "FluxPipeline"
+    # double-stream attention (+ context stream) and single-stream attention
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    fsdp_blocks = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(self, pipe, negative_prompt: str = "", max_sequence_length: int = 512, true_cfg_scale: float = 1.0):
         super().__init__(pipe, negative_prompt, max_sequence_length)

@@ -13,6 +13,8 @@ class SDAdapter(DDIMAdapter):
 
     family = "sd"
     pipeline_class = "StableDiffusionPipeline"
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # UNet attention (diffusers' LoRA script, DDPO)
+    fsdp_blocks = ("down_blocks", "up_blocks")
 
     def _encode(self, prompts):
         pe, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
@@ -31,6 +33,8 @@ class SDXLAdapter(DDIMAdapter):
 
     family = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    lora_target_modules = SDAdapter.lora_target_modules
+    fsdp_blocks = SDAdapter.fsdp_blocks
 
     def _encode(self, prompts):
         pe, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,

@@ -13,6 +13,10 @@ class SD3Adapter(FlowAdapter):
 
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    # Flow-GRPO's SD3 targets: joint attention, both streams
+    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                           "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    fsdp_blocks = ("transformer_blocks",)
 
     def __init__(self, pipe, negative_prompt: str = "", max_sequence_length: int = 256):
         super().__init__(pipe, negative_prompt, max_sequence_length)

@@ -14,6 +14,8 @@ class WanAdapter(FlowAdapter):
 
     family = "wan"
     pipeline_class = "WanPipeline"
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")  # attention, FFN
+    fsdp_blocks = ("blocks",)
     video = True
 
     def __init__(self, pipe, negative_prompt: str = "", max_sequence_length: int = 512):

@@ -18,7 +18,7 @@ N = 4
 @pytest.fixture(scope="module")
 def setup():
     from flowalign.models import adapter_for
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     adapter = adapter_for(tiny_sd3_pipeline(image_size=16), max_sequence_length=16)
     params = lora.add_lora(adapter, rank=2)

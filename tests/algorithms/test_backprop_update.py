@@ -8,7 +8,7 @@ from flowalign import lora
 from flowalign.algorithms.backprop import BackpropUpdate
 from flowalign.config import BackpropConfig, Config, SamplingConfig, TrainConfig
 from flowalign.models import adapter_for
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 from flowalign.rewards import Reward
 from flowalign.rollout import rollout
 from flowalign.samplers import flow_ode_step

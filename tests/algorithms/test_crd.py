@@ -3,15 +3,15 @@
 import pytest
 import torch
 
+from flowalign.algorithms.timesteps import stratified_timesteps
+from flowalign.runtime.snapshot import ema_update_
 from flowalign.algorithms.crd import (
     crd_loss,
-    ema_update_,
     implicit_log_ratio,
     kl_anchor_distance,
     normalized_reward,
     parse_schedule,
     schedule_decay,
-    stratified_timesteps,
 )
 
 GROUPS = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])

@@ -6,13 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flowalign.algorithms.divergences import DIVERGENCES, alpha_divergence, get_divergence
 from flowalign.algorithms.fdistill import (
-    DIVERGENCES,
-    alpha_divergence,
     discriminator_loss,
     discriminator_ratio,
     generator_surrogate_loss,
-    get_divergence,
     transition_log_ratio,
     transition_weights,
 )

@@ -90,7 +90,8 @@ def test_gradient_pushes_mean_towards_positive_advantage_sample():
 def test_f_divergence_weights_the_reference_regulariser():
     """grpo.kl_divergence: the per-sample KL to the reference is weighted by the detached, batch-normalised
     h(r) of the exact transition ratio r = p_ref(x') / p_theta(x') (SPEC §6 (a)); reverse_kl is the plain KL."""
-    from flowalign.algorithms.fdistill import get_divergence, transition_log_ratio
+    from flowalign.algorithms.divergences import get_divergence
+    from flowalign.algorithms.fdistill import transition_log_ratio
 
     old, new, _ = _steps(shift=0.3)
     ref = old

@@ -4,11 +4,10 @@ weights and the A_max / beta prefactor), the velocity-MSE form's closed-form opt
 import pytest
 import torch
 
+from flowalign.samplers import ForwardSample, forward_process
 from flowalign.algorithms.nft import (
     DECAY_TYPES,
-    ForwardSample,
     adaptive_x0_error,
-    forward_process,
     implicit_policies,
     nft_loss,
     nft_optimum,

@@ -86,7 +86,7 @@ def test_teacher_table():
 @pytest.fixture(scope="module")
 def sd3_with_teachers():
     from flowalign.models import adapter_for
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     adapter = adapter_for(tiny_sd3_pipeline(image_size=16), max_sequence_length=16)
     gen = torch.Generator().manual_seed(0)

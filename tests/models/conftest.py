@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowalign.models import adapter_for
-from flowalign.models.tiny import TINY_BUILDERS
+from flowalign.toy.pipelines import TINY_BUILDERS
 
 PROMPTS = ["a red circle", "two blue squares above"]
 # pipeline-call kwargs per family: small sizes, short text

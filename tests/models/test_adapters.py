@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowalign.models import ModelNotFoundError, adapter_for, load_adapter, load_pipeline
-from flowalign.models.tiny import tiny_sd3_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline
 from flowalign.rollout import rollout
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowalign import lora
-from flowalign.models.tiny import TINY_BUILDERS
+from flowalign.toy.pipelines import TINY_BUILDERS
 from flowalign.rollout import rollout
 
 
@@ -95,7 +95,7 @@ def test_mixed_precision_and_checkpointing(gen, h):
 def test_adapter_disabled_keeps_a_frozen_active_adapter_frozen():
     # peft's enable_adapters(True) sets requires_grad on the active adapter; a frozen teacher must stay frozen.
     from flowalign.models import adapter_for
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     adapter = adapter_for(tiny_sd3_pipeline(image_size=16))
     teacher = lora.add_lora(adapter, rank=4, adapter_name="teacher", trainable=False)
@@ -112,9 +112,9 @@ def test_pipeline_call_runs_on_a_reduced_precision_denoiser(dtype, rest):
     # bf16: the whole pipeline bf16 except the LoRA; fp16: the denoiser only, so the pipeline's own __call__
     # (held-out evaluation) feeds it float32 latents, cast by the hooks. Both must run, and float32 after
     # set_precision(float32) too (the cast hooks go).
-    from flowalign.evaluate import sample_images
+    from flowalign.evaluation.sampling import sample_images
     from flowalign.models import adapter_for
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     adapter = adapter_for(tiny_sd3_pipeline(image_size=16))
     params = lora.add_lora(adapter, rank=2)
@@ -142,7 +142,7 @@ def test_load_dtypes_load_the_big_weights_in_reduced_precision(tmp_path, dtype, 
     # from_pretrained(torch_dtype=load_dtypes(dtype)): the denoiser (with bf16 every component) never exists
     # in float32; fp16 leaves text encoders and VAE float32 (T5 and SDXL's VAE overflow in fp16)
     from flowalign.models import load_pipeline
-    from flowalign.models.tiny import tiny_sd3_pipeline
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
 
     assert lora.load_dtypes(torch.float32) is None
     tiny_sd3_pipeline(image_size=16).save_pretrained(str(tmp_path))

@@ -3,7 +3,7 @@
 import torch
 
 from flowalign.models import adapter_for, pipeline_call_kwargs, t5_sequence_length
-from flowalign.models.tiny import tiny_sd3_pipeline, tiny_sd_pipeline
+from flowalign.toy.pipelines import tiny_sd3_pipeline, tiny_sd_pipeline
 
 
 def test_sd3_adapter_caps_at_the_t5_tokenizer_limit():

@@ -1,6 +1,6 @@
 """The tiny CLIP tokenizer: every listed word is one token, so toy prompts fit the 16-token encoders."""
 
-from flowalign.models.tiny import DEFAULT_WORDS, clip_vocab, tiny_clip_tokenizer
+from flowalign.toy.pipelines import DEFAULT_WORDS, clip_vocab, tiny_clip_tokenizer
 from flowalign.toy import GENEVAL_TASKS, all_prompts
 
 

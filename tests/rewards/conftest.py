@@ -14,7 +14,7 @@ def tiny_clip(path, seed=0, image_size=32, proj=16):
     """Save a random CLIPModel (vision 32px, patch 8, hidden 32) + toy tokenizer to ``path``."""
     from transformers import CLIPConfig, CLIPModel
 
-    from flowalign.models.tiny import tiny_clip_tokenizer
+    from flowalign.toy.pipelines import tiny_clip_tokenizer
 
     tok = tiny_clip_tokenizer(max_length=16, save_dir=str(path))
     eos = tok.convert_tokens_to_ids("<|endoftext|>")

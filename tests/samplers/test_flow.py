@@ -6,13 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowalign.samplers import (
-    flow_constant_noise_step,
-    flow_cps_step,
-    flow_dpm2_step,
-    flow_ode_step,
-    flow_sde_step,
-)
+from flowalign.samplers import flow_constant_noise_step, flow_cps_step, flow_dpm2_step, flow_ode_step, flow_sde_step
 
 
 def test_ode_and_zero_noise_sde_match_diffusers_euler_scheduler():

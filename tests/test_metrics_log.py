@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from flowalign import logging_utils
-from flowalign.logging_utils import MetricsLog
+from flowalign.runtime import metrics
+from flowalign.runtime.metrics import MetricsLog
 
 
 def _csv(path):
@@ -89,4 +89,4 @@ def test_missing_tensorboard_is_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match="train.log_with=tensorboard needs the tensorboard package: pip install "
                                           "tensorboard"):
-        logging_utils.MetricsLog("unused", ["tensorboard"])
+        metrics.MetricsLog("unused", ["tensorboard"])

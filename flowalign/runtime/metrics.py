@@ -30,7 +30,7 @@ INSTALL_HINTS = {"tensorboard": "pip install tensorboard", "wandb": "pip install
 
 def remove_logs(out_dir: str) -> None:
     """Delete a previous run's metrics.jsonl, metrics.csv and evals.jsonl in ``out_dir`` (a fresh run owns its
-    logs; checkpoints are flowalign.checkpoint's business)."""
+    logs; checkpoints are flowalign.runtime.checkpoint's business)."""
     for name in (METRICS_JSONL, METRICS_CSV, EVALS_JSONL):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))

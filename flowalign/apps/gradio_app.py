@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from .config import DEFAULT_MODEL
-from .models import pipeline_call_kwargs
-from .rlg import enable_rlg
+from ..config import DEFAULT_MODEL
+from ..models import pipeline_call_kwargs
+from ..rlg import enable_rlg
 from .sample import check_lora_dir, load_rlg_pipeline
 
 DEFAULT_LORA = "demo_out/lora"

@@ -46,14 +46,15 @@ import math
 import os
 import platform
 import resource
+import sys
 import threading
 import time
-from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .resources import shipped_config
+from ..callbacks import TrainerCallback
+from ..resources import shipped_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ALGORITHMS = ("grpo", "nft", "crd")
@@ -333,6 +334,52 @@ def _curve_point(row: dict, wall: float, headline: str) -> dict:
             "time_eval": row.get("time_eval")}
 
 
+class BenchRecorder(TrainerCallback):
+    """Observes the training loop: the NetworkMeter's phase follows the trainer's (outside rollout, update and
+    evaluation it is "reward", as the scoring between them), each iteration's cost record (timed with the device
+    synchronized), the held-out curve, and the stop once a budget is spent."""
+
+    def __init__(self, meter: NetworkMeter, sync: Callable[[], None], budget_samples: Optional[int],
+                 budget_seconds: Optional[float]):
+        self.meter, self.sync = meter, sync
+        self.budget_samples, self.budget_seconds = budget_samples, budget_seconds
+        self.records: list[dict] = []
+        self.curve: list[dict] = []
+        self.wall = 0.0
+        self.headline: Optional[str] = None
+
+    def start_curve(self, cfg, base: dict, log: Callable[[str], None]) -> None:
+        self.cfg, self.log = cfg, log
+        self.headline = _headline(cfg, base)
+        self.curve.append(_curve_point(base, 0.0, self.headline))
+
+    def on_phase_begin(self, trainer, phase: str) -> None:
+        self.meter.phase = phase
+
+    def on_phase_end(self, trainer, phase: str) -> None:
+        self.meter.phase = "reward"
+
+    def on_step_begin(self, trainer) -> None:
+        self.meter.take()  # drop what evaluation ran
+        self.sync()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, trainer, metrics: dict) -> bool:
+        self.sync()
+        dt = time.perf_counter() - self._t0
+        self.wall += dt
+        self.records.append(_iteration_cost(metrics, self.meter.take(), dt))
+        return (self.budget_samples is not None and trainer.samples_seen >= self.budget_samples) or \
+               (self.budget_seconds is not None and self.wall >= self.budget_seconds)
+
+    def on_evaluate(self, trainer, row: dict) -> None:
+        if row["weights"] == "base" or self.headline is None:
+            return
+        self.curve.append(_curve_point(row, self.wall, self.headline))
+        self.log(f"{self.cfg.train.algorithm}: it {trainer.iteration}, {trainer.samples_seen} samples, "
+                 f"{self.wall:.0f}s: held-out {self.headline} {row[self.headline]:.3f}")
+
+
 def bench_algorithm(cfg, budget_samples: Optional[int] = None, budget_seconds: Optional[float] = None,
                     untrained_reward=None, adapter=None, log: Callable[[str], None] = print) -> dict:
     """Train one config to the budget with held-out evaluation; returns its bench.json entry.
@@ -342,8 +389,8 @@ def bench_algorithm(cfg, budget_samples: Optional[int] = None, budget_seconds: O
     untrained_reward: a Reward scored as ``clip_score`` at held-out evaluation (None: built by name, which needs
     the default CLIP weights); adapter: a fresh pipeline adapter (None: loaded from ``cfg.model.path``).
     """
-    from .logging_utils import remove_logs
-    from .trainer import Trainer
+    from ..runtime.metrics import remove_logs
+    from ..trainer import Trainer
 
     if budget_samples is None and budget_seconds is None:
         raise ValueError("give a budget: budget_samples (reward queries) and/or budget_seconds (training time)")
@@ -357,46 +404,15 @@ def bench_algorithm(cfg, budget_samples: Optional[int] = None, budget_seconds: O
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    algo = trainer.algorithm
     meter = NetworkMeter(trainer.adapter, trainer.params)
-
-    def tagged(phase, fn):
-        def run(*args, **kwargs):
-            meter.phase = phase
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                meter.phase = "reward"
-        return run
-
-    algo.rollout, algo.update = tagged("rollout", algo.rollout), tagged("update", algo.update)
-    every = cfg.train.eval_every
-    records, curve, wall = [], [], 0.0
+    recorder = BenchRecorder(meter, sync, budget_samples, budget_seconds)
+    trainer.add_callback(recorder)
     with meter, MemorySampler() as mem:
-        meter.phase = "eval"
         base = trainer.evaluate(base=True)
-        headline = _headline(cfg, base)
-        curve.append(_curve_point(base, 0.0, headline))
-        while True:
-            meter.take()  # drop what evaluation ran
-            meter.phase = "reward"
-            sync()
-            t0 = time.perf_counter()
-            metrics = trainer.step()
-            sync()
-            dt = time.perf_counter() - t0
-            wall += dt
-            records.append(_iteration_cost(metrics, meter.take(), dt))
-            done = (budget_samples is not None and trainer.samples_seen >= budget_samples) or \
-                   (budget_seconds is not None and wall >= budget_seconds)
-            if done or (every > 0 and trainer.iteration % every == 0):
-                meter.phase = "eval"
-                row = trainer.evaluate()
-                curve.append(_curve_point(row, wall, headline))
-                log(f"{cfg.train.algorithm}: it {trainer.iteration}, {trainer.samples_seen} samples, {wall:.0f}s: "
-                    f"held-out {headline} {row[headline]:.3f}")
-            if done:
-                break
+        recorder.start_curve(cfg, base, log)
+        trainer.train(iterations=sys.maxsize, progress=False)  # until the recorder's budget stops it
+        trainer.evaluate()  # the end (the loop evaluates every train.eval_every iterations before it)
+    records, curve, wall, headline = recorder.records, recorder.curve, recorder.wall, recorder.headline
     s = cfg.sampling
     return {
         "algorithm": cfg.train.algorithm, "trained_reward": cfg.train.reward, "heldout_metric": headline,
@@ -428,7 +444,7 @@ def bench_configs(algorithms: Sequence[str], out: str, budget_samples: Optional[
     """{algorithm: Config}: each recipe (``configs[alg]`` or ``configs/toy_<alg>.yaml``) with the bench's
     settings (seed, held-out evaluation with clip_score, out_dir ``out/<alg>``, iterations to cover
     ``budget_samples``), then ``overrides`` ('section.key=value', applied to every algorithm)."""
-    from .config import load_config, parse_overrides, with_overrides
+    from ..config import load_config, parse_overrides, with_overrides
 
     configs = configs or {}
     unknown = set(configs) - set(algorithms)
@@ -470,7 +486,7 @@ def run_bench(out: str, algorithms: Sequence[str] = DEFAULT_ALGORITHMS, budget_s
     adapter_factory: builds a fresh adapter per algorithm (default: load ``model.path`` of each config).
     Returns the bench.json dict.
     """
-    from .rewards import get as get_reward
+    from ..rewards import get as get_reward
 
     os.makedirs(out, exist_ok=True)
     cfgs = bench_configs(algorithms, out, budget_samples, configs, overrides, model, seed, eval_every, eval_per_task)
@@ -731,11 +747,11 @@ def run_scale(name: str, resolution: int = 512, batch: int = 1, rank: int = 32, 
     samples/s / (num_steps x CFG passes): whole images sampled per second at ``num_steps`` steps."""
     from peft import LoraConfig
 
-    from .kernels import avoid_cudnn_attention
-    from .lora import LORA_TARGET_MODULES
+    from ..runtime.kernels import avoid_cudnn_attention
+    from ..lora import LORA_TARGET_MODULES
 
     _, family, _ = scale_config(name, shrink)
-    avoid_cudnn_attention(device)  # cuDNN attention's backward failed on FLUX shapes (flowalign.kernels)
+    avoid_cudnn_attention(device)  # cuDNN attention's backward failed on FLUX shapes (flowalign.runtime.kernels)
     model = build_transformer(name, shrink, device, dtype)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGET_MODULES[family]))

@@ -18,8 +18,9 @@ Distributed runs: rank 0 writes (every process holds the same state); under FSDP
 the whole tensors from the shards (``fsdp.full_state``, a collective), so a checkpoint is the same files with or
 without sharding. On resume every process reads the checkpoint (sharded ones keep their own shard).
 
-Trainer hooks: ``after_iteration(trainer)`` (periodic checkpoints and the NaN stop), ``save_checkpoint``,
-``resume(trainer)`` (newest checkpoint, config check, logs truncated to it) and ``start_fresh(out_dir)``.
+This module reads and writes dicts and folders only: ``save(out_dir, iteration, collect)``, ``load(path, cfg)``
+(with the config check), ``latest_checkpoint`` and ``start_fresh(out_dir)``. What the state holds is the
+trainer's business (``Trainer.state_dict`` / ``load_state_dict``; ``Trainer.save_checkpoint`` / ``resume``).
 """
 
 from __future__ import annotations
@@ -27,16 +28,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import re
 import shutil
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from . import fsdp
-from .errors import FlowalignError
+from ..errors import FlowalignError
+from .distributed import SINGLE, Distributed
 
 FORMAT = 1
 STATE_FILE = "state.json"
@@ -128,115 +128,60 @@ def write_json(path: str, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-# --- the trainer's state -------------------------------------------------------------------------------------
-def trainer_state(trainer) -> dict:
-    """Everything a run needs to continue exactly: weights, optimizer, EMA, algorithm state, RNGs, counters."""
-    from .config import config_to_dict
-
-    rng = {"torch": torch.get_rng_state(), "generator": trainer.generator.get_state(),
-           "numpy": trainer.rng.bit_generator.state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return fsdp.full_state({  # FSDP: sharded tensors gathered whole (a collective: every process calls this)
-        "format": FORMAT, "iteration": trainer.iteration, "samples_seen": trainer.samples_seen,
-        "bad_rewards": trainer.bad_rewards, "config": config_to_dict(trainer.cfg),
-        "lora": list(trainer.params), "optimizer": trainer.optimizer.state_dict(),
-        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-        "algorithm": trainer.algorithm.state_dict(), "rng": rng, "evals": trainer.evals,
-        "base_images": _to_uint8(trainer._base_images),
-    })
-
-
-def _to_uint8(images: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Images in [0, 1] as uint8 (what the evaluation grid draws; a quarter of the float32 bytes)."""
-    return None if images is None else (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def load_trainer_state(trainer, state: dict) -> None:
-    """Put ``trainer_state`` output (after a JSON/safetensors round trip) back into a freshly built trainer."""
-    from .algorithms.base import load_tensors_
-
-    load_tensors_(trainer.params, state["lora"], "checkpoint LoRA weights (model.lora_rank changed?)")
-    opt = state["optimizer"]
-    live = trainer.optimizer.state_dict()["param_groups"]
-    groups = [{k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items()}
-              for saved, g in zip(opt["param_groups"], live)]  # JSON turned tuples (betas) into lists
-    moments = fsdp.shard_optimizer_state({int(k): v for k, v in opt["state"].items()}, trainer.params)
-    trainer.optimizer.load_state_dict({"state": moments, "param_groups": groups})
-    for g in trainer.optimizer.param_groups:  # the config's hyper-parameters win over the saved ones
-        g["lr"], g["weight_decay"] = trainer.cfg.train.lr, trainer.cfg.train.weight_decay
-    if trainer.ema is not None:
-        trainer.ema.load_state_dict(state["ema"])
-    trainer.algorithm.load_state_dict(state["algorithm"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    trainer.generator.set_state(rng["generator"])
-    trainer.rng.bit_generator.state = rng["numpy"]
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    trainer.iteration, trainer.samples_seen = int(state["iteration"]), int(state["samples_seen"])
-    trainer.bad_rewards = int(state["bad_rewards"])
-    trainer.evals = list(state["evals"])
-    base = state["base_images"]
-    trainer._base_images = None if base is None else base.float() / 255
-
-
 # --- save ------------------------------------------------------------------------------------------------
-def save_checkpoint(trainer) -> str:
-    """Write ``out_dir/ckpt-<iteration>/`` atomically, then delete all but the newest ``train.keep_checkpoints``.
-    Returns its path (unchanged when that iteration is already saved). OSError (disk full, ...) ->
-    CheckpointError; the earlier checkpoints stay as they were. Several processes: rank 0 writes and tells the
-    others how it went, so a failed write stops every process with the same message (none waits in a collective)."""
-    t = trainer.cfg.train
-    final = os.path.join(t.out_dir, f"ckpt-{trainer.iteration}")
-    dist = getattr(trainer, "dist", None)
-    main, sharded = getattr(dist, "is_main", True), getattr(dist, "fsdp", False)
-    several = getattr(dist, "world_size", 1) > 1
+def checkpoint_path(out_dir: str, iteration: int) -> str:
+    return os.path.join(out_dir, f"ckpt-{iteration}")
+
+
+def save(out_dir: str, iteration: int, collect: Callable[[], tuple[dict, Callable[[str], None]]],
+         dist: Distributed = SINGLE, keep: int = 0) -> str:
+    """Write ``out_dir/ckpt-<iteration>/`` atomically, then delete all but the newest ``keep`` (0: keep all).
+
+    collect() -> (state, write_lora): the run's state dict (tensors anywhere in it) and a function writing the
+    LoRA folder into a given path; it is called by rank 0, and under FSDP by every process (gathering the shards
+    is a collective). Returns the path (unchanged when that iteration is already saved). OSError (disk full,
+    ...) -> CheckpointError; the earlier checkpoints stay as they were. Several processes: rank 0 writes and
+    tells the others how it went, so a failed write stops every process with the same message."""
+    final = checkpoint_path(out_dir, iteration)
+    several = dist.world_size > 1
     exists = dist.broadcast_object(os.path.isdir(final)) if several else os.path.isdir(final)  # rank 0 decides
     if exists:
         return final
     error = None
-    if main or sharded:  # data parallel: rank 0 writes (every rank holds the same weights and optimizer state)
-        error = _write_checkpoint(trainer, final, main)  # FSDP: every process gathers the shards, rank 0 writes
+    if dist.is_main or dist.fsdp:  # data parallel: rank 0 writes (every rank holds the same state)
+        state, write_lora = collect()
+        if dist.is_main:
+            error = _write_checkpoint(final, state, write_lora)
     if several:
         error = dist.broadcast_object(error)
     if error is not None:
         raise CheckpointError(error)
-    if main:
-        prune(t.out_dir, t.keep_checkpoints)
+    if dist.is_main:
+        prune(out_dir, keep)
     return final
 
 
-def _write_checkpoint(trainer, final: str, main: bool) -> Optional[str]:
-    """Gather the state (a collective under FSDP) and, on rank 0, write it to ``final`` through ``final.tmp``.
-    Returns None, or the one-line error message when the write failed (the temp folder removed)."""
-    from . import lora
-
-    t = trainer.cfg.train
-    state = trainer_state(trainer)
-    with trainer.evaluation_weights():
-        lora_weights = lora.lora_state_dict(trainer.adapter)
-    if not main:
-        return None
+def _write_checkpoint(final: str, state: dict, write_lora: Callable[[str], None]) -> Optional[str]:
+    """Write ``state`` and the LoRA folder to ``final`` through ``final.tmp``. Returns None, or the one-line error
+    message when the write failed (the temp folder removed)."""
+    out_dir = os.path.dirname(final)
     tmp = final + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         meta, tensors = split_tensors(state)
         write_tensors(os.path.join(tmp, TENSORS_FILE), tensors)
-        lora.save_lora(trainer.adapter, os.path.join(tmp, "lora"), state=lora_weights)
+        write_lora(os.path.join(tmp, "lora"))
         write_json(os.path.join(tmp, STATE_FILE), meta)  # last: a folder with state.json has everything
         os.replace(tmp, final)
-        _fsync(t.out_dir)
+        _fsync(out_dir)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        prev = latest_checkpoint(t.out_dir)
+        prev = latest_checkpoint(out_dir)
         why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         return (f"could not write checkpoint {final}: {why}; "
                 f"{f'the previous checkpoint {prev} is intact' if prev else 'no earlier checkpoint'}"
-                f"; free space in {t.out_dir} (or lower train.keep_checkpoints) and continue with "
+                f"; free space in {out_dir} (or lower train.keep_checkpoints) and continue with "
                 "`flowalign train CONFIG --resume`")
     return None
 
@@ -252,21 +197,6 @@ def prune(out_dir: str, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def after_iteration(trainer) -> None:
-    """Trainer hook after each iteration: a checkpoint every ``train.checkpoint_every`` iterations; after
-    ``train.max_nan_steps`` skipped (NaN/inf) optimizer steps in a row, a checkpoint and CheckpointError."""
-    t, algo = trainer.cfg.train, trainer.algorithm
-    if t.checkpoint_every > 0 and trainer.iteration % t.checkpoint_every == 0:
-        save_checkpoint(trainer)
-    if algo.nan_streak >= t.max_nan_steps:
-        path = save_checkpoint(trainer)
-        raise FlowalignError(
-            f"stopped at iteration {trainer.iteration}: {algo.nan_streak} optimizer steps in a row had a NaN/inf "
-            f"loss or gradient (skipped, weights unchanged; {algo.nan_steps} in all); saved {path}; lower train.lr "
-            "or train.grad_clip, or fix the reward/model that gives NaN, then continue with "
-            "`flowalign train CONFIG --resume`")
-
-
 # --- resume ------------------------------------------------------------------------------------------------
 def _flat(d: dict) -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1} (one level of sections)."""
@@ -276,7 +206,7 @@ def _flat(d: dict) -> dict:
 def check_config(saved: dict, cfg, path: str) -> None:
     """CheckpointError when a ``MUST_MATCH`` setting (or whether EMA is on) differs from the checkpoint's; a
     warning listing the other changed settings."""
-    from .config import config_to_dict
+    from ..config import config_to_dict
 
     old, new = _flat(saved), _flat(config_to_dict(cfg))
     bad = [k for k in MUST_MATCH if old.get(k) != new.get(k)]
@@ -292,8 +222,9 @@ def check_config(saved: dict, cfg, path: str) -> None:
         warnings.warn(f"resuming {path} with changed settings: {', '.join(changed)}", RuntimeWarning, stacklevel=2)
 
 
-def load_checkpoint(trainer, path: str) -> None:
-    """Load ``path`` (a ckpt-<it> folder) into a freshly built trainer; the config must match (``check_config``)."""
+def load(path: str, cfg) -> dict:
+    """The state dict saved in ``path`` (a ckpt-<it> folder), tensors back in place; the run's config ``cfg``
+    must match the saved one (``check_config``). CheckpointError when it cannot be read."""
     from safetensors.torch import load_file
 
     try:
@@ -305,35 +236,14 @@ def load_checkpoint(trainer, path: str) -> None:
                               "before") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this flowalign reads {FORMAT}")
-    check_config(meta["config"], trainer.cfg, path)
-    try:
-        load_trainer_state(trainer, join_tensors(meta, tensors))
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this run ({err}); resume with the run's settings or "
-                              "start a fresh run in another train.out_dir") from None
-
-
-def resume(trainer) -> str:
-    """Load the newest checkpoint of ``train.out_dir`` into ``trainer`` and cut metrics.jsonl / metrics.csv /
-    evals.jsonl back to its iteration. Returns its path; CheckpointError when there is none."""
-    from .logging_utils import write_jsonl
-
-    out = trainer.cfg.train.out_dir
-    path = latest_checkpoint(out)
-    if path is None:
-        raise CheckpointError(f"nothing to resume: no checkpoint (ckpt-<iteration>/) in {out}; run without "
-                              "--resume to start, or point train.out_dir at the run to continue")
-    load_checkpoint(trainer, path)
-    trainer.metrics_log.truncate(trainer.iteration)
-    if getattr(getattr(trainer, "dist", None), "is_main", True):  # distributed: rank 0 writes, every rank loads
-        write_jsonl(trainer.evals_path, trainer.evals)
-    return path
+    check_config(meta["config"], cfg, path)
+    return join_tensors(meta, tensors)
 
 
 def start_fresh(out_dir: str) -> None:
     """Before a fresh (not resumed) run in ``out_dir``: refuse when it holds an unfinished run's checkpoint
     (continue it with --resume instead), else remove old logs and checkpoints (a fresh run owns its folder)."""
-    from .logging_utils import remove_logs
+    from .metrics import remove_logs
 
     newest = latest_checkpoint(out_dir)
     if newest is not None:

@@ -15,7 +15,7 @@ Contract: a run on W processes takes the SAME optimizer steps as one process on 
   :meth:`Distributed.all_reduce_grads` sums the gradients before clipping, so every process steps identically.
 
 With ``train.shard: fsdp`` (or ``ACCELERATE_USE_FSDP=true``, set by ``accelerate launch --config_file
-configs/accelerate/fsdp.yaml``) the denoiser is also sharded over the processes (:mod:`flowalign.fsdp`). Then
+configs/accelerate/fsdp.yaml``) the denoiser is also sharded over the processes (:mod:`flowalign.runtime.fsdp`). Then
 every process must make the same forward and backward calls: :meth:`Distributed.part` gives a process holding
 none of a minibatch's rows one placeholder row with weight 0, and :meth:`Distributed.all_reduce_grads` is a no-op
 (FSDP's reduce-scatter has summed the gradients already).
@@ -91,7 +91,7 @@ class Distributed:
         self.state = state
         self.rank = state.process_index if state is not None else 0
         self.world_size = state.num_processes if state is not None else 1
-        self.fsdp = fsdp and self.world_size > 1  # the denoiser is sharded (flowalign.fsdp): forwards in lockstep
+        self.fsdp = fsdp and self.world_size > 1  # the denoiser is sharded (flowalign.runtime.fsdp): forwards in lockstep
 
     @property
     def is_main(self) -> bool:

@@ -3,7 +3,8 @@ the recipe ``configs/toy_demo.yaml``), and report.
 
 Writes to ``--out``: ``metrics.json`` (held-out toy_geneval before/after, overall and per task, samples,
 wall time), ``reward_curve.png``, ``grid.png`` (base vs aligned on the same seeds), ``report.md``,
-``metrics.jsonl`` (per iteration) and ``lora/`` (the adapter, loadable with ``pipe.load_lora_weights``).
+``metrics.jsonl`` (per iteration), ``lora/`` (the adapter, loadable with ``pipe.load_lora_weights``) and, as every
+training run, ``config.yaml``, ``evals.jsonl`` and the last ``ckpt-<iteration>/`` (``--resume`` continues a killed run).
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ import json
 import os
 import time
 
-from . import lora
-from .config import DEFAULT_MODEL, Config, load_config
-from .logging_utils import remove_logs
-from .report import plot_reward_curve
-from .resources import shipped_config
-from .trainer import Trainer
+from .. import lora
+from ..config import DEFAULT_MODEL, Config, load_config
+from ..callbacks import TrainerCallback
+from ..evaluation.report import plot_reward_curve
+from ..resources import shipped_config
+from ..trainer import run_training
 
 DEMO_CONFIG = shipped_config("toy_demo.yaml")
 
 
 def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bool = False,
-                model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG) -> Config:
+                model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG, resume: bool = False) -> Config:
     """The demo's recipe is ``configs/toy_demo.yaml`` (Centered Reward Distillation; its fixed budget fits
     15 minutes on a 2-core CPU); ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number
     of iterations; ``config`` names another recipe (any algorithm, e.g. configs/toy_grpo.yaml) to run the same report with."""
@@ -33,6 +34,8 @@ def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bo
                           "train.eval_per_task": 2, "train.eval_every": 0})
     if steps is not None:
         overrides["train.iterations"] = steps
+    if resume:
+        overrides["train.resume"] = True
     return load_config(config, overrides)
 
 
@@ -40,53 +43,67 @@ BASE_GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.5, 7.0)  # the base is also reported at 
 
 
 def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None, quick: bool = False,
-             model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG) -> dict:
+             model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG, resume: bool = False) -> dict:
     """Run the demo and write the report folder; returns the metrics written to metrics.json.
 
-    Base and aligned are scored on the same held-out prompts and seeds at the recipe's evaluation CFG
-    (``sampling.eval_guidance_scale``); the base is also scored at ``BASE_GUIDANCE_SWEEP`` so the report shows
-    the gain over the base at its own best CFG, not only at the recipe's."""
-    t0 = time.time()
-    cfg = demo_config(out_dir, seed, steps, quick, model, config)
-    os.makedirs(out_dir, exist_ok=True)
-    remove_logs(out_dir)  # a fresh run owns its logs
-    trainer = Trainer(cfg)
-    name = trainer.algorithm.title
-    base = _toy_scores(trainer.evaluate(base=True))
-    print(f"base held-out toy_geneval {base['toy_geneval']:.3f} (strict {base['strict']:.3f}, n={base['n']}, "
-          f"CFG {trainer.heldout.guidance_scale:g})")
-    history = trainer.train()
-    aligned = _toy_scores(trainer.evaluate())
-    print(f"aligned held-out toy_geneval {aligned['toy_geneval']:.3f} (strict {aligned['strict']:.3f})")
-    trainer.save_lora(os.path.join(out_dir, "lora"))
-    base_by_cfg = _base_guidance_sweep(trainer, () if quick else BASE_GUIDANCE_SWEEP)
-    best_cfg = max(base_by_cfg, key=lambda g: base_by_cfg[g]) if base_by_cfg else None
+    The demo is ``run_training`` (checkpoints, ``--resume``, held-out evaluation before and after) observed by
+    :class:`DemoReport`. Base and aligned are scored on the same held-out prompts and seeds at the recipe's
+    evaluation CFG (``sampling.eval_guidance_scale``); the base is also scored at ``BASE_GUIDANCE_SWEEP`` so the
+    report shows the gain over the base at its own best CFG, not only at the recipe's."""
+    cfg = demo_config(out_dir, seed, steps, quick, model, config, resume)
+    report = DemoReport(cfg, quick)
+    run_training(cfg, callbacks=[report])
+    print(f"wrote {out_dir}/report.md ({report.result['wall_s']:.0f} s)")
+    return report.result
 
-    os.replace(os.path.join(out_dir, "eval_grid.png"), os.path.join(out_dir, "grid.png"))
-    plot_reward_curve(history, os.path.join(out_dir, "reward_curve.png"),
-                      evals=[(e["iteration"], e["toy_geneval"]) for e in trainer.evals],
-                      title=f"{name} on the shipped pipeline: toy_geneval", evals_label="held-out toy_geneval")
-    result = {
-        "base": base, "aligned": aligned, "delta": aligned["toy_geneval"] - base["toy_geneval"],
-        "eval_guidance_scale": trainer.heldout.guidance_scale,
-        "base_by_guidance_scale": {f"{g:g}": v for g, v in base_by_cfg.items()},
-        "delta_vs_best_base": (aligned["toy_geneval"] - base_by_cfg[best_cfg]) if best_cfg is not None else None,
-        "samples": trainer.samples_seen, "iterations": trainer.iteration, "wall_s": time.time() - t0,
-        "algorithm": cfg.train.algorithm, "model": model, "seed": seed, "heldout_images": base["n"],
-        "config": {k: {f: (list(v) if isinstance(v, tuple) else v) for f, v in vars(sec).items()}
-                   for k, sec in vars(cfg).items()},
-    }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    _write_report(out_dir, result, name)
-    print(f"wrote {out_dir}/report.md ({result['wall_s']:.0f} s)")
-    return result
+
+class DemoReport(TrainerCallback):
+    """Prints the base and aligned held-out scores as they come and, at the end of the run, sweeps the base's
+    CFG and writes metrics.json, grid.png, the demo's reward_curve.png and report.md."""
+
+    def __init__(self, cfg: Config, quick: bool):
+        self.cfg, self.quick = cfg, quick
+        self.t0 = time.time()
+        self.result: dict = {}
+
+    def on_evaluate(self, trainer, row: dict) -> None:
+        side = "base" if row["weights"] == "base" else "aligned"
+        if side == "aligned" and trainer.iteration < self.cfg.train.iterations:
+            return  # a periodic evaluation during training
+        s = _toy_scores(row)
+        cfg = f", n={s['n']}, CFG {trainer.heldout.guidance_scale:g}" if side == "base" else ""
+        print(f"{side} held-out toy_geneval {s['toy_geneval']:.3f} (strict {s['strict']:.3f}{cfg})")
+
+    def on_train_end(self, trainer, summary: dict) -> None:
+        cfg, out_dir = self.cfg, self.cfg.train.out_dir
+        name = trainer.algorithm.title
+        base, aligned = _toy_scores(summary["base"]), _toy_scores(summary["aligned"])
+        base_by_cfg = _base_guidance_sweep(trainer, () if self.quick else BASE_GUIDANCE_SWEEP)
+        best_cfg = max(base_by_cfg, key=lambda g: base_by_cfg[g]) if base_by_cfg else None
+        os.replace(os.path.join(out_dir, "eval_grid.png"), os.path.join(out_dir, "grid.png"))
+        plot_reward_curve(trainer.metrics_log.rows, os.path.join(out_dir, "reward_curve.png"),
+                          evals=[(e["iteration"], e["toy_geneval"]) for e in trainer.evals],
+                          title=f"{name} on the shipped pipeline: toy_geneval", evals_label="held-out toy_geneval")
+        self.result = {
+            "base": base, "aligned": aligned, "delta": aligned["toy_geneval"] - base["toy_geneval"],
+            "eval_guidance_scale": trainer.heldout.guidance_scale,
+            "base_by_guidance_scale": {f"{g:g}": v for g, v in base_by_cfg.items()},
+            "delta_vs_best_base": (aligned["toy_geneval"] - base_by_cfg[best_cfg]) if best_cfg is not None else None,
+            "samples": trainer.samples_seen, "iterations": trainer.iteration, "wall_s": time.time() - self.t0,
+            "algorithm": cfg.train.algorithm, "model": cfg.model.path, "seed": cfg.train.seed,
+            "heldout_images": base["n"],
+            "config": {k: {f: (list(v) if isinstance(v, tuple) else v) for f, v in vars(sec).items()}
+                       for k, sec in vars(cfg).items()},
+        }
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(self.result, f, indent=2)
+        _write_report(out_dir, self.result, name)
 
 
 def _toy_scores(row: dict) -> dict:
     """A held-out row of Trainer.evaluate -> {"toy_geneval", "strict", "extra_objects", "n",
     "per_task": {task: {fraction, strict, extra_objects, n}}, "checks": {task: {check kind: pass rate}}}."""
-    from .toy import GENEVAL_TASKS
+    from ..toy import GENEVAL_TASKS
 
     per_task = {t: {"fraction": row[f"toy_geneval/{t}"], "strict": row[f"toy_geneval_strict/{t}"],
                     "extra_objects": row[f"toy_extra_objects/{t}"], "n": row["n"] // len(GENEVAL_TASKS)}

@@ -1,6 +1,6 @@
 """Exponential moving average of trainable parameters for evaluation: ``ema <- d ema + (1 - d) theta``.
 
-A :class:`~flowalign.algorithms.base.Snapshot` with a fixed decay; ``swapped_in()`` evaluates with it.
+A :class:`~flowalign.runtime.snapshot.Snapshot` with a fixed decay; ``swapped_in()`` evaluates with it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .algorithms.base import Snapshot
+from .snapshot import Snapshot
 
 
 class EMA(Snapshot):

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import DEFAULT_MODEL
-from .rlg import enable_rlg
+from ..config import DEFAULT_MODEL
+from ..rlg import enable_rlg
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "aligned"
@@ -62,7 +62,7 @@ def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None
                       dtype: str = "float32"):
     """Load the pipeline (``flowalign.models.load_for_inference``: ``dtype``, on ``device``, default CUDA when
     available) and, when given, the LoRA as adapter 'aligned'."""
-    from .models import load_for_inference
+    from ..models import load_for_inference
 
     if _looks_local(model) and not os.path.isdir(model):
         hint = " (the shipped pipeline: run scripts/train_tiny_pipeline.py)" if model == DEFAULT_MODEL else ""
@@ -82,7 +82,7 @@ def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None
 def sample_at_scale(pipe, prompts: Sequence[str], scale: float, seed: int = 0, steps: int = 20,
                     guidance_scale: float = 4.5, batch_size: int = 16, zero_init_step: int = 0) -> torch.Tensor:
     """Images [N,3,H,W] in [0,1] at RLG scale w; image i uses seed + i (paired across scales)."""
-    from .evaluate import sample_images
+    from ..evaluation.sampling import sample_images
 
     enable_rlg(pipe, scale, zero_init_step=zero_init_step)
     return sample_images(pipe, list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale,
@@ -90,7 +90,7 @@ def sample_at_scale(pipe, prompts: Sequence[str], scale: float, seed: int = 0, s
 
 
 def _save_images(images: torch.Tensor, path: str, captions: Sequence[str], label: str) -> None:
-    from .report import _to_pil, image_grid
+    from ..evaluation.report import _to_pil, image_grid
 
     if images.shape[0] == 1:
         _to_pil(images[0], 1).save(path)
@@ -118,11 +118,11 @@ def sweep_prompts(prompts: Optional[str], num_images: int) -> list[str]:
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
     if prompts:
-        from .prompts import read_prompt_file
+        from ..prompts import read_prompt_file
 
         pool = read_prompt_file(prompts)
     else:
-        from .toy import GENEVAL_TASKS, prompts_in_split
+        from ..toy import GENEVAL_TASKS, prompts_in_split
 
         per_task = [prompts_in_split(task, "heldout") for task in GENEVAL_TASKS]
         pool = [p[i % len(p)] for i in range(num_images) for p in per_task][:num_images]
@@ -160,7 +160,7 @@ def rlg_sweep(out_dir: str, scales: Sequence[float], reward: str, model: str = D
     """Score each RLG scale with ``reward`` on the same prompts and seeds; write JSON, plot and grids.
 
     Returns {"per_scale": [{"scale", "mean", "sem", "n", "grid"}], "reward", "model", "lora", ...}."""
-    from . import rewards
+    from .. import rewards
 
     if lora_dir is None:
         raise ValueError("an RLG sweep needs --lora DIR (the fine-tuned adapter)")

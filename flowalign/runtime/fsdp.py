@@ -26,8 +26,6 @@ from typing import Any, Sequence
 
 import torch
 
-# Attribute names of the block lists of the supported denoisers (SD3 / FLUX / Wan transformers, UNets).
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "down_blocks", "up_blocks")
 
 
 def is_sharded(t: Any) -> bool:
@@ -37,15 +35,18 @@ def is_sharded(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
-def blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer (or UNet) blocks of ``denoiser`` that get their own FSDP unit (see ``BLOCK_LISTS``)."""
-    found = []
-    for name in BLOCK_LISTS:
-        found += list(getattr(denoiser, name, None) or [])
-    return found
+def blocks(denoiser: torch.nn.Module, block_lists: Sequence[str]) -> list[torch.nn.Module]:
+    """The transformer (or UNet) blocks of ``denoiser`` that get their own FSDP unit: the modules in its
+    attributes ``block_lists`` (a model family's ``fsdp_blocks``, e.g. FLUX's transformer_blocks and
+    single_transformer_blocks). A name the denoiser lacks is an error (the family's table is wrong)."""
+    missing = [name for name in block_lists if not hasattr(denoiser, name)]
+    if missing:
+        raise ValueError(f"{type(denoiser).__name__} has no block list {missing[0]!r}: fix the adapter's fsdp_blocks")
+    return [block for name in block_lists for block in getattr(denoiser, name)]
 
 
-def shard_denoiser(denoiser: torch.nn.Module, device: torch.device | str, world_size: int) -> int:
+def shard_denoiser(denoiser: torch.nn.Module, device: torch.device | str, world_size: int,
+                   block_lists: Sequence[str]) -> int:
     """``fully_shard`` each block of ``denoiser`` and then the root over a 1-D mesh of all ``world_size``
     processes (the process group must exist). Call it after LoRA injection (and after loading teacher
     adapters): parameters added later are not sharded. Gradients are summed, not averaged, over processes.
@@ -54,12 +55,12 @@ def shard_denoiser(denoiser: torch.nn.Module, device: torch.device | str, world_
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
-    units = blocks(denoiser)
+    units = blocks(denoiser, block_lists)
     for block in units:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(denoiser, mesh=mesh, reshard_after_forward=True)
     for module in [*units, denoiser]:
-        module.set_gradient_divide_factor(1.0)  # sum over processes (flowalign.distributed's contract) ...
+        module.set_gradient_divide_factor(1.0)  # sum over processes (flowalign.runtime.distributed's contract) ...
         module.set_force_sum_reduction_for_comms(True)  # ... as a plain SUM (gloo has no PREMUL_SUM)
     return len(units) + 1
 

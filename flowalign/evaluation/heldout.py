@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .evaluate import sample_images
-from .prompts import toy_tasks
+from .sampling import sample_images
+from ..prompts import toy_tasks
 
 EVAL_SEED = 10_000  # far from the training seeds
 
@@ -35,11 +35,11 @@ EVAL_SEED = 10_000  # far from the training seeds
 def heldout_rows(spec: str, per_task: int) -> list[tuple[str, str]]:
     """(prompt, task) rows of the held-out set of ``spec``: ``per_task`` per toy task (held-out split, cycled),
     or every line of a prompt file (task ``"file"``)."""
-    from .toy import prompts_in_split
+    from ..toy import prompts_in_split
 
     tasks = toy_tasks(spec)
     if tasks is None:
-        from .prompts import read_prompt_file
+        from ..prompts import read_prompt_file
 
         return [(p, "file") for p in read_prompt_file(spec, "held-out prompt file", "set train.eval_prompts to a "
                                                       "text file (one prompt per line) or a toy spec such as 'toy'")]
@@ -74,7 +74,7 @@ class HeldoutEval:
         self._cache = {}
 
     def _reward(self, name: str):
-        from .rewards import get as get_reward
+        from ..rewards import get as get_reward
 
         if name not in self._cache:
             self._cache[name] = get_reward(name)
@@ -92,7 +92,7 @@ class HeldoutEval:
 
     def score(self, images: torch.Tensor) -> dict:
         """Scores of images [N,3,H,W] (in the order of ``self.prompts``) -> {key: mean}."""
-        from .toy import GENEVAL_TASKS, TEXT_TASK, toy_geneval
+        from ..toy import GENEVAL_TASKS, TEXT_TASK, toy_geneval
 
         by_task = defaultdict(list)
         for i, task in enumerate(self.tasks):

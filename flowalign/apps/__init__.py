@@ -1,0 +1,2 @@
+"""flowalign.apps: the front-ends behind ``flowalign <command>`` (demo, sample, eval, the Gradio app, bench). Only
+flowalign.cli imports them; the library never does."""

@@ -1,0 +1,48 @@
+"""``flowalign eval``: held-out scores of the base and of LoRA folders on one fixed prompt set and seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from ..evaluation.heldout import HeldoutEval
+from .. import models  # models.load_for_inference looked up at call time (tests spy on it)
+from ..prompts import toy_tasks
+from ..rewards import get as get_reward
+
+
+def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_task: int = 24,
+                   steps: int = 10, guidance_scale: float = 1.0, out: str | None = None,
+                   reward: str | None = None, reward_options: dict | None = None, device: str | None = None,
+                   dtype: str = "float32") -> dict:
+    """Held-out scores of the base and of each LoRA folder on one fixed prompt set and seeds (flowalign.evaluation.heldout).
+
+    Returns (and writes to ``out`` as JSON, when given) ``{"settings": {...}, "scores": {"base": {...},
+    lora_dir: {...}}}`` with the ``HeldoutEval`` keys (``toy_geneval``, ``toy_geneval/<task>``, ``ocr``, ``n``);
+    ``reward`` (a name, built with ``reward_options``) scores a prompt file's prompts, and every prompt of a toy
+    spec too. ``device`` / ``dtype``: as :func:`flowalign.models.load_for_inference`."""
+    scorer = get_reward(reward, **(reward_options or {})) if reward else None
+    evaluator = HeldoutEval([prompts], per_task, steps, guidance_scale, train_rewards={prompts: scorer},
+                            extra=[reward] if reward and toy_tasks(prompts) is not None else [])
+    if scorer is not None:
+        evaluator.use_reward(reward, scorer)
+    models.inference_dtype(dtype)  # a bad name fails before any loading
+    missing = [name for name in loras if not os.path.exists(name)]
+    if missing:  # before any loading
+        raise FileNotFoundError(f"LoRA {missing[0]!r} not found: pass a folder written by flowalign train/demo")
+    scores = {}
+    for name in ["base", *loras]:
+        pipe = models.load_for_inference(model, device, dtype)
+        if name != "base":
+            pipe.load_lora_weights(name)
+        scores[name] = evaluator(pipe)[0]
+    result = {"settings": {"model": model, "prompts": prompts, "per_task": per_task, "steps": steps,
+                           "guidance_scale": guidance_scale, "seed": evaluator.seed, "n": len(evaluator.prompts),
+                           "dtype": dtype,
+                           "reward": reward, "reward_options": reward_options or {}},
+              "scores": scores}
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,2 @@
+"""flowalign.runtime: training infrastructure that knows no algorithm: checkpoints (dict I/O), distributed data
+parallel and FSDP, kernel switches, the metrics log, weight snapshots and the evaluation EMA."""
