@@ -39,6 +39,14 @@ Implementation: a forward pre-hook and a forward hook on the denoiser (``pipe.tr
 the same module inside the hook with the peft LoRA layers switched off (``BaseTunerLayer.enable_adapters``)
 and restored afterwards (also on error); the nested call bypasses the hooks (re-entrancy guard). Not for
 concurrent calls of one pipeline from several threads.
+
+Fused / unloaded adapters. RLG needs the adapter as separate LoRA layers: ``pipe.fuse_lora()`` merges it into
+the base weights (the reference branch would contain it, and peft silently un-merges a disabled layer), and
+``pipe.unload_lora_weights()`` removes the layers (after a fuse, the LoRA stays in the weights, w = 0 would
+return the fine-tuned output). So ``enable_rlg`` refuses a pipeline with fused LoRA layers (``pipe.unfuse_lora()``
+first) or with LoRAs fused and then unloaded (``pipe.fused_loras``: the base weights are gone), and a denoiser
+call raises a RuntimeError, changing nothing, when since ``enable_rlg`` the adapter was fused (``pipe.unfuse_lora()``
+makes RLG work again), unloaded, or its layers changed (``disable_rlg``, load the LoRA unfused, ``enable_rlg``).
 """
 
 from __future__ import annotations
@@ -133,6 +141,41 @@ class _RLGState:
         return self.step
 
 
+def _fused(layers) -> list[str]:
+    """Names of the adapters merged into the base weights of any of ``layers`` (``fuse_lora``)."""
+    return sorted({n for m in layers for n in m.merged_adapters})
+
+
+def _check_layers(mod: torch.nn.Module, layers: list) -> None:
+    """RuntimeError unless ``mod``'s LoRA layers are still ``layers``, none of them fused (see the docstring)."""
+    name, now = type(mod).__name__, lora_layers(mod)
+    if not now:
+        raise RuntimeError(f"RLG: the LoRA adapter of {name} was unloaded (unload_lora_weights) after enable_rlg; "
+                           "weights fused before that cannot be separated: call disable_rlg(pipe), load the LoRA "
+                           "unfused and enable_rlg again")
+    if now != layers:
+        raise RuntimeError(f"RLG: the LoRA layers of {name} changed (LoRA unloaded or loaded) after enable_rlg: "
+                           "call enable_rlg(pipe, ...) again")
+    fused = _fused(layers)
+    if fused:
+        raise RuntimeError(f"RLG: LoRA adapter(s) {', '.join(fused)} of {name} were fused into its weights "
+                           "(fuse_lora) after enable_rlg; RLG needs them unfused: call pipe.unfuse_lora()")
+
+
+def _refuse_fused(pipe) -> None:
+    """ValueError if a LoRA of ``pipe`` is fused into its denoiser, or was fused and then unloaded (diffusers'
+    ``pipe.fused_loras`` keeps the names; the LoRA stays in the base weights)."""
+    comps = [c for c in getattr(pipe, "components", {}).values() if isinstance(c, torch.nn.Module)]
+    gone = sorted(set(getattr(pipe, "fused_loras", None) or ()) - {n for c in comps for n in _fused(lora_layers(c))})
+    if gone:
+        raise ValueError(f"LoRA adapter(s) {', '.join(gone)} were fused (fuse_lora) and then unloaded: the base "
+                         "weights contain them, RLG has no reference model; reload the pipeline, load the LoRA unfused")
+    fused = sorted({n for d in _denoisers(pipe) for n in _fused(lora_layers(d))})
+    if fused:
+        raise ValueError(f"LoRA adapter(s) {', '.join(fused)} are fused into the denoiser weights (fuse_lora); RLG "
+                         "needs them unfused: call pipe.unfuse_lora() before enable_rlg")
+
+
 def _make_hooks(state: _RLGState, layers: list):
     """(pre_hook, post_hook) for one denoiser whose peft LoRA layers are ``layers``."""
     open_ctx: list = []  # the adapter context of the outer call: opened in the pre-hook, closed in the post-hook
@@ -140,6 +183,7 @@ def _make_hooks(state: _RLGState, layers: list):
     def pre_hook(mod, args, kwargs):
         if state.inside:
             return None
+        _check_layers(mod, layers)  # raises before any state changes
         step = state.count_step(_timestep(args, kwargs))
         if step < state.zero_init_step or state.scale == 1:
             mode = "theta"  # fine-tuned model only: one evaluation
@@ -185,6 +229,7 @@ def enable_rlg(pipe, scale: float, adapter_name: Optional[str] = None, zero_init
             with their diffusers ``set_adapters`` weights).
         zero_init_step: the first N denoising steps use the fine-tuned model alone.
     Calling it again replaces the settings (one set of hooks; adapters loaded since are picked up).
+    Raises ValueError for fused LoRAs (``pipe.fuse_lora()``; see the module docstring).
     Returns ``pipe``.
     """
     scale = float(scale)
@@ -192,6 +237,7 @@ def enable_rlg(pipe, scale: float, adapter_name: Optional[str] = None, zero_init
         raise ValueError(f"RLG scale must be a finite number, got {scale}")
     if int(zero_init_step) != zero_init_step or zero_init_step < 0:
         raise ValueError(f"zero_init_step must be an integer >= 0, got {zero_init_step}")
+    _refuse_fused(pipe)
     dens = _denoisers(pipe)
     if not dens:
         raise ValueError(f"{type(pipe).__name__} has no LoRA adapter on its denoiser: load one with "

@@ -1,5 +1,5 @@
-"""RL Guidance: bit-exact endpoints, linear mix, one evaluation at w in {0, 1}, zero_init_step, and the
-SPEC §7 Gaussian check (base N(0,1), fine-tuned N(mu,1) -> scale w samples N(w mu, 1))."""
+"""RL Guidance: bit-exact endpoints, linear mix, one evaluation at w in {0, 1}, zero_init_step, fused / unloaded
+LoRAs refused, and the SPEC §7 Gaussian check (base N(0,1), fine-tuned N(mu,1) -> scale w samples N(w mu, 1))."""
 
 import pytest
 import torch
@@ -158,6 +158,91 @@ def test_named_adapter_add_lora_and_pipeline_features():
             enable_rlg(pipe, **bad)
     disable_rlg(pipe)
     disable_rlg(pipe)  # idempotent
+
+
+def _lora_pipe(family, tmp_path):
+    """(pipe, its denoiser, base output, LoRA output): a tiny pipeline sampled before and after loading a LoRA."""
+    pipe = TINY_BUILDERS[family]()
+    pipe.set_progress_bar_config(disable=True)
+    den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    base = _sample(pipe, family, 2)
+    pipe.load_lora_weights(_saved_lora(family, tmp_path / "lora"))
+    return pipe, den, base, _sample(pipe, family, 2)
+
+
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_rlg_fused_lora_refused_until_unfused(family, tmp_path):
+    """fuse_lora merges the LoRA into the base weights: enable_rlg refuses, a call after a fuse raises (peft would
+    silently un-merge the disabled layers) and leaves the fuse as it was; unfuse_lora makes the same hooks work."""
+    pipe, den, base, theta = _lora_pipe(family, tmp_path)
+    layers = lora.lora_layers(den)
+    pipe.fuse_lora()
+    assert all(m.merged for m in layers)
+    with pytest.raises(ValueError, match=r"fused into the denoiser.*call pipe\.unfuse_lora\(\) before enable_rlg"):
+        enable_rlg(pipe, 0.0)
+    assert rlg_scale(pipe) is None
+    pipe.unfuse_lora()
+    enable_rlg(pipe, 0.0)
+    pipe.fuse_lora()
+    with pytest.raises(RuntimeError, match=r"fused into its weights \(fuse_lora\) after enable_rlg.*unfuse_lora\(\)"):
+        _sample(pipe, family, 2)
+    assert all(m.merged for m in layers) and not any(m.disable_adapters for m in layers)  # not un-fused, not left off
+    assert rlg_scale(pipe) == 0.0
+    pipe.unfuse_lora()  # RLG (enabled before the fuse) works again
+    got0 = _sample(pipe, family, 2)
+    enable_rlg(pipe, 1.0)
+    got1 = _sample(pipe, family, 2)
+    enable_rlg(pipe, 0.5)
+    mix = _sample(pipe, family, 1)
+    disable_rlg(pipe)
+    theta_u, theta_u1 = _sample(pipe, family, 2), _sample(pipe, family, 1)
+    pipe.disable_lora()
+    base_u, base_u1 = _sample(pipe, family, 2), _sample(pipe, family, 1)
+    pipe.enable_lora()
+    # bit for bit against the unfused pipeline (unmerge restores the weights up to rounding: close to the originals)
+    assert torch.equal(got0, base_u) and torch.equal(got1, theta_u)
+    torch.testing.assert_close(mix, base_u1 + 0.5 * (theta_u1 - base_u1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(base_u, base, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theta_u, theta, atol=1e-4, rtol=1e-4)
+    assert (theta - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd"])
+def test_rlg_unloaded_lora_raises(family, tmp_path):
+    """unload_lora_weights with RLG on: the call raises instead of returning the wrong model under the scale; after
+    fuse + unload the LoRA stays in the base weights (w = 0 gave the LoRA output), enable_rlg refuses even after a
+    reload; a plain unload + reload works once RLG is enabled again."""
+    pipe, den, base, theta = _lora_pipe(family, tmp_path)
+    enable_rlg(pipe, 0.0)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert not lora.lora_layers(den)
+    with pytest.raises(RuntimeError, match=r"LoRA adapter of \w+ was unloaded.*cannot be separated.*disable_rlg"):
+        _sample(pipe, family, 2)
+    assert rlg_scale(pipe) == 0.0
+    disable_rlg(pipe)
+    torch.testing.assert_close(_sample(pipe, family, 2), theta, atol=1e-4, rtol=1e-4)  # the LoRA is in the weights
+    gone = r"fused \(fuse_lora\) and then unloaded.*reload the pipeline"
+    with pytest.raises(ValueError, match=gone):
+        enable_rlg(pipe, 0.0)
+    pipe.load_lora_weights(_saved_lora(family, tmp_path / "lora"))  # LoRA layers again, on the fused weights
+    with pytest.raises(ValueError, match=gone):
+        enable_rlg(pipe, 0.0)
+
+    pipe, den, base, theta = _lora_pipe(family, tmp_path)
+    enable_rlg(pipe, 1.0)
+    pipe.unload_lora_weights()
+    with pytest.raises(RuntimeError, match="was unloaded"):  # w = 1 would have returned the base model
+        _sample(pipe, family, 2)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        enable_rlg(pipe, 1.0)
+    pipe.load_lora_weights(_saved_lora(family, tmp_path / "lora"))
+    with pytest.raises(RuntimeError, match=r"LoRA layers of \w+ changed.*call enable_rlg"):
+        _sample(pipe, family, 2)
+    enable_rlg(pipe, 1.0)
+    assert torch.equal(_sample(pipe, family, 2), theta)
+    enable_rlg(pipe, 0.0)
+    assert torch.equal(_sample(pipe, family, 2), base)
 
 
 # ---- SPEC §7: exact velocities of Gaussian data ------------------------------------------------------
