@@ -63,9 +63,31 @@ class ModelConfig:
                                   None)
     trust_remote_code: bool = _help("let diffusers run Python code shipped with the model (custom pipelines); only "
                                     "for models you trust", False)
+    negative_prompt: str = _help("text of CFG's unconditional branch (the pipelines' negative_prompt)", "")
+    max_sequence_length: Optional[int] = _help("T5 / UMT5 prompt tokens (None = the family's default: SD3 256, "
+                                               "FLUX and Wan 512)", None)
+    true_cfg_scale: Optional[float] = _help("FLUX only: > 1 turns on true CFG with negative_prompt (two passes, as "
+                                            "FluxPipeline(true_cfg_scale=...)); None = the guidance embedding "
+                                            "alone", None)
+
+    def adapter_kwargs(self) -> dict:
+        """The pipeline adapter's options set here (``adapter_for(pipe, **kwargs)``), for the trainer to load with."""
+        out = {"negative_prompt": self.negative_prompt} if self.negative_prompt else {}
+        if self.max_sequence_length is not None:
+            out["max_sequence_length"] = self.max_sequence_length
+        if self.true_cfg_scale is not None:
+            out["true_cfg_scale"] = self.true_cfg_scale
+        return out
 
     def __post_init__(self):
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.max_sequence_length is not None:
+            _positive("model", "max_sequence_length", self.max_sequence_length)
+        if self.true_cfg_scale is not None:
+            _positive("model", "true_cfg_scale", self.true_cfg_scale)
+            if self.family not in (None, "flux"):
+                raise ValueError(f"model.true_cfg_scale is FLUX's (FluxPipeline); the {self.family} family applies "
+                                 "CFG with sampling.guidance_scale")
         _choice("model", "family", self.family, (None, "sd3", "flux", "sd", "sdxl", "wan"))
         _positive("model", "lora_rank", self.lora_rank)
         if self.lora_target_modules is not None:
@@ -326,7 +348,7 @@ class NFTConfig:
 
 @dataclass(frozen=True)
 class CRDConfig:
-    """Centered Reward Distillation (SPEC §5)."""
+    """Centered Reward Distillation (docs/math.md §5)."""
 
     beta: float = _help("KL strength of the target pi_ref exp(R / beta)", 1.0)
     adv_max: float = _help("A_max: R~ = clip(A, -A_max, A_max) / (2 A_max) + 1/2 and the MSE prefactor A_max / beta",
@@ -384,7 +406,8 @@ TEACHER_KEYS = ("lora", "guidance_scale", "prompts", "reward")
 
 @dataclass(frozen=True)
 class OPDConfig:
-    """DiffusionOPD (SPEC §3): per-step reverse KL to each prompt's task teacher on the student's own rollouts."""
+    """DiffusionOPD (docs/math.md §3): per-step reverse KL to each prompt's task teacher on the student's own
+    rollouts."""
 
     teachers: dict = _help("task -> {lora: folder saved by save_lora, guidance_scale: the teacher's CFG, prompts: "
                            "that task's prompt source (default train.prompts; 'toy:text' = the toy text task), "
@@ -423,7 +446,7 @@ class OPDConfig:
 
 @dataclass(frozen=True)
 class BackpropConfig:
-    """Reward backprop (SPEC §8): ODE rollouts, gradient of a differentiable reward through the last K steps."""
+    """Reward backprop (docs/math.md §8): ODE rollouts, gradient of a differentiable reward through the last K steps."""
 
     grad_steps: int = _help("K: steps (the last ones) the reward gradient flows through (IPRO: 4; 0 trains nothing)",
                             4)
@@ -442,7 +465,7 @@ class BackpropConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """f-distill (SPEC §6), ``flowalign distill``: the pipeline (teacher, adapter off, CFG) distilled into an
+    """f-distill (docs/math.md §6), ``flowalign distill``: the pipeline (teacher, adapter off, CFG) distilled into an
     S-step CFG-free student LoRA with a fake-score LoRA and a discriminator (flowalign.distill). Prompts, seed,
     iterations, learning rate, grad clip and out_dir come from the train section; a batch is
     train.prompts_per_iter x train.group_size rows (each its own noise)."""

@@ -1,4 +1,4 @@
-"""f-distill (SPEC §6): distribution-matching distillation of a pipeline into an S-step student, with the
+"""f-distill (docs/math.md §6): distribution-matching distillation of a pipeline into an S-step student, with the
 generator's score difference weighted by h(r) of an f-divergence and r estimated by a discriminator.
 
 Three parts share ONE denoiser (no copy of its weights):
@@ -296,7 +296,7 @@ def run_distill(cfg, adapter: Optional[PipelineAdapter] = None, real: Optional[t
     t0 = time.time()
     if adapter is None:
         device = cfg.model.device or ("cuda" if torch.cuda.is_available() else None)
-        adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device)
+        adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device, **cfg.model.adapter_kwargs())
     avoid_cudnn_attention(adapter.device)  # training backward (flowalign.runtime.kernels)
     dist = FDistiller(cfg, adapter, real, real_prompts)
     t_real = time.time() - t0

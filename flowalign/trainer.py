@@ -61,7 +61,7 @@ class Trainer:
             device = cfg.model.device or self.dist.device
             adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device,
                                    torch_dtype=lora.load_dtypes(DTYPES[cfg.model.dtype]),
-                                   trust_remote_code=cfg.model.trust_remote_code)
+                                   trust_remote_code=cfg.model.trust_remote_code, **cfg.model.adapter_kwargs())
         self.adapter = adapter
         avoid_cudnn_attention(self.adapter.device)  # its backward failed on FLUX shapes (flowalign.runtime.kernels)
         if cfg.model.dtype != "float32":
@@ -294,7 +294,9 @@ class Trainer:
         live = self.optimizer.state_dict()["param_groups"]
         groups = [{k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items()}
                   for saved, g in zip(opt["param_groups"], live)]  # JSON turned tuples (betas) into lists
-        moments = fsdp.shard_optimizer_state({int(k): v for k, v in opt["state"].items()}, self.params)
+        own = {int(k): {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+               for k, s in opt["state"].items()}  # copies: a state taken in memory must not alias its source
+        moments = fsdp.shard_optimizer_state(own, self.params)
         self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
         for g in self.optimizer.param_groups:
             g["lr"], g["weight_decay"] = self.cfg.train.lr, self.cfg.train.weight_decay

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .base import (
     Conditioning,
     DDIMAdapter,
@@ -27,7 +29,13 @@ from .wan import WanAdapter
 def adapter_for(pipe, family: str | None = None, **kwargs) -> PipelineAdapter:
     """The adapter for a diffusers pipeline object (family from its class unless given)."""
     family = family or detect_family(type(pipe).__name__, [c.__name__ for c in type(pipe).__mro__])
-    return ADAPTERS[family](pipe, **kwargs)
+    cls = ADAPTERS[family]
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not an option of the {family} adapter ({cls.__name__} takes "
+                         f"{', '.join(p for p in accepted if p not in ('self', 'pipe'))}); remove model.{unknown[0]}")
+    return cls(pipe, **kwargs)
 
 
 def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, device=None,
