@@ -1,4 +1,4 @@
-"""RL Guidance (RLG): choose the alignment strength of a LoRA fine-tune at inference time (SPEC §7).
+"""RL Guidance (RLG): choose the alignment strength of a LoRA fine-tune at inference time (docs/math.md §7).
 
 For a pipeline whose denoiser carries a LoRA adapter (``pipe.load_lora_weights(dir)``, or
 ``flowalign.lora.add_lora``), ``enable_rlg(pipe, w)`` makes every denoiser call return

@@ -1,6 +1,6 @@
 """The denoising loop -> :class:`Trajectory`, every transition recorded; and :func:`rescore`.
 
-Notation (rollout order, NOT the SPEC's data-at-0 convention): x_0 is the initial noise and x_N the
+Notation (rollout order, NOT the data-at-0 convention of docs/math.md §0): x_0 is the initial noise and x_N the
 final latent; step k maps x_k -> x_{k+1} on the pipeline's own grid (``adapter.sampling_grid``):
 flow families at ``t = sigma_k -> t' = sigma_{k+1}``, SD/SDXL at DDIM timesteps ``t_k -> t_k - T/N``.
 

@@ -56,7 +56,7 @@ class Reward:
     def score_differentiable(self, images: torch.Tensor, prompts: Sequence[str],
                              metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         """Scores [B] float32 on the images' device with the autograd graph kept: images [B,3,H,W] in [0,1]
-        (video [B,F,3,H,W]: mean over frames), e.g. decoded latents with grad (reward backprop, SPEC §8).
+        (video [B,F,3,H,W]: mean over frames), e.g. decoded latents with grad (reward backprop, docs/math.md §8).
         Same values as ``__call__``. Raises TypeError for rewards that leave torch (PIL, a detector, OCR, HTTP)."""
         if not self.differentiable:
             raise TypeError(f"reward {self.name!r} is not differentiable in torch; reward backprop needs one with "

@@ -1,9 +1,9 @@
 """``dino_similarity``: similarity of generated images to a POOL of reference images in a frozen vision
 backbone (DINOv2 by default; any transformers vision model, or the vision tower of a CLIP folder).
 
-Cosine mode (IPRO, SPEC §8):  f = feature(x) (CLS token, or mean of patch tokens), n(v) = v/|v|,
+Cosine mode (IPRO, docs/math.md §8):  f = feature(x) (CLS token, or mean of patch tokens), n(v) = v/|v|,
     score_i = mean_j cos(f_i, r_j) = n(f_i) . mean_j n(r_j)         over the pool r_1..r_N, [B].
-Head mode (Adv-GRPO, SPEC §8): a small trainable head h: R^D -> R on frozen tokens,
+Head mode (Adv-GRPO, docs/math.md §8): a small trainable head h: R^D -> R on frozen tokens,
     score_i = D(x_i) = 0.7 h(cls_i) + 0.3 mean_{k in K} h(patch_{i,k}),  K = 64 random patch indices
 (drawn from a generator seeded with ``patch_seed`` on every call, the same K for the whole batch, so
 scores are deterministic; ``patch_seed=None`` draws fresh ones). ``train_head_step`` trains h as a

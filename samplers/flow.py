@@ -1,6 +1,6 @@
 """Rectified-flow steps as Gaussian transitions (SD3/SD3.5, FLUX, Wan).
 
-Convention (SPEC §0): ``x_t = (1 - t) x0 + t eps``, t = sigma in [0, 1], t = 1 is pure noise, and the
+Convention (docs/math.md §0): ``x_t = (1 - t) x0 + t eps``, t = sigma in [0, 1], t = 1 is pure noise, and the
 network predicts the velocity ``v ~ eps - x0``. One step goes from t = sigma to t' = sigma_next < t,
 ``Delta = t - t'``. From (x, t, v): ``x0_hat = x - t v``, ``x1_hat = x + (1 - t) v`` and the score
 ``s = -(x + (1 - t) v) / t``.
@@ -236,7 +236,7 @@ def forward_process(
     noise: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> ForwardSample:
-    """Noise a clean latent: ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0`` (SPEC §0).
+    """Noise a clean latent: ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0`` (docs/math.md §0).
 
     Args:
         x0: clean latents [B, ...] (e.g. the final latent of a rollout), any float dtype; math in float32.

@@ -117,7 +117,7 @@ class GaussianStep:
         """``1/2 |mu - mu_other|^2`` -> [B]; the std^2-scaled KL, finite for deterministic steps.
 
         As std -> 0 the KL diverges but ``std^2 KL -> |mu1 - mu2|^2 / 2`` with the same gradient
-        direction (DiffusionOPD's ODE branch, SPEC §3).
+        direction (DiffusionOPD's ODE branch, docs/math.md §3).
         """
         if other.mean.shape != self.mean.shape:
             raise ValueError(f"other has shape {tuple(other.mean.shape)}, expected {tuple(self.mean.shape)}")

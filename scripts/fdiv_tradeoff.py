@@ -1,4 +1,5 @@
-"""f-divergence trade-off (SPEC §6): quality vs diversity of 2-step students distilled from the shipped pipeline.
+"""f-divergence trade-off (docs/math.md §6): quality vs diversity of 2-step students distilled from the shipped
+pipeline.
 
     python scripts/fdiv_tradeoff.py --out fdiv_out --iterations 500 --threads 2
 

@@ -1,4 +1,4 @@
-"""f-distill (SPEC §6, flowalign.distill) on a tiny SD3 pipeline: one iteration per divergence moves the student
+"""f-distill (docs/math.md §6, flowalign.distill) on a tiny SD3 pipeline: one iteration per divergence moves the student
 and the fake score and leaves the teacher alone; the generator weights are h(r) of the discriminator's ratio
 (all ones for reverse KL); a discriminator trained on two latent distributions gives r > 1 on the real one."""
 

@@ -28,11 +28,37 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     assert namespace["summary"]["iterations"] == 1
 
 
+def _docs_pages() -> list[str]:
+    """Every .md file under docs/ (also in subfolders such as docs/algorithms/), relative to the repository."""
+    pages = []
+    for dirpath, _, filenames in os.walk(os.path.join(ROOT, "docs")):
+        pages += [os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames if f.endswith(".md")]
+    return sorted(pages)
+
+
 def test_docs_python_snippets_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in sorted(os.listdir(os.path.join(ROOT, "docs"))):
-        for i, code in enumerate(_python_blocks(os.path.join(ROOT, "docs", name)) if name.endswith(".md") else ()):
-            exec(compile(code, f"docs/{name} python block {i + 1}", "exec"), {})
+    assert "docs/algorithms/grpo.md" in _docs_pages()
+    for page in _docs_pages():
+        for i, code in enumerate(_python_blocks(os.path.join(ROOT, page))):
+            exec(compile(code, f"{page} python block {i + 1}", "exec"), {})
+
+
+def test_docs_links_point_at_files():
+    # relative links between the pages (and to code) must resolve; anchors and web links are not checked
+    for page in ["README.md", *_docs_pages()]:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), target))
+            assert os.path.exists(path), f"{page} links to {target}, which does not exist"
+
+
+def test_license_matches_pyproject():
+    text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
+    assert 'license = { text = "Apache-2.0" }' in text
+    assert open(os.path.join(ROOT, "LICENSE"), encoding="utf-8").readline().strip() == "Apache License"
 
 
 def test_public_api_names_resolve_after_every_submodule_is_imported():

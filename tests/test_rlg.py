@@ -1,5 +1,6 @@
 """RL Guidance: bit-exact endpoints, linear mix, one evaluation at w in {0, 1}, zero_init_step, fused / unloaded
-LoRAs refused, and the SPEC §7 Gaussian check (base N(0,1), fine-tuned N(mu,1) -> scale w samples N(w mu, 1))."""
+LoRAs refused, and the docs/math.md §7 Gaussian check (base N(0,1), fine-tuned N(mu,1) -> scale w samples N(w mu,
+1))."""
 
 import pytest
 import torch
@@ -245,7 +246,7 @@ def test_rlg_unloaded_lora_raises(family, tmp_path):
     assert torch.equal(_sample(pipe, family, 2), base)
 
 
-# ---- SPEC §7: exact velocities of Gaussian data ------------------------------------------------------
+# ---- docs/math.md §7: exact velocities of Gaussian data ------------------------------------------------------
 class GaussianVelocity(torch.nn.Module):
     """Exact flow velocity ``E[eps - x0 | x_t]`` for data N(mu, 1), ``x_t = (1-t) x0 + t eps``:
     ``v(x, t) = (2t - 1) / ((1-t)^2 + t^2) * (x - (1-t) mu) - mu``."""

@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO, SPEC §2), shared by GRPO, DiffusionNFT and CRD.
+"""Group-relative advantages (GRPO, docs/math.md §2), shared by GRPO, DiffusionNFT and CRD.
 
 ``A_i = (R_i - m_i) / max(std + eps, floor)``, clipped to ``[-clip, clip]``, where
 - m_i is the mean of the prompt's group (``mean_mode="group"``) or of the whole batch (``"global"``: Flow-GRPO with

@@ -1,4 +1,4 @@
-"""Reward backpropagation through the last K sampling steps (IPRO / DRaFT-K, SPEC §8). No I/O.
+"""Reward backpropagation through the last K sampling steps (IPRO / DRaFT-K, docs/math.md §8). No I/O.
 
 An ODE rollout from noise: the first N - K steps run without grad, the last K with grad through the network and
 the Euler updates ``x' = x - Delta v``, so a differentiable reward of the final latent (decoded image) sends its
@@ -107,7 +107,7 @@ def reward_backprop_loss(reward: torch.Tensor, velocity_kl: torch.Tensor, lambda
 
 
 class BackpropUpdate(UpdateRule):
-    """Reward backprop (SPEC §8) on a trainer state: ``train.algorithm: backprop``, section ``backprop``.
+    """Reward backprop (docs/math.md §8) on a trainer state: ``train.algorithm: backprop``, section ``backprop``.
 
     Rollout: a deterministic flow-ODE rollout of the live policy (no grad, every row its own initial noise) at
     ``sampling.num_steps`` / ``sampling.guidance_scale``, recorded as a Trajectory; the trainer scores it, so its

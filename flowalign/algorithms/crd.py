@@ -1,4 +1,4 @@
-"""CRD, Centered Reward Distillation (arXiv 2603.14128; SPEC §5). No I/O.
+"""CRD, Centered Reward Distillation (arXiv 2603.14128; docs/math.md §5). No I/O.
 
 Theory: the KL-regularised optimum is ``pi* ∝ pi_ref exp(R / beta)``, so
 ``beta log(pi* / pi_ref)(x | c) = R(x, c) - beta log Z(c)``. Centering WITHIN a prompt's group cancels the
@@ -263,7 +263,7 @@ SCHEDULE_PRESETS = {"none": (0, 0.0, 0.0, 0.0), "slow": (0, 0.0, 0.001, 0.5), "m
                     "offline": (0, 1.0, 0.0, 1.0), "fast": (0, 0.0, 0.02, 0.99), "moderate": (0, 0.0, 0.01, 0.5)}
 SCHEDULE_PRESETS.update({str(i): v for i, v in enumerate(SCHEDULE_PRESETS.values())})
 SCHEDULE_PRESETS["6"] = (0, 0.0, 0.0075, 0.999)
-OLD_SCHEDULE = "0-0.25-0.005-0.999"  # d = min(0.25 + 0.005 s, 0.999) (SPEC §5)
+OLD_SCHEDULE = "0-0.25-0.005-0.999"  # d = min(0.25 + 0.005 s, 0.999) (docs/math.md §5)
 SAMPLER_SCHEDULE = "75-0-0.0075-0.999"  # hard copy while s < 75, then min(0.0075 (s - 75), 0.999)
 
 
@@ -305,7 +305,7 @@ def schedule_decay(spec: str, step: int) -> float:
 
 
 class CRDUpdate(UpdateRule):
-    """CRD (SPEC §5) on a trainer state.
+    """CRD (docs/math.md §5) on a trainer state.
 
     Two :class:`Snapshot` s of the LoRA weights, both starting equal to them: the sampler (rolls out, with the
     configured sampler: ODE at guidance 1 in the paper's setting) and old (v_old inside l). Update: the prompt

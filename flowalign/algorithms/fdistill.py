@@ -1,4 +1,4 @@
-"""f-divergence score weighting (f-distill, SPEC §6). No I/O.
+"""f-divergence score weighting (f-distill, docs/math.md §6). No I/O.
 
 ``D_f(p || q) = ∫ q f(p / q)`` with p the teacher/target, q the student and r = p / q. For a student sample
 ``x = G_theta(z)`` the gradient is a weighted score difference [derived]:

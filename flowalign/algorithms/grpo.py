@@ -1,4 +1,4 @@
-"""Flow-GRPO and GRPO-Guard losses on recorded Gaussian transitions (SPEC §2). No I/O.
+"""Flow-GRPO and GRPO-Guard losses on recorded Gaussian transitions (docs/math.md §2). No I/O.
 
 Per step k: ``rho = exp(logp_theta - logp_old)``,
 ``L = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - eps, 1 + eps)) + beta KL(pi_theta || pi_ref)``,
@@ -89,8 +89,8 @@ def grpo_step_loss(
         kl_scaling: "exact" or "reference" (the Flow-GRPO code's x Delta scaling), see GaussianStep.kl.
         guard, mean_old: GRPO-Guard ratio normalisation (needs the rollout's step means) and 1/Delta weight.
         mask: [B] bool, samples to include (invalid rewards are excluded).
-        divergence: f-divergence of the reference regulariser (SPEC §6 (a)): the per-sample KL is weighted by the
-            detached, batch-normalised h(r), r = p_ref(x') / p_theta(x') the exact ratio of the two Gaussian
+        divergence: f-divergence of the reference regulariser (docs/math.md §6 (a)): the per-sample KL is weighted by
+            the detached, batch-normalised h(r), r = p_ref(x') / p_theta(x') the exact ratio of the two Gaussian
             transitions (``fdistill.transition_weights``); None or "reverse_kl" is the plain KL.
         guard_bias: GRPO-Guard's b per sample or averaged over the batch (``guard_log_ratio``).
     """
@@ -148,8 +148,8 @@ def step_columns(pool: Sequence[int], fraction: float, selection: str, num_rows:
 
 
 class GRPOUpdate(UpdateRule):
-    """Flow-GRPO (SPEC §2): the live policy rolls out with the SDE sampler; the trainable steps (the stochastic ones,
-    ``grpo.train_last_step``) of every sample, or the ``grpo.timestep_fraction`` of them picked by
+    """Flow-GRPO (docs/math.md §2): the live policy rolls out with the SDE sampler; the trainable steps (the
+    stochastic ones, ``grpo.train_last_step``) of every sample, or the ``grpo.timestep_fraction`` of them picked by
     ``grpo.timestep_selection``, are re-scored by the current policy and the clipped loss (+ beta KL to the
     adapter-disabled model) is minimised, one optimizer step per minibatch (``train.minibatch``) per inner epoch
     (``grpo.inner_epochs``). With ``grpo.kl_reward`` > 0 the rollout also records the per-step KL to the reference

@@ -1,4 +1,5 @@
-"""DiffusionNFT: forward-process RL with implicit positive/negative policies (arXiv 2509.16117; SPEC §4). No I/O.
+"""DiffusionNFT: forward-process RL with implicit positive/negative policies (arXiv 2509.16117; docs/math.md §4).
+No I/O.
 
 The old model v_old (an EMA snapshot) samples K images per prompt with any sampler; the group advantage A
 becomes an optimality probability ``r = clip(A / A_max, -1, 1) / 2 + 1/2`` in [0, 1] (after the ``adv_mode``
@@ -246,7 +247,7 @@ def permuted_timesteps(num_rows: int, num_steps: int, count: int,
 
 
 class NFTUpdate(UpdateRule):
-    """DiffusionNFT (SPEC §4) on a trainer state.
+    """DiffusionNFT (docs/math.md §4) on a trainer state.
 
     The old model v_old (a :class:`Snapshot` of the LoRA weights, starting equal to them) rolls out with the
     configured sampler. Update, per minibatch and per inner epoch, timesteps from the rollout grid: either

@@ -1,4 +1,4 @@
-"""DiffusionOPD: on-policy distillation from task teachers (SPEC §3). No I/O.
+"""DiffusionOPD: on-policy distillation from task teachers (docs/math.md §3). No I/O.
 
 Objective: ``min_theta E_{c, x_{0:N} ~ pi_theta (no grad)} sum_k KL(pi_theta(. | x_k, c) || pi_T(c)(. | x_k, c))``,
 a per-step reverse KL on the STUDENT's own rollout, against the teacher of the prompt's task.
@@ -256,7 +256,7 @@ def train_steps(num_steps: int, window: Optional[tuple], generator: Optional[tor
 
 
 class OPDUpdate(UpdateRule):
-    """DiffusionOPD (SPEC §3) on a trainer state.
+    """DiffusionOPD (docs/math.md §3) on a trainer state.
 
     The student (the live LoRA) rolls out with the configured sampler and CFG (the paper: ODE, CFG 4.5).
     Teachers are frozen LoRA adapters loaded from ``opd.teachers`` folders; each row's task (the trainer samples

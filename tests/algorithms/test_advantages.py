@@ -1,4 +1,4 @@
-"""Group advantages (SPEC §2): A_i = (R_i - mean_group R) / max(std + eps, floor), std per group or global, clip
+"""Group advantages (docs/math.md §2): A_i = (R_i - mean_group R) / max(std + eps, floor), std per group or global, clip
 +-5; the reference variants (global mean, unbiased std, eps, floor)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Reward backprop through the last K ODE steps (SPEC §8) on a tiny SD3 pipeline."""
+"""Reward backprop through the last K ODE steps (docs/math.md §8) on a tiny SD3 pipeline."""
 
 import os
 

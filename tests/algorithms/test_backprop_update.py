@@ -1,5 +1,5 @@
-"""BackpropUpdate (train.algorithm: backprop, SPEC §8) on a tiny SD3 pipeline: the loss is the formula, the reward
-gradient flows through the last K steps only (none for K = 0), a short run raises a differentiable reward."""
+"""BackpropUpdate (train.algorithm: backprop, docs/math.md §8) on a tiny SD3 pipeline: the loss is the formula, the
+reward gradient flows through the last K steps only (none for K = 0), a short run raises a differentiable reward."""
 
 import pytest
 import torch

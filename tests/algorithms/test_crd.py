@@ -1,4 +1,4 @@
-"""CRD (SPEC §5): centering invariances, the categorical optimum pi_ref e^{R/beta}/Z, schedules, helpers."""
+"""CRD (docs/math.md §5): centering invariances, the categorical optimum pi_ref e^{R/beta}/Z, schedules, helpers."""
 
 import pytest
 import torch
@@ -118,7 +118,7 @@ def test_implicit_log_ratio():
 
 
 def test_decay_schedules_and_ema_update():
-    old, sampler = "0-0.25-0.005-0.999", "75-0-0.0075-0.999"  # SPEC §5 (Flow-Factory's defaults)
+    old, sampler = "0-0.25-0.005-0.999", "75-0-0.0075-0.999"  # docs/math.md §5 (Flow-Factory's defaults)
     assert schedule_decay(old, 0) == 0.25 and schedule_decay(old, 10) == pytest.approx(0.3)
     assert schedule_decay(old, 10_000) == 0.999
     assert [schedule_decay(sampler, s) for s in (0, 74, 75)] == [0.0, 0.0, 0.0]

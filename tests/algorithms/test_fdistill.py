@@ -1,4 +1,4 @@
-"""f-divergence weighting (SPEC §6): h = r^2 f'', the weighted score-difference gradient, DMD2 surrogate."""
+"""f-divergence weighting (docs/math.md §6): h = r^2 f'', the weighted score-difference gradient, DMD2 surrogate."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Flow-GRPO loss and GRPO-Guard (SPEC §2)."""
+"""Flow-GRPO loss and GRPO-Guard (docs/math.md §2)."""
 
 import torch
 
@@ -89,7 +89,7 @@ def test_gradient_pushes_mean_towards_positive_advantage_sample():
 
 def test_f_divergence_weights_the_reference_regulariser():
     """grpo.kl_divergence: the per-sample KL to the reference is weighted by the detached, batch-normalised
-    h(r) of the exact transition ratio r = p_ref(x') / p_theta(x') (SPEC §6 (a)); reverse_kl is the plain KL."""
+    h(r) of the exact transition ratio r = p_ref(x') / p_theta(x') (docs/math.md §6 (a)); reverse_kl is the plain KL."""
     from flowalign.algorithms.divergences import get_divergence
     from flowalign.algorithms.fdistill import transition_log_ratio
 

@@ -1,4 +1,4 @@
-"""DiffusionNFT (SPEC §4): implicit policies, forward process, the reference loss (x0-space errors with adaptive
+"""DiffusionNFT (docs/math.md §4): implicit policies, forward process, the reference loss (x0-space errors with adaptive
 weights and the A_max / beta prefactor), the velocity-MSE form's closed-form optimum, adv_mode and timesteps."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""DiffusionOPD (SPEC §3): per-step losses on Gaussian steps, and multi-teacher re-scoring on a tiny SD3."""
+"""DiffusionOPD (docs/math.md §3): per-step losses on Gaussian steps, and multi-teacher re-scoring on a tiny SD3."""
 
 import os
 
@@ -57,7 +57,7 @@ def test_kl_modes_match_the_step_object():
     s_t2 = 0.7**2 * 0.8 / 0.2
     ref = ((student.mean - teacher.mean) ** 2).flatten(1).mean(1) / (2 * s_t2)
     torch.testing.assert_close(opd_step_loss(student, teacher, scaling="reference"), ref)
-    # the SPEC's per-step KL in velocities: (Delta/2) (1/s_t + s_t (1-t)/(2t))^2 |v_S - v_T|^2
+    # the per-step KL of docs/math.md §1 in velocities: (Delta/2) (1/s_t + s_t (1-t)/(2t))^2 |v_S - v_T|^2
     s_t, t, dt = s_t2**0.5, 0.8, 0.2
     vel = dt / 2 * (1 / s_t + s_t * (1 - t) / (2 * t)) ** 2 * ((v_s - v_t) ** 2).flatten(1).mean(1)
     torch.testing.assert_close(opd_step_loss(student, teacher), vel, rtol=1e-4, atol=1e-6)

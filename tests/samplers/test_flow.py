@@ -128,7 +128,7 @@ def test_velocity_form_kl_equals_mean_form(t, t_next):
 @pytest.mark.parametrize("t,t_next", [(0.9, 0.8), (0.5, 0.3)])
 def test_constant_noise_reference_scaling_is_the_exact_kl(t, t_next):
     # VeRL-Omni's dance_sde KL divides by the true std eta sqrt(Delta); DanceGRPO has no KL; no public code
-    # multiplies it by Delta (SPEC §10). So scaling="reference" is the exact KL: |dmu|^2 / (2 eta^2 Delta).
+    # multiplies it by Delta (docs/parity.md). So scaling="reference" is the exact KL: |dmu|^2 / (2 eta^2 Delta).
     g = torch.Generator().manual_seed(4)
     x, va, vb = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
     a = flow_constant_noise_step(va, x, t, t_next, eta=0.3, generator=g)
@@ -207,7 +207,8 @@ def test_dpm2_is_second_order_where_euler_is_first():
 
 def test_cps_reference_log_prob_convention():
     # Flow-GRPO / VeRL-Omni score CPS transitions with -mean_d (x' - mu)^2: log-ratios are 2 std^2 x the true
-    # (mean-reduced) log-ratio, so their clip range 1e-4 clips far fewer samples than on true densities (SPEC §10).
+    # (mean-reduced) log-ratio, so their clip range 1e-4 clips far fewer samples than on true densities
+    # (docs/parity.md).
     g = torch.Generator().manual_seed(8)
     x, va, vb = (torch.randn(4, 2, 3, 3, generator=g) for _ in range(3))
     a = flow_cps_step(va, x, 0.3, 0.2, noise_level=0.7, generator=g)
