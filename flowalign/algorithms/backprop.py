@@ -25,6 +25,7 @@ from ..rollout import Trajectory
 from ..rollout import rollout as run_rollout
 from ..samplers import flow_ode_step
 from .base import UpdateRule, require_flow
+from .distances import velocity_distance
 
 
 @dataclass
@@ -88,7 +89,7 @@ def backprop_rollout(
             if k >= start and compute_kl:
                 with torch.no_grad(), lora.adapter_disabled(adapter):
                     v_ref = adapter.predict(x.detach(), grid.timesteps[k], cond, g_ref)
-                kl = kl + ((v - v_ref) ** 2).flatten(1).mean(1)
+                kl = kl + velocity_distance(v, v_ref)
             x = flow_ode_step(v, x, s, s_next).prev_sample
     if start == num_steps:
         window_start = x.detach()

@@ -45,6 +45,7 @@ from ..rollout import Trajectory
 from .advantages import group_ids_from_prompts
 from ..runtime.snapshot import Snapshot
 from .base import UpdateRule, require_flow
+from .distances import velocity_distance
 from .timesteps import forward_timesteps
 
 CENTERINGS = ("group", "batch")
@@ -161,13 +162,6 @@ def _centers(l: torch.Tensor, reward: torch.Tensor, index: torch.Tensor, mask: t
 # ---- KL anchor --------------------------------------------------------------------------------------
 
 
-def kl_anchor_distance(v_theta: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
-    """``D_i = mean_d (v_theta - v_ref^CFG)^2`` -> [B]; v_ref = base model (adapter off) with CFG 4.5, no grad."""
-    if v_theta.shape != v_ref.shape:
-        raise ValueError(f"v_theta {tuple(v_theta.shape)} and v_ref {tuple(v_ref.shape)} must match")
-    return ((v_theta.float() - v_ref.float().detach()) ** 2).flatten(1).mean(1)
-
-
 def kl_coefficients(reward: torch.Tensor, beta_kl: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
     """Reward-adaptive KL weight ``floor + R~_i (beta_KL - floor)`` -> [B] (R~ the normalised reward)."""
     return floor + reward.detach().float() * (beta_kl - floor)
@@ -217,7 +211,7 @@ def crd_loss(
             same fixed point ``beta l_c = R~_c``). Both are scaled by ``A_max / beta``.
         center_weighting: "uniform" (default), "softmax" (two directions at temperature tau) or "hard" (the
             public code's tau = 0); see the module docstring.
-        kl_distance: D_i [B] (``kl_anchor_distance``), with grad; None drops the anchor.
+        kl_distance: D_i [B] (``distances.velocity_distance`` to the CFG reference), with grad; None drops the anchor.
         beta_kl, kl_floor: the anchor's coefficient ``kl_floor + R~_i (beta_kl - kl_floor)``.
         mask: [B] bool, valid samples (excluded ones enter neither the centres nor the means).
     """
@@ -376,7 +370,7 @@ class CRDUpdate(UpdateRule):
                         ref_cond = self.adapter.encode_prompts(cond.prompts, c.kl_guidance_scale)
                         with torch.no_grad(), lora.adapter_disabled(self.adapter):
                             v_ref = self.adapter.predict(fp.x_t, timestep, ref_cond, c.kl_guidance_scale)
-                        dist = kl_anchor_distance(v, v_ref)
+                        dist = velocity_distance(v, v_ref)
                     out = crd_loss(l, reward[part.rows], gids[part.rows], beta=c.beta, adv_max=c.adv_max,
                                    centering=c.centering, form=c.form, center_weighting=c.center_weighting, tau=c.tau, kl_distance=dist,
                                    beta_kl=c.beta_kl, kl_floor=c.kl_floor, mask=mask)

@@ -48,6 +48,7 @@ from ..rollout import Trajectory
 from ..runtime.snapshot import Snapshot
 from ..samplers.flow import ForwardSample
 from .base import UpdateRule, require_flow
+from .distances import velocity_distance
 from .timesteps import forward_timesteps
 
 _REDUCTIONS = ("mean", "sum")
@@ -212,7 +213,7 @@ def nft_loss(
     if kl_coef > 0:
         if v_ref is None:
             raise ValueError("kl_coef > 0 needs v_ref, the reference (adapter-disabled) velocity at x_t")
-        kl = _reduce((v_theta.to(dtype) - v_ref.to(dtype).detach()) ** 2, reduction)
+        kl = velocity_distance(v_theta.to(dtype), v_ref, reduction)
         per_sample = per_sample + kl_coef * kl
     weights = torch.ones_like(per_sample) if mask is None else mask.float()
     loss = (per_sample * weights).sum() / weights.sum().clamp_min(1.0)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from flowalign.algorithms.distances import velocity_distance
 from flowalign.algorithms.timesteps import stratified_timesteps
 from flowalign.runtime.snapshot import ema_update_
 from flowalign.algorithms.crd import (
     crd_loss,
     implicit_log_ratio,
-    kl_anchor_distance,
     normalized_reward,
     parse_schedule,
     schedule_decay,
@@ -92,7 +92,7 @@ def test_mse_formula_and_kl_anchor():
     beta, a_max = 0.5, 5.0
     gid = torch.zeros(9, dtype=torch.long)
     v, v_ref = torch.randn(9, 4), torch.randn(9, 4)
-    d = kl_anchor_distance(v, v_ref)
+    d = velocity_distance(v, v_ref)
     out = crd_loss(l, r, gid, beta=beta, adv_max=a_max, kl_distance=d, beta_kl=0.1)
     expected = (a_max / beta) * ((beta * (l - l.mean()) - (r - r.mean())) ** 2).mean()
     expected_kl = ((1e-4 + r * (0.1 - 1e-4)) * ((v - v_ref) ** 2).mean(1)).mean()
