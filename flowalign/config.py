@@ -216,8 +216,8 @@ class GRPOConfig:
     guard_bias: str = _help("GRPO-Guard's bias b = mean_d(dmu^2) / (2 s^2): sample (per sample, VeRL-Omni) | batch "
                             "(averaged over the batch, as Flow-GRPO's GRPO-Guard script computes it)", "sample")
     kl_divergence: str = _help("f-divergence of the reference regulariser: reverse_kl (the plain KL) | forward_kl | "
-                               "js | hellinger | jeffreys (KL weighted by h(r) of the exact transition ratio)",
-                               "reverse_kl")
+                               "js | hellinger | jeffreys | sf | neyman (KL weighted by h(r) of the exact "
+                               "transition ratio)", "reverse_kl")
     inner_epochs: int = _help("passes over each rollout batch", 1)
 
     def __post_init__(self):
@@ -436,6 +436,13 @@ class OPDConfig:
                 raise ValueError(f"opd.teachers.{task}.guidance_scale must be a number > 0, got {g!r}")
         _choice("opd", "scaling", self.scaling, ("exact", "reference"))
         _choice("opd", "reduction", self.reduction, ("mean", "sum"))
+        if self.divergence is not None:  # checked here, not at the first update
+            from .algorithms.divergences import get_divergence
+
+            try:
+                get_divergence(self.divergence, self.alpha)
+            except ValueError as err:
+                raise ValueError(f"opd.divergence: {err}") from None
         if self.train_window is not None:
             w = self.train_window
             if len(w) != 3 or w[0] < 0 or w[2] < 1 or w[1] - w[0] + 1 < w[2]:
@@ -472,7 +479,7 @@ class DistillConfig:
 
     student_steps: int = _help("S: the student's sampling steps from noise (1, 2 or 4 typical)", 2)
     divergence: str = _help("f-divergence of the generator weights h(r): reverse_kl (h = 1, DMD) | forward_kl | js "
-                            "| hellinger | jeffreys", "js")
+                            "| hellinger | jeffreys | sf | neyman", "js")
     teacher_guidance_scale: float = _help("CFG of the teacher (adapter disabled), applied in x0 space", 4.5)
     teacher_steps: int = _help("ODE steps of the teacher samples that are the discriminator's real data", 10)
     real_samples: int = _help("teacher samples drawn once at the start (the discriminator's real data)", 256)

@@ -22,6 +22,8 @@ def test_defaults_are_valid_and_frozen():
         ({"grpo": {"kl_scaling": "approx"}}, "choose one of exact, reference"),
         ({"sampling": {"sde_window": [8, 5]}}, "sampling.sde_window=[8, 5]"),
         ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not valid"),
+        ({"opd": {"divergence": "kl"}}, "opd.divergence: unknown divergence 'kl'; choose one of reverse_kl"),
+        ({"opd": {"divergence": "alpha"}}, "opd.divergence: divergence 'alpha' needs alpha=a"),
         ({"crd": {"old_decay_max": 1.0}}, "crd.old_decay_max is now crd.old_schedule ('0-0.25-0.005-<max>')"),
         ({"grpo": {"adv_std": "group"}}, "grpo.adv_std is now advantage.std: rename the key"),
         ({"crd": {"old_schedule": "0-0.25-fast"}}, "crd.old_schedule: schedule '0-0.25-fast' must be "),
@@ -45,3 +47,14 @@ def test_overrides_build_a_new_validated_config():
 
 def test_sde_window_inside_steps():
     assert SamplingConfig(num_steps=4, sde_window=[1, 3]).sde_window == (1, 3)
+
+
+def test_divergence_help_lists_every_table_entry():
+    import dataclasses
+
+    from flowalign.algorithms.divergences import DIVERGENCES
+    from flowalign.config import DistillConfig, GRPOConfig
+
+    for cls, name in ((GRPOConfig, "kl_divergence"), (DistillConfig, "divergence")):
+        text = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+        assert all(d in text for d in DIVERGENCES), (cls.__name__, text)
