@@ -10,8 +10,10 @@ The names most users need are here (imported on first use, so ``import flowalign
     reward = flowalign.rewards.get("toy_geneval")
 
 Subpackages: ``flowalign.samplers`` (per-step Gaussian transitions, torch only), ``flowalign.rewards`` (reward
-models), ``flowalign.models`` (pipeline adapters), ``flowalign.algorithms`` (losses and update rules),
-``flowalign.toy`` (the offline scene world).
+models), ``flowalign.models`` (pipeline adapters), ``flowalign.algorithms`` (losses and update rules, the
+``ALGORITHMS`` table), ``flowalign.runtime`` (checkpoints, distributed, FSDP, metrics), ``flowalign.evaluation``
+(held-out evaluation, report pictures), ``flowalign.apps`` (the command-line front-ends) and ``flowalign.toy``
+(the offline scene world). ``flowalign.callbacks`` observes a training run (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _API = {
     "enable_rlg": ("flowalign.rlg", "enable_rlg"),
     "disable_rlg": ("flowalign.rlg", "disable_rlg"),
     "Trainer": ("flowalign.trainer", "Trainer"),
+    "TrainerCallback": ("flowalign.callbacks", "TrainerCallback"),
     "run_training": ("flowalign.trainer", "run_training"),
     "Config": ("flowalign.config", "Config"),
     "load_config": ("flowalign.config", "load_config"),

@@ -143,3 +143,15 @@ def test_every_package_folder_is_installed():
     for module, path in _modules().items():
         if path.endswith("__init__.py"):
             assert f'"{module}"' in text, f"{module} is not in pyproject.toml's [tool.setuptools] packages"
+
+
+def test_every_subpackage_declares_its_public_names():
+    import importlib
+    import importlib.util
+
+    for module, path in _modules().items():
+        if path.endswith("__init__.py") and not module.startswith("flowalign._"):
+            mod = importlib.import_module(module)
+            assert hasattr(mod, "__all__"), f"{module} has no __all__"
+            for name in mod.__all__:  # each listed name exists (a submodule counts)
+                assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), (module, name)
