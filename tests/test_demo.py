@@ -89,3 +89,23 @@ def test_every_update_rule_has_a_title_and_demo_runs_a_non_toy_reward_recipe(tmp
 
     assert main(["demo", "--quick", "--out", str(out), "--config", shipped_config("toy_backprop.yaml")]) == 0
     assert "Reward backprop" in (out / "report.md").read_text()
+
+
+def test_demo_of_a_text_recipe_reports_its_ocr_score(tmp_path):
+    # the toy text prompts are scored by OCR, not toy GenEval: the report names that score (it raised KeyError)
+    pytest.importorskip("rapidocr")
+    out = tmp_path / "ocr"
+    assert main(["demo", "--quick", "--steps", "1", "--out", str(out), "--config", "toy_grpo_ocr.yaml"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["headline"] == "ocr" and set(metrics["base"]["per_task"]) == {"text"}
+    assert metrics["delta"] == pytest.approx(metrics["aligned"]["ocr"] - metrics["base"]["ocr"])
+    report = (out / "report.md").read_text()
+    assert f"Held-out ocr, {metrics['heldout_images']} held-out images" in report
+    assert f"{metrics['base']['ocr']:.3f} -> {metrics['aligned']['ocr']:.3f}" in report
+    assert (out / "grid.png").is_file() and (out / "ckpt-1" / "state.json").is_file()  # a run like train's
+
+
+def test_demo_refuses_a_distill_recipe_in_one_line(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--config", "toy_fdistill.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flowalign distill toy_fdistill.yaml" in err[0]

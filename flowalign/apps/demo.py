@@ -13,8 +13,10 @@ import json
 import os
 import time
 
+import yaml
+
 from .. import lora
-from ..config import DEFAULT_MODEL, Config, load_config
+from ..config import DEFAULT_MODEL, Config, load_config, resolve_config_path
 from ..callbacks import TrainerCallback
 from ..evaluation.report import plot_reward_curve
 from ..resources import shipped_config
@@ -36,7 +38,13 @@ def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bo
         overrides["train.iterations"] = steps
     if resume:
         overrides["train.resume"] = True
-    return load_config(config, overrides)
+    path = resolve_config_path(config)
+    with open(path, encoding="utf-8") as f:
+        sections = yaml.safe_load(f) or {}
+    if isinstance(sections, dict) and "distill" in sections:
+        raise ValueError(f"{config} is an f-distill recipe (it has a distill section): run it with "
+                         f"`flowalign distill {config}`; the demo reports a training run")
+    return load_config(path, overrides)
 
 
 BASE_GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.5, 7.0)  # the base is also reported at these CFG scales (its best one too)
@@ -70,25 +78,31 @@ class DemoReport(TrainerCallback):
         side = "base" if row["weights"] == "base" else "aligned"
         if side == "aligned" and trainer.iteration < self.cfg.train.iterations:
             return  # a periodic evaluation during training
-        s = _toy_scores(row)
-        cfg = f", n={s['n']}, CFG {trainer.heldout.guidance_scale:g}" if side == "base" else ""
-        print(f"{side} held-out toy_geneval {s['toy_geneval']:.3f} (strict {s['strict']:.3f}{cfg})")
+        cfg = f", n={row['n']}, CFG {trainer.heldout.guidance_scale:g}" if side == "base" else ""
+        if "toy_geneval" in row:
+            s = _toy_scores(row)
+            print(f"{side} held-out toy_geneval {s['toy_geneval']:.3f} (strict {s['strict']:.3f}{cfg})")
+        else:  # a recipe on the toy world's text prompts: its held-out score is OCR
+            key = _headline(row)
+            print(f"{side} held-out {key} {row[key]:.3f} ({cfg.lstrip(', ')})")
 
     def on_train_end(self, trainer, summary: dict) -> None:
         cfg, out_dir = self.cfg, self.cfg.train.out_dir
         name = trainer.algorithm.title
-        base, aligned = _toy_scores(summary["base"]), _toy_scores(summary["aligned"])
-        base_by_cfg = _base_guidance_sweep(trainer, () if self.quick else BASE_GUIDANCE_SWEEP)
+        key = summary["headline"]  # toy_geneval, or ocr for the text recipes
+        scores = _toy_scores if key == "toy_geneval" else (lambda row: _plain_scores(row, key))
+        base, aligned = scores(summary["base"]), scores(summary["aligned"])
+        base_by_cfg = _base_guidance_sweep(trainer, () if self.quick else BASE_GUIDANCE_SWEEP, key)
         best_cfg = max(base_by_cfg, key=lambda g: base_by_cfg[g]) if base_by_cfg else None
         os.replace(os.path.join(out_dir, "eval_grid.png"), os.path.join(out_dir, "grid.png"))
         plot_reward_curve(trainer.metrics_log.rows, os.path.join(out_dir, "reward_curve.png"),
-                          evals=[(e["iteration"], e["toy_geneval"]) for e in trainer.evals],
-                          title=f"{name} on the shipped pipeline: toy_geneval", evals_label="held-out toy_geneval")
+                          evals=[(e["iteration"], e[key]) for e in trainer.evals],
+                          title=f"{name} on the shipped pipeline: {key}", evals_label=f"held-out {key}")
         self.result = {
-            "base": base, "aligned": aligned, "delta": aligned["toy_geneval"] - base["toy_geneval"],
+            "headline": key, "base": base, "aligned": aligned, "delta": aligned[key] - base[key],
             "eval_guidance_scale": trainer.heldout.guidance_scale,
             "base_by_guidance_scale": {f"{g:g}": v for g, v in base_by_cfg.items()},
-            "delta_vs_best_base": (aligned["toy_geneval"] - base_by_cfg[best_cfg]) if best_cfg is not None else None,
+            "delta_vs_best_base": (aligned[key] - base_by_cfg[best_cfg]) if best_cfg is not None else None,
             "samples": trainer.samples_seen, "iterations": trainer.iteration, "wall_s": time.time() - self.t0,
             "algorithm": cfg.train.algorithm, "model": cfg.model.path, "seed": cfg.train.seed,
             "heldout_images": base["n"],
@@ -97,7 +111,44 @@ class DemoReport(TrainerCallback):
         }
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(self.result, f, indent=2)
-        _write_report(out_dir, self.result, name)
+        (_write_report if key == "toy_geneval" else _write_plain_report)(out_dir, self.result, name)
+
+
+def _headline(row: dict) -> str:
+    from ..trainer import _headline as headline
+
+    return headline(row)
+
+
+def _plain_scores(row: dict, key: str) -> dict:
+    """A held-out row scored by one reward ``key`` (e.g. ocr) -> {key, "n", "per_task": {task: score}}."""
+    prefix = f"{key}/"
+    return {key: row[key], "n": row["n"],
+            "per_task": {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}}
+
+
+def _write_plain_report(out_dir: str, r: dict, name: str) -> None:
+    """report.md for a recipe whose held-out score is one reward (the toy text prompts' OCR)."""
+    key = r["headline"]
+    rows = "\n".join(f"| {task} | {v:.3f} | {r['aligned']['per_task'].get(task, float('nan')):.3f} |"
+                     for task, v in r["base"]["per_task"].items())
+    table = f"\n| task | base | aligned |\n|---|---|---|\n{rows}\n" if rows else ""
+    text = f"""# flowalign demo: {name} on the shipped toy pipeline
+
+Held-out {key}, {r['heldout_images']} held-out images, same seeds before and after, CFG
+{r['eval_guidance_scale']:g}: **{r['base'][key]:.3f} -> {r['aligned'][key]:.3f}**.
+
+Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f} s wall in all (seed {r['seed']}),
+on the reward {training_reward(r['config']['train'])}.
+{table}
+![reward curve](reward_curve.png)
+
+![base vs aligned, same seeds](grid.png)
+
+Per-iteration metrics: `metrics.jsonl`. The adapter: `lora/` (`pipe.load_lora_weights("{out_dir}/lora")`).
+"""
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(text)
 
 
 def _toy_scores(row: dict) -> dict:
@@ -117,15 +168,15 @@ def _toy_scores(row: dict) -> dict:
             "extra_objects": row["toy_extra_objects"], "n": row["n"], "per_task": per_task, "checks": checks}
 
 
-def _base_guidance_sweep(trainer, scales) -> dict:
-    """{CFG scale: held-out toy_geneval of the base} on the demo's held-out prompts and seeds."""
+def _base_guidance_sweep(trainer, scales, key: str = "toy_geneval") -> dict:
+    """{CFG scale: held-out ``key`` of the base} on the demo's held-out prompts and seeds."""
     out, ev = {}, trainer.heldout
     keep = ev.guidance_scale
     try:
         with lora.adapter_disabled(trainer.adapter):
             for g in scales:
                 ev.guidance_scale = g
-                out[g] = ev(trainer.adapter.pipe)[0]["toy_geneval"]
+                out[g] = ev(trainer.adapter.pipe)[0][key]
     finally:
         ev.guidance_scale = keep
     return out
