@@ -160,12 +160,13 @@ class PipelineAdapter:
         return guidance_scale > 1.0
 
     def _stack(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            with torch.no_grad():
-                enc = self._encode(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = {k: v[i : i + 1].detach() for k, v in enc.items()}
+        # each new prompt is encoded on its own: a text encoder's output for one row depends (in the last bits)
+        # on the other rows of its batch, so batching new prompts would make an embedding, and every weight trained
+        # on it, depend on the run's history (a resumed run would drift from an uninterrupted one by ~1e-7)
+        for p in dict.fromkeys(prompts):
+            if p not in self._cache:
+                with torch.no_grad():
+                    self._cache[p] = {k: v[:1].detach() for k, v in self._encode([p]).items()}
         keys = self._cache[prompts[0]].keys()
         return {k: torch.cat([self._cache[p][k] for p in prompts]) for k in keys}
 

@@ -76,3 +76,16 @@ def test_missing_model_error(monkeypatch, tmp_path, h):
     assert "HF_HUB_OFFLINE=1" in msg and "huggingface-cli download stabilityai/stable-diffusion-3.5-medium" in msg
     with pytest.raises(ModelNotFoundError, match="model_index.json"):
         load_pipeline(str(tmp_path))
+
+
+def test_a_prompts_embedding_does_not_depend_on_the_batch_it_was_first_seen_in(h):
+    # text encoders' last bits depend on the other rows of a batch; each new prompt is encoded alone, so a resumed
+    # run (empty cache) gets the embeddings the uninterrupted run cached
+    from flowalign.models import adapter_for
+    from flowalign.toy.pipelines import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    alone, batched = adapter_for(pipe), adapter_for(pipe)
+    a = alone.encode_prompts(["a red circle"]).cond
+    b = batched.encode_prompts(["two blue squares", "a red circle", "a green triangle above a star"]).cond
+    assert all(torch.equal(a[k][0], b[k][1]) for k in a)
