@@ -14,6 +14,7 @@ import json
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Optional, Sequence
 
@@ -86,6 +87,8 @@ class Trainer:
         self.iteration = 0
         self.samples_seen = 0
         self.bad_rewards = 0
+        self.bad_batches = 0  # batches without one finite reward, skipped (no optimizer step)
+        self.bad_batch_streak = 0
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         self.metrics_log = MetricsLog(cfg.train.out_dir, cfg.train.log_with, config_to_dict(cfg),
                                       write=self.dist.is_main)
@@ -98,6 +101,8 @@ class Trainer:
                                                          self.generator)
         self.algorithm.dist = self.dist
         self.algorithm.use_reward(self.reward)
+        # a batch with no valid reward is skipped when the rule learns from the scores (not OPD, not backprop)
+        self._rewarded = self.algorithm.uses_rewards and any(r is not None for r in self.rewards.values())
 
     def _tasks(self, reward) -> tuple[dict, dict]:
         """({task: Reward or None}, {task: PromptSource}) from the rule's ``task_specs`` (one task, None, except
@@ -208,9 +213,15 @@ class Trainer:
         cb.on_phase_end(self, "reward")
         t2 = time.perf_counter()
         cb.on_phase_begin(self, "update")
-        metrics = self.algorithm.update(traj, adv=adv, valid=valid, rewards=rewards, tasks=tasks)
-        if self.ema is not None:
-            self.ema.update()
+        if self._rewarded and not bool(valid.any()):  # no finite reward in the whole batch: nothing to learn from
+            metrics = {"update_samples": 0}
+            self.bad_batches += 1
+            self.bad_batch_streak += 1
+        else:
+            metrics = self.algorithm.update(traj, adv=adv, valid=valid, rewards=rewards, tasks=tasks)
+            if self.ema is not None:
+                self.ema.update()
+            self.bad_batch_streak = 0
         cb.on_phase_end(self, "update")
         t3 = time.perf_counter()
         self.iteration += 1
@@ -220,7 +231,7 @@ class Trainer:
         metrics.update(iteration=self.iteration, samples=self.samples_seen,
                        reward_mean=ok.mean().item() if ok.numel() else None,
                        reward_std=ok.std().item() if ok.numel() else None, invalid_rewards=int((~valid).sum()),
-                       nan_steps=self.algorithm.nan_steps,
+                       nan_steps=self.algorithm.nan_steps, skipped_batches=self.bad_batches,
                        time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2)
         if len(self.rewards) > 1:
             for task in self.rewards:
@@ -256,8 +267,15 @@ class Trainer:
         return history
 
     def _nan_stop(self) -> None:
-        """After ``train.max_nan_steps`` skipped (NaN/inf) optimizer steps in a row: a checkpoint and
-        FlowalignError."""
+        """After ``train.max_nan_steps`` skipped (NaN/inf) optimizer steps, or as many batches without a finite
+        reward, in a row: a checkpoint, then FlowalignError (nothing of the run is lost)."""
+        if self.bad_batch_streak >= self.cfg.train.max_nan_steps:
+            path = self.save_checkpoint()
+            raise FlowalignError(
+                f"stopped at iteration {self.iteration}: {self.bad_batch_streak} batches in a row had no finite "
+                f"reward (the reward gave NaN/inf or failed on every image; {self.bad_batches} batches skipped in "
+                f"all); saved {path}; fix the reward (or its server), then continue with "
+                "`flowalign train CONFIG --resume`")
         algo = self.algorithm
         if algo.nan_streak >= self.cfg.train.max_nan_steps:
             path = self.save_checkpoint()
@@ -279,7 +297,8 @@ class Trainer:
         base = self._base_images  # uint8: what the grid draws, a quarter of the float32 bytes
         return fsdp.full_state({
             "format": checkpoint.FORMAT, "iteration": self.iteration, "samples_seen": self.samples_seen,
-            "bad_rewards": self.bad_rewards, "config": config_to_dict(self.cfg),
+            "bad_rewards": self.bad_rewards, "bad_batches": self.bad_batches,
+            "bad_batch_streak": self.bad_batch_streak, "config": config_to_dict(self.cfg),
             "lora": list(self.params), "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "algorithm": self.algorithm.state_dict(), "rng": rng, "evals": self.evals,
@@ -313,6 +332,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration, self.samples_seen = int(state["iteration"]), int(state["samples_seen"])
         self.bad_rewards = int(state["bad_rewards"])
+        self.bad_batches, self.bad_batch_streak = int(state["bad_batches"]), int(state["bad_batch_streak"])
         self.evals = list(state["evals"])
         base = state["base_images"]
         self._base_images = None if base is None else base.float() / 255
@@ -329,9 +349,10 @@ class Trainer:
         t = self.cfg.train
         return checkpoint.save(t.out_dir, self.iteration, collect, self.dist, t.keep_checkpoints)
 
-    def load_checkpoint(self, path: str) -> None:
-        """Load ``path`` (a ckpt-<it> folder) into this freshly built trainer; the config must match."""
-        state = checkpoint.load(path, self.cfg)
+    def load_checkpoint(self, path: str, verified: bool = False) -> None:
+        """Load ``path`` (a ckpt-<it> folder) into this freshly built trainer; it must verify (unless ``verified``
+        says it just did) and the config must match."""
+        state = checkpoint.load(path, self.cfg, verified)
         try:
             self.load_state_dict(state)
         except (KeyError, ValueError) as err:
@@ -339,14 +360,26 @@ class Trainer:
                                              "run's settings or start a fresh run in another train.out_dir") from None
 
     def resume(self) -> str:
-        """Load the newest checkpoint of ``train.out_dir`` and cut metrics.jsonl / metrics.csv / evals.jsonl back
-        to its iteration. Returns its path; CheckpointError when there is none."""
+        """Load the newest checkpoint of ``train.out_dir`` that verifies (``checkpoint.verify``; each newer one is
+        skipped with one warning saying why) and cut metrics.jsonl / metrics.csv / evals.jsonl back to its
+        iteration. Returns its path; CheckpointError when none verifies."""
         out = self.cfg.train.out_dir
-        path = checkpoint.latest_checkpoint(out)
+        found, skipped, path = checkpoint.list_checkpoints(out), [], None
+        for _, candidate in reversed(found):
+            why = checkpoint.verify(candidate)
+            if why is None:
+                path = candidate
+                break
+            skipped.append(f"{os.path.basename(candidate)} ({why})")
+        if skipped:
+            warnings.warn(f"resume skips {len(skipped)} checkpoint(s) that do not verify: {'; '.join(skipped)}",
+                          RuntimeWarning, stacklevel=2)
         if path is None:
-            raise checkpoint.CheckpointError(f"nothing to resume: no checkpoint (ckpt-<iteration>/) in {out}; run "
-                                             "without --resume to start, or point train.out_dir at the run to continue")
-        self.load_checkpoint(path)
+            what = f"no checkpoint in {out} verifies ({'; '.join(skipped)})" if found else \
+                f"no checkpoint (ckpt-<iteration>/) in {out}"
+            raise checkpoint.CheckpointError(f"nothing to resume: {what}; run without --resume to start, or point "
+                                             "train.out_dir at the run to continue")
+        self.load_checkpoint(path, verified=True)
         self.metrics_log.truncate(self.iteration)
         if self.dist.is_main:  # distributed: rank 0 writes, every rank loads
             write_jsonl(self.evals_path, self.evals)
@@ -382,12 +415,13 @@ GRPOTrainer = Trainer
 
 
 def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True,
-                 callbacks: Sequence[TrainerCallback] = ()) -> dict:
+                 callbacks: Sequence[TrainerCallback] = (), overwrite: bool = False) -> dict:
     """Train with ``cfg`` and write into ``train.out_dir``: ``config.yaml`` (the resolved config), a fresh
     ``metrics.jsonl`` / ``metrics.csv``, ``ckpt-<iteration>/`` checkpoints (at least the last), ``lora/`` (EMA
     weights when EMA is on) and ``reward_curve.png`` (the per-iteration reward, or the loss when no reward is
     logged, e.g. OPD without task rewards). With ``train.resume`` it continues the newest checkpoint instead (its
-    logs kept up to it). ``callbacks`` observe the run (``on_train_end`` gets the summary). Returns a summary dict."""
+    logs kept up to it). A folder holding another run's results is refused unless ``overwrite``. ``callbacks``
+    observe the run (``on_train_end`` gets the summary). Returns a summary dict."""
     import yaml
 
     from .config import config_to_dict
@@ -397,7 +431,7 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True,
     os.makedirs(out, exist_ok=True)
     main = distributed.setup(cfg.train.shard).is_main  # distributed: only rank 0 writes files
     if main and not cfg.train.resume:
-        checkpoint.start_fresh(out)  # a fresh run owns its logs (an unfinished run's checkpoint is refused)
+        checkpoint.start_fresh(out, overwrite)  # another run's results are refused unless overwrite
     t0 = time.time()
     trainer = Trainer(cfg, adapter=adapter, reward=reward, callbacks=callbacks)
     resumed = trainer.resume() if cfg.train.resume else None

@@ -59,7 +59,7 @@ def test_round_trip_continues_bit_identically(tmp_path, tiny_pipe_dir, algorithm
     path = a.save_checkpoint()
     py_state = random.getstate()
     assert os.path.basename(path) == "ckpt-2"
-    assert sorted(os.listdir(path)) == ["lora", "state.json", "tensors.safetensors"]
+    assert sorted(os.listdir(path)) == ["lora", "manifest.json", "state.json", "tensors.safetensors"]
     assert os.path.isfile(os.path.join(path, "lora", "pytorch_lora_weights.safetensors"))
     meta = json.load(open(os.path.join(path, "state.json")))
     assert meta["iteration"] == 2 and meta["config"]["train"]["algorithm"] == algorithm
@@ -115,11 +115,13 @@ def test_fresh_run_refuses_an_unfinished_one_and_rank_must_match(tmp_path, tiny_
     other = Trainer(_cfg(tiny_pipe_dir, tmp_path / "x", rank=3, iterations=5), reward=MeanPixel())
     with pytest.raises(checkpoint.CheckpointError, match="model.lora_rank was 2 there, now 3"):
         other.load_checkpoint(path)
-    # a finished run's folder is reused by a fresh run: its checkpoints and logs go
+    # a finished run's folder is reused by a fresh run only with overwrite: its checkpoints and logs go
     done = Trainer(_cfg(tiny_pipe_dir, tmp_path / "done", iterations=1), reward=MeanPixel())
     done.step()
     done.save_checkpoint()
-    checkpoint.start_fresh(str(tmp_path / "done"))
+    with pytest.raises(checkpoint.CheckpointError, match="holds another run's results \\(ckpt-1\\): pass --overwrite"):
+        checkpoint.start_fresh(str(tmp_path / "done"))
+    checkpoint.start_fresh(str(tmp_path / "done"), overwrite=True)
     assert checkpoint.list_checkpoints(str(tmp_path / "done")) == []
     assert not (tmp_path / "done" / "metrics.jsonl").exists()
 

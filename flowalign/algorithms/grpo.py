@@ -233,4 +233,6 @@ class GRPOUpdate(UpdateRule):
                 "kl": float(np.mean(stats["kl"])), "grad_norm": grad_norm, **extra}
 
     def progress(self, metrics: dict) -> dict:
-        return {"reward": f"{metrics['reward_mean']:.3f}", "ratio": f"{metrics.get('ratio_mean', 1):.4f}"}
+        out = super().progress(metrics)  # no reward when the batch had none that was finite
+        out.pop("loss", None)
+        return {**out, "ratio": f"{metrics.get('ratio_mean', 1):.4f}"}

@@ -6,7 +6,12 @@ Layout of ``train.out_dir/ckpt-<iteration>/``:
   snapshots, torch RNG states, the base row of the evaluation grid), keys like ``optimizer/state/3/exp_avg``;
 * ``state.json``: everything else (format, iteration, samples, counters, the config, the held-out evaluation
   history, numpy / python RNG states), with ``{"__tensor__": key}`` where a tensor sits in the structure;
-* ``lora/``: the evaluation weights (EMA when on) in the diffusers LoRA format, for ``flowalign sample --lora``.
+* ``lora/``: the evaluation weights (EMA when on) in the diffusers LoRA format, for ``flowalign sample --lora``;
+* ``manifest.json``, written last: every other file with its size and SHA-256.
+
+A checkpoint verifies itself before it is read (``verify``): the manifest's files present with their sizes and
+hashes, ``state.json`` whole with an iteration that matches the folder's name, every float tensor finite. Resume
+takes the newest checkpoint that verifies and warns, naming each newer one it skipped and why.
 
 Nothing is pickled and nothing is read with ``torch.load``. A checkpoint is written into ``ckpt-<it>.tmp/``,
 fsynced, then renamed with ``os.replace``: a folder named ``ckpt-<it>`` is always complete; ``.tmp`` leftovers of
@@ -38,9 +43,11 @@ import torch
 from ..errors import FlowalignError
 from .distributed import SINGLE, Distributed
 
-FORMAT = 1
+FORMAT = 2  # 2: with manifest.json
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
+STATE_KEYS = ("format", "iteration", "samples_seen", "config", "lora", "optimizer", "rng")  # what a state must hold
 _NAME = re.compile(r"ckpt-(\d+)")
 _TENSOR = "__tensor__"
 
@@ -58,22 +65,95 @@ class CheckpointError(FlowalignError):
 
 # --- finding checkpoints ---------------------------------------------------------------------------------
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints in ``out_dir`` as (iteration, path), oldest first; ``.tmp`` folders are not listed."""
+    """Checkpoint folders ``ckpt-<it>`` in ``out_dir`` as (iteration, path), oldest first; ``.tmp`` folders are not
+    listed. Whether one is complete and intact is ``verify``'s business."""
     if not os.path.isdir(out_dir):
         return []
     found = []
     for name in os.listdir(out_dir):
         m = _NAME.fullmatch(name)
         path = os.path.join(out_dir, name)
-        if m and all(os.path.isfile(os.path.join(path, f)) for f in (STATE_FILE, TENSORS_FILE)):
+        if m and os.path.isdir(path):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
 
 def latest_checkpoint(out_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint in ``out_dir``, or None."""
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
+    """Path of the newest checkpoint in ``out_dir`` that verifies, or None."""
+    for _, path in reversed(list_checkpoints(out_dir)):
+        if verify(path) is None:
+            return path
+    return None
+
+
+# --- verification -------------------------------------------------------------------------------------------
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    """Every file below ``folder`` but the manifest, as relative paths, sorted."""
+    out = []
+    for dirpath, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(dirpath, n), folder) for n in names]
+    return sorted(f for f in out if f != MANIFEST_FILE)
+
+
+def write_manifest(folder: str) -> None:
+    """``manifest.json``: {"format", "files": {relative path: {"size", "sha256"}}} of every file in ``folder``."""
+    files = {f: {"size": os.path.getsize(os.path.join(folder, f)), "sha256": _sha256(os.path.join(folder, f))}
+             for f in _files(folder)}
+    write_json(os.path.join(folder, MANIFEST_FILE), {"format": FORMAT, "files": files})
+
+
+def verify(path: str) -> Optional[str]:
+    """None when the checkpoint folder ``path`` is whole, else why not (a few words): its manifest missing or
+    unreadable, a listed file missing, of another size or content, ``state.json`` without what a state holds, an
+    iteration that is not the folder's, or a non-finite float tensor."""
+    try:
+        with open(os.path.join(path, MANIFEST_FILE), encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (an interrupted write, or a checkpoint of an older flowalign)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    for name in (STATE_FILE, TENSORS_FILE):
+        if name not in files:
+            return f"the manifest lists no {name}"
+    for name, entry in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != entry.get("size") or _sha256(full) != entry.get("sha256"):
+            return f"{name} does not match its hash (changed or corrupted)"
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is unreadable"
+    missing = [k for k in STATE_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        return f"{STATE_FILE} has no {missing[0]!r}"
+    m = _NAME.fullmatch(os.path.basename(os.path.normpath(path)))
+    if not isinstance(meta["iteration"], int) or m is None or meta["iteration"] != int(m.group(1)):
+        return f"its iteration {meta['iteration']!r} is not the folder's"
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(path, TENSORS_FILE))
+    except Exception as err:  # safetensors raises its own error type on a damaged file  # noqa: BLE001
+        return f"{TENSORS_FILE} does not load ({type(err).__name__})"
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        return f"tensor {bad} is not finite"
+    return None
 
 
 # --- tensors <-> safetensors + JSON ------------------------------------------------------------------------
@@ -164,6 +244,8 @@ def save(out_dir: str, iteration: int, collect: Callable[[], tuple[dict, Callabl
 def _write_checkpoint(final: str, state: dict, write_lora: Callable[[str], None]) -> Optional[str]:
     """Write ``state`` and the LoRA folder to ``final`` through ``final.tmp``. Returns None, or the one-line error
     message when the write failed (the temp folder removed)."""
+    from safetensors import SafetensorError
+
     out_dir = os.path.dirname(final)
     tmp = final + ".tmp"
     try:
@@ -172,13 +254,15 @@ def _write_checkpoint(final: str, state: dict, write_lora: Callable[[str], None]
         meta, tensors = split_tensors(state)
         write_tensors(os.path.join(tmp, TENSORS_FILE), tensors)
         write_lora(os.path.join(tmp, "lora"))
-        write_json(os.path.join(tmp, STATE_FILE), meta)  # last: a folder with state.json has everything
+        write_json(os.path.join(tmp, STATE_FILE), meta)
+        write_manifest(tmp)  # last: a folder whose manifest verifies has everything
         os.replace(tmp, final)
         _fsync(out_dir)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write (disk full) as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(out_dir)
-        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        full = getattr(err, "errno", None) == errno.ENOSPC or "StorageFull" in str(err) or "No space" in str(err)
+        why = "the disk is full" if full else (getattr(err, "strerror", None) or str(err)[:200])
         return (f"could not write checkpoint {final}: {why}; "
                 f"{f'the previous checkpoint {prev} is intact' if prev else 'no earlier checkpoint'}"
                 f"; free space in {out_dir} (or lower train.keep_checkpoints) and continue with "
@@ -222,11 +306,14 @@ def check_config(saved: dict, cfg, path: str) -> None:
         warnings.warn(f"resuming {path} with changed settings: {', '.join(changed)}", RuntimeWarning, stacklevel=2)
 
 
-def load(path: str, cfg) -> dict:
+def load(path: str, cfg, verified: bool = False) -> dict:
     """The state dict saved in ``path`` (a ckpt-<it> folder), tensors back in place; the run's config ``cfg``
-    must match the saved one (``check_config``). CheckpointError when it cannot be read."""
+    must match the saved one (``check_config``). CheckpointError when it does not verify or cannot be read."""
     from safetensors.torch import load_file
 
+    why = None if verified else verify(path)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path} does not verify: {why}; resume takes the newest one that does")
     try:
         with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
             meta = json.load(f)
@@ -240,20 +327,30 @@ def load(path: str, cfg) -> dict:
     return join_tensors(meta, tensors)
 
 
-def start_fresh(out_dir: str) -> None:
-    """Before a fresh (not resumed) run in ``out_dir``: refuse when it holds an unfinished run's checkpoint
-    (continue it with --resume instead), else remove old logs and checkpoints (a fresh run owns its folder)."""
+def start_fresh(out_dir: str, overwrite: bool = False) -> None:
+    """Before a fresh (not resumed) run in ``out_dir``: a folder holding another run's results (checkpoints or a
+    LoRA) is refused, naming them, unless ``overwrite``; with it they are removed. Logs alone (a run that stopped
+    before its first checkpoint) are removed: a fresh run owns its folder. An unfinished run is pointed at
+    ``--resume``."""
     from .metrics import remove_logs
 
-    newest = latest_checkpoint(out_dir)
-    if newest is not None:
-        with open(os.path.join(newest, STATE_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta["iteration"] < meta["config"]["train"]["iterations"]:
+    found = [os.path.basename(p) for _, p in list_checkpoints(out_dir)]
+    results = found[-1:] + (["lora"] if os.path.exists(os.path.join(out_dir, "lora")) else [])
+    if results and not overwrite:
+        newest = latest_checkpoint(out_dir)
+        unfinished = False
+        if newest is not None:
+            with open(os.path.join(newest, STATE_FILE), encoding="utf-8") as f:
+                meta = json.load(f)
+            unfinished = meta["iteration"] < meta["config"]["train"]["iterations"]
+        if unfinished:
             raise CheckpointError(f"{out_dir} holds an unfinished run (checkpoint {newest}): continue it with "
-                                  "`flowalign train CONFIG --resume`, or set another train.out_dir (or delete "
-                                  f"{out_dir}) to start over")
+                                  "`flowalign train CONFIG --resume`, or pass --overwrite (or set another "
+                                  "train.out_dir) to start over")
+        raise CheckpointError(f"{out_dir} holds another run's results ({', '.join(results)}): pass --overwrite to "
+                              "replace them, or set another train.out_dir")
     remove_logs(out_dir)
     for _, path in list_checkpoints(out_dir):
         shutil.rmtree(path)
+    shutil.rmtree(os.path.join(out_dir, "lora"), ignore_errors=True)
     prune(out_dir, 0)
