@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 demo: $(STAMP)
-	$(VENV)/bin/flowalign demo --out demo_out
+	$(VENV)/bin/flowalign demo --out demo_out --overwrite
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -12,15 +12,55 @@ def _demo(args: argparse.Namespace) -> int:
     from .apps.demo import DEMO_CONFIG, run_demo
 
     run_demo(args.out, seed=args.seed, steps=args.steps, quick=args.quick, model=args.model or DEFAULT_MODEL,
-             config=args.config or DEMO_CONFIG, resume=args.resume)
+             config=args.config or DEMO_CONFIG, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from .apps.sample import parse_scales, rlg_sweep, sample_png
+def _recipe(args: argparse.Namespace) -> dict:
+    """Defaults from ``--config RECIPE`` (a YAML path or a shipped recipe name such as toy_grpo.yaml) for sample,
+    eval and gradio, so they run what ``flowalign train RECIPE`` trained without repeating its settings; {} without
+    --config. ``lora`` is ``train.out_dir/lora`` whether or not it exists yet (each command decides)."""
+    if not getattr(args, "config", None):
+        return {}
+    from .config import load_config
 
-    scales = parse_scales(args.rlg_scale)
-    kw = dict(model=args.model, lora_dir=args.lora, seed=args.seed, steps=args.steps,
+    cfg = load_config(args.config)
+    s, t = cfg.sampling, cfg.train
+    return {"model": cfg.model.path, "lora": os.path.join(t.out_dir, "lora"), "steps": s.eval_num_steps,
+            "guidance_scale": s.guidance_scale if s.eval_guidance_scale is None else s.eval_guidance_scale,
+            "prompts": t.eval_prompts or t.prompts, "reward": t.reward, "reward_options": dict(t.reward_options),
+            "per_task": t.eval_per_task}
+
+
+def _resolve(args: argparse.Namespace, recipe: dict, **builtin) -> None:
+    """Each flag left at None gets the recipe's value, else the built-in default: flag > --config > built-in."""
+    for key, default in builtin.items():
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key] if recipe.get(key) is not None else default)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .apps.sample import DEFAULT_LORA, check_lora_dir, parse_scales, rlg_sweep, sample_png
+    from .config import DEFAULT_MODEL
+
+    recipe = _recipe(args)
+    _resolve(args, recipe, model=DEFAULT_MODEL, steps=20, guidance_scale=4.5)
+    lora, note = args.lora, None
+    if lora is None:  # the recipe's adapter, else the demo's, else the base model
+        lora = recipe.get("lora", DEFAULT_LORA)
+        if not os.path.exists(lora):
+            note = f"no LoRA ({lora} not found): sampling the base model; pass --lora DIR for an aligned one"
+            lora = None
+    elif lora.lower() == "none":
+        lora = None
+    else:
+        check_lora_dir(lora, "pass --lora DIR with a folder `flowalign demo` or `flowalign train` wrote, or "
+                             "--lora none to sample the base model")
+    scales = parse_scales(args.rlg_scale or ("1.0" if lora else "0"))
+    if lora is None and any(scales):
+        raise ValueError(f"--rlg-scale {args.rlg_scale} needs the fine-tuned adapter: pass --lora DIR, or drop "
+                         "--rlg-scale to sample the base model")
+    kw = dict(model=args.model, lora_dir=lora, seed=args.seed, steps=args.steps,
               guidance_scale=args.guidance_scale, device=args.device, dtype=args.dtype)
     if len(scales) > 1 or args.reward:
         if not args.reward:
@@ -31,6 +71,8 @@ def _sample(args: argparse.Namespace) -> int:
         return 0
     if not args.prompt:
         raise ValueError("--prompt is required for a single --rlg-scale (or give --reward for a sweep)")
+    if note:
+        print(note)
     out = sample_png(args.out or "rlg.png", args.prompt, scales[0], num_images=args.num_images or 1, **kw)
     print(f"wrote {out}")
     return 0
@@ -41,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import run_training
 
     cfg = load_config(args.config, args.overrides + (["train.resume=true"] if args.resume else []))
-    summary = run_training(cfg)
+    summary = run_training(cfg, overwrite=args.overwrite)
     if not summary["main"]:  # distributed: rank 0 reports
         return 0
     final = summary["final"]
@@ -117,32 +159,49 @@ def _options(items: list[str]) -> dict:
     return out
 
 
+HEADLINE = ("toy_geneval", "toy_geneval_strict", "toy_extra_objects", "ocr")  # eval's table columns, first
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .apps.eval import evaluate_loras
+    from .config import DEFAULT_MODEL
 
-    result = evaluate_loras(args.lora, args.model, prompts=args.prompts, per_task=args.per_task, steps=args.steps,
+    recipe = _recipe(args)  # the recipe's reward comes with its options, a --reward without them
+    options = _options(args.reward_option) if args.reward_option or args.reward else recipe.get("reward_options", {})
+    _resolve(args, recipe, model=DEFAULT_MODEL, prompts="toy", reward=None, per_task=24, steps=10,
+             guidance_scale=1.0)
+    loras = args.lora or ([recipe["lora"]] if recipe and os.path.exists(recipe["lora"]) else [])
+    result = evaluate_loras(loras, args.model, prompts=args.prompts, per_task=args.per_task, steps=args.steps,
                             guidance_scale=args.guidance_scale, out=args.out, reward=args.reward,
-                            reward_options=_options(args.reward_option), device=args.device, dtype=args.dtype)
-    keys = sorted({k for s in result["scores"].values() for k in s if isinstance(s[k], float) and k != "time_eval"
-                   and not k.startswith("toy_check/")})  # the per-check pass rates: in --out's JSON
-    print("| weights | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
+                            reward_options=options, device=args.device, dtype=args.dtype)
+    found = {k for s in result["scores"].values() for k in s if isinstance(s[k], float) and "/" not in k
+             and k != "time_eval"}  # per-task and per-check columns: in --out's JSON
+    keys = [k for k in HEADLINE if k in found] + sorted(found - set(HEADLINE))
+    print("| weights | n | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 2) + "|")
     for name, s in result["scores"].items():
-        print(f"| {name} | " + " | ".join(f"{s[k]:.3f}" if k in s else "" for k in keys) + " |")
-    if args.out:
-        print(f"wrote {args.out}")
+        print(f"| {name} | {s.get('n', '')} | " + " | ".join(f"{s[k]:.3f}" if k in s else "" for k in keys) + " |")
+    print(f"wrote {args.out} (with the per-task scores)" if args.out else
+          "per-task scores: add --out FILE.json")
     return 0
 
 
 def _gradio(args: argparse.Namespace) -> int:
     try:
-        from .apps.gradio_app import launch
+        from .apps.gradio_app import DEFAULT_LORA, launch
         import gradio  # noqa: F401
     except ImportError as err:
         print(f"flowalign: error: {err}", file=sys.stderr)
         return 2
+    from .apps.sample import check_lora_dir
+    from .config import DEFAULT_MODEL
+
+    recipe = _recipe(args)
+    _resolve(args, recipe, model=DEFAULT_MODEL, lora=DEFAULT_LORA, steps=20, guidance_scale=4.5)
+    if recipe and args.lora == recipe["lora"]:
+        check_lora_dir(args.lora, f"train it with `flowalign train {args.config}` or pass --lora DIR")
     launch(model=args.model, lora_dir=args.lora, host=args.host, port=args.port, device=args.device,
-           dtype=args.dtype)
+           dtype=args.dtype, default_steps=args.steps, default_cfg=args.guidance_scale)
     return 0
 
 
@@ -153,45 +212,56 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="report folder (created)")
     demo.add_argument("--steps", type=int, default=None, help="training iterations (default: the fixed demo budget)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--quick", action="store_true", help="a <= 2-minute smoke run")
+    demo.add_argument("--quick", action="store_true", help="a smoke run: 2 small iterations (about 10 s)")
     demo.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
     demo.add_argument("--config", default=None, help="recipe YAML, any algorithm (default: configs/toy_demo.yaml)")
     demo.add_argument("--resume", action="store_true", help="continue a killed demo from its newest checkpoint")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's results in --out")
     demo.set_defaults(func=_demo)
 
-    from .config import DEFAULT_MODEL
-
+    recipe_help = ("recipe YAML or shipped name (e.g. toy_grpo.yaml): defaults from it (model.path, "
+                   "train.out_dir/lora, sampling.eval_num_steps, eval CFG%s); flags override")
     sample = sub.add_parser("sample", help="sample with RL guidance (one scale -> PNG; several -> reward sweep)")
-    sample.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: the shipped one)")
-    sample.add_argument("--lora", default="demo_out/lora", help="LoRA folder (default: the one `flowalign demo` writes)")
-    sample.add_argument("--rlg-scale", default="1.0",
-                        help="w (0 = base, 1 = fine-tuned, >1 stronger) or a list like 0,0.5,1,1.5,2 for a sweep")
+    sample.add_argument("--config", default=None, metavar="RECIPE", help=recipe_help % "")
+    sample.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
+    sample.add_argument("--lora", default=None, help="LoRA folder, or none for the base model (default: the "
+                                                     "recipe's, else the one `flowalign demo` writes, demo_out/lora, "
+                                                     "else the base model)")
+    sample.add_argument("--rlg-scale", default=None,
+                        help="w (0 = base, 1 = fine-tuned, >1 stronger; default 1, 0 without a LoRA) or a list like "
+                             "0,0.5,1,1.5,2 for a sweep")
     sample.add_argument("--prompt", default=None, help="prompt (single scale)")
     sample.add_argument("--reward", default=None, help="reward name for a sweep (e.g. toy_geneval)")
     sample.add_argument("--prompts", default=None, help="sweep prompts: text file, one a line (default: toy held-out)")
     sample.add_argument("--out", default=None, help="PNG file (single scale, default rlg.png) or sweep folder "
                                                     "(default rlg_sweep)")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    sample.add_argument("--steps", type=int, default=20, help="denoising steps")
-    sample.add_argument("--guidance-scale", type=float, default=4.5, help="CFG scale")
+    sample.add_argument("--steps", type=int, default=None, help="denoising steps (default 20, or the recipe's)")
+    sample.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default 4.5, or the recipe's)")
     _device_flags(sample)
     sample.add_argument("--num-images", type=int, default=None, help="images (single: default 1; sweep: per "
                                                                      "scale, default 24)")
     sample.set_defaults(func=_sample)
 
     ev = sub.add_parser("eval", help="held-out scores of the base and LoRA folders on the same prompts and seeds")
-    ev.add_argument("lora", nargs="*", help="LoRA folders (written by flowalign train / demo)")
-    ev.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: the shipped one)")
-    ev.add_argument("--prompts", default="toy", help="toy spec (toy, toy:position,...) or a prompt file")
-    ev.add_argument("--reward", default=None, help="reward name for a prompt file's prompts (toy specs use the "
-                                                   "toy world's rewards; a name here is added to them)")
+    ev.add_argument("lora", nargs="*", help="LoRA folders (written by flowalign train / demo; default: the "
+                                            "recipe's when it exists)")
+    ev.add_argument("--config", default=None, metavar="RECIPE",
+                    help=recipe_help % ", train.eval_prompts or train.prompts, train.reward, train.eval_per_task")
+    ev.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
+    ev.add_argument("--prompts", default=None,
+                    help="toy spec (toy, toy:position,...) or a prompt file (default toy, or the recipe's)")
+    ev.add_argument("--reward", default=None, help="reward name, needed for a prompt file's prompts (toy specs use "
+                                                   "the toy world's rewards; a name here is added to them)")
     ev.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
                     help="option of --reward, e.g. model=tiny for clip_score with the shipped tiny CLIP (repeatable)")
-    ev.add_argument("--per-task", type=int, default=24, help="held-out prompts per toy task")
-    ev.add_argument("--steps", type=int, default=10, help="denoising steps")
-    ev.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale")
+    ev.add_argument("--per-task", type=int, default=None,
+                    help="held-out prompts per toy task (default 24, or the recipe's)")
+    ev.add_argument("--steps", type=int, default=None, help="denoising steps (default 10, or the recipe's)")
+    ev.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default 1.0, or the recipe's)")
     _device_flags(ev)
-    ev.add_argument("--out", default=None, help="JSON file for the scores")
+    ev.add_argument("--out", default=None, help="JSON file for the scores, per task too (the table shows the "
+                                                "overall ones)")
     ev.set_defaults(func=_eval)
 
     train = sub.add_parser("train", help="train a LoRA with any algorithm from a YAML config (see configs/)")
@@ -201,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "sampling.sde_window=[0,2] opd.teachers.ocr.lora=runs/ocr/lora")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in train.out_dir (same as train.resume=true)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace another run's checkpoints and LoRA in train.out_dir (refused without it)")
     train.set_defaults(func=_train)
 
     distill = sub.add_parser("distill", help="f-distill the pipeline into a few-step student LoRA (SPEC §6)")
@@ -238,8 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     app = sub.add_parser("gradio", help="web app: base vs RL-guided images side by side")
-    app.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: the shipped one)")
-    app.add_argument("--lora", default="demo_out/lora", help="LoRA folder (default: the one `flowalign demo` writes)")
+    app.add_argument("--config", default=None, metavar="RECIPE", help=recipe_help % "")
+    app.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
+    app.add_argument("--lora", default=None, help="LoRA folder (default: the recipe's, else the one `flowalign "
+                                                  "demo` writes, demo_out/lora)")
+    app.add_argument("--steps", type=int, default=None, help="initial steps slider (default 20, or the recipe's)")
+    app.add_argument("--guidance-scale", type=float, default=None,
+                     help="initial CFG slider (default 4.5, or the recipe's)")
     app.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
     _device_flags(app)
@@ -249,9 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import FlowalignError
+    from .runtime.quiet import quiet_third_party
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that record how they were run
+    quiet_third_party()  # before any command imports diffusers / transformers
     try:
         return args.func(args)
     # known failures: bad input, a reward server that is down, NaN training, a full disk, a missing optional

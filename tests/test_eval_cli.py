@@ -87,3 +87,54 @@ def test_load_for_inference_refuses_float16():
 
     with pytest.raises(ValueError, match="float32.*bfloat16.*got 'float16'"):
         load_for_inference("unused", dtype="float16")
+
+
+def test_eval_table_is_compact_and_the_json_has_the_tasks(tmp_path, tiny_model, capsys):
+    model, lora_dir = tiny_model
+    out = tmp_path / "eval.json"
+    assert main(["eval", lora_dir, "--model", model, "--prompts", "toy:counting,colors", "--per-task", "1",
+                 "--steps", "1", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| weights | n | toy_geneval | toy_geneval_strict | toy_extra_objects |"
+    assert lines[2].startswith("| base | 2 | ") and lines[3].startswith(f"| {lora_dir} | 2 | ")
+    assert lines[-1] == f"wrote {out} (with the per-task scores)" and len(lines) == 5
+    assert "toy_geneval/counting" in json.loads(out.read_text())["scores"]["base"]
+
+
+def test_eval_prompt_file_without_reward_is_one_line(tmp_path, tiny_model, capsys):
+    model, _ = tiny_model
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["eval", "--model", model, "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowalign: error: ") and "pass --reward NAME" in err and "\n" not in err, err
+
+
+def test_eval_config_gives_defaults_and_flags_override(tmp_path, tiny_model, monkeypatch):
+    import shutil
+
+    import flowalign.apps.eval as app
+
+    model, lora_dir = tiny_model
+    shutil.copytree(lora_dir, tmp_path / "run" / "lora")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model:\n  path: {model}\nsampling:\n  eval_num_steps: 3\n  eval_guidance_scale: 2.0\n"
+                      f"train:\n  out_dir: {tmp_path / 'run'}\n  prompts: {prompts}\n  reward: clip_score\n"
+                      "  reward_options: {model: tiny}\n  eval_per_task: 5\n")
+    calls = []
+    monkeypatch.setattr(app, "evaluate_loras", lambda loras, model, **kw: calls.append((loras, model, kw)) or
+                        {"scores": {"base": {"n": 1, "clip_score": 0.5}}})
+    assert main(["eval", "--config", str(recipe)]) == 0
+    assert main(["eval", "other_lora", "--config", str(recipe), "--steps", "1", "--guidance-scale", "4",
+                 "--prompts", "toy", "--reward", "jpeg_compressibility", "--per-task", "2"]) == 0
+    (l1, m1, kw1), (l2, m2, kw2) = calls
+    assert (l1, m1) == ([str(tmp_path / "run" / "lora")], model)
+    assert {k: kw1[k] for k in ("prompts", "reward", "reward_options", "steps", "guidance_scale", "per_task")} == {
+        "prompts": str(prompts), "reward": "clip_score", "reward_options": {"model": "tiny"}, "steps": 3,
+        "guidance_scale": 2.0, "per_task": 5}
+    assert l2 == ["other_lora"]
+    assert {k: kw2[k] for k in ("prompts", "reward", "reward_options", "steps", "guidance_scale", "per_task")} == {
+        "prompts": "toy", "reward": "jpeg_compressibility", "reward_options": {}, "steps": 1, "guidance_scale": 4.0,
+        "per_task": 2}

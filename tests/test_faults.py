@@ -168,3 +168,16 @@ def test_a_reward_that_stays_broken_stops_the_run_with_a_checkpoint(tmp_path, ti
     msg = str(err.value)
     assert "\n" not in msg and "2 batches in a row had no finite reward" in msg and "--resume" in msg
     assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-2")
+
+
+def test_train_refuses_another_runs_folder_until_overwrite(tmp_path, tiny_pipe_dir, capsys):
+    from flowalign.cli import main
+
+    args = ["train", os.path.join(ROOT, "configs", "toy_grpo.yaml"), f"model.path={tiny_pipe_dir}",
+            f"train.out_dir={tmp_path}", *(f"{k}={v}" for k, v in {**SMALL, "train.iterations": 1}.items()
+                                           if v is not None), "sampling.sde_window=null"]
+    assert main(args) == 0
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("flowalign: error: ") and "pass --overwrite" in err[-1]
+    assert main([*args, "--overwrite"]) == 0

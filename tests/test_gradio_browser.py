@@ -98,3 +98,38 @@ def test_missing_lora_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "no aligned adapter at 'demo_out/lora': run `flowalign demo` first" in err and "\n" not in err
     assert main(["gradio", "--lora", str(tmp_path / "nope")]) == 2
     assert "LoRA folder" in capsys.readouterr().err
+
+
+def test_config_gives_the_app_its_defaults(tmp_path, tiny_model, capsys, monkeypatch):
+    pytest.importorskip("gradio", reason='gradio not installed: pip install -e ".[dev]"')
+    import shutil
+
+    import flowalign.apps.gradio_app as app
+    from flowalign.cli import main
+
+    model, lora_dir = tiny_model
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model:\n  path: {model}\nsampling:\n  eval_num_steps: 3\n  guidance_scale: 6.0\n"
+                      f"train:\n  out_dir: {tmp_path / 'run'}\n")
+    assert main(["gradio", "--config", str(recipe)]) == 2  # the recipe's run has not been trained yet
+    err = capsys.readouterr().err.strip()
+    assert f"train it with `flowalign train {recipe}` or pass --lora DIR" in err and "\n" not in err
+    shutil.copytree(lora_dir, tmp_path / "run" / "lora")
+    calls = []
+    monkeypatch.setattr(app, "launch", lambda **kw: calls.append(kw))
+    assert main(["gradio", "--config", str(recipe)]) == 0
+    assert main(["gradio", "--config", str(recipe), "--steps", "5", "--guidance-scale", "2", "--lora", lora_dir]) == 0
+    pick = lambda kw: (kw["model"], kw["lora_dir"], kw["default_steps"], kw["default_cfg"])  # noqa: E731
+    assert [pick(kw) for kw in calls] == [(model, str(tmp_path / "run" / "lora"), 3, 6.0), (model, lora_dir, 5, 2.0)]
+
+
+def test_ui_sliders_start_at_the_given_defaults():
+    pytest.importorskip("gradio", reason='gradio not installed: pip install -e ".[dev]"')
+    from types import SimpleNamespace
+
+    from flowalign.apps.gradio_app import build_ui
+
+    stub = SimpleNamespace(model="m", lora_dir="l", generate=lambda *a: None)
+    ui = build_ui(stub, default_steps=7, default_cfg=2.5)
+    values = {b.elem_id: b.value for b in ui.blocks.values() if getattr(b, "elem_id", None)}
+    assert values["steps"] == 7 and values["cfg"] == 2.5

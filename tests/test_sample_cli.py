@@ -62,3 +62,56 @@ def test_bad_input_one_line(tiny_model, tmp_path, capsys, args, message):
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flowalign: error: ") and message in err and "\n" not in err, err
+
+
+def test_sample_without_lora_draws_the_base_model(tiny_model, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    model, lora_dir = tiny_model
+    monkeypatch.chdir(tmp_path)  # no demo_out/lora here
+    common = ["sample", "--model", model, "--prompt", "a red circle", "--steps", "2"]
+    assert main(common + ["--out", "base.png"]) == 0
+    assert "no LoRA (demo_out/lora not found): sampling the base model" in capsys.readouterr().out
+    assert main(common + ["--lora", "none", "--out", "none.png"]) == 0
+    assert main(common + ["--lora", lora_dir, "--rlg-scale", "0", "--out", "w0.png"]) == 0
+    assert main(common + ["--lora", lora_dir, "--out", "w1.png"]) == 0
+    img = {n: np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("base", "none", "w0", "w1")}
+    assert np.array_equal(img["base"], img["none"]) and np.array_equal(img["base"], img["w0"])
+    assert not np.array_equal(img["base"], img["w1"])  # the LoRA changes the image
+    shutil.copytree(lora_dir, tmp_path / "demo_out" / "lora")  # now the demo's adapter is the default
+    capsys.readouterr()
+    assert main(common + ["--out", "demo.png"]) == 0
+    assert "base model" not in capsys.readouterr().out
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "demo.png").convert("RGB")), img["w1"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora", "/nonexistent/lora"], "or --lora none to sample the base model"),
+    (["--lora", "none", "--rlg-scale", "1.5"], "--rlg-scale 1.5 needs the fine-tuned adapter: pass --lora DIR"),
+])
+def test_sample_lora_errors_say_how_to_fix(tiny_model, tmp_path, capsys, args, message):
+    model, _ = tiny_model
+    assert main(["sample", "--model", model, "--prompt", "x", "--out", str(tmp_path / "o.png")] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowalign: error: ") and message in err and "\n" not in err, err
+
+
+def test_sample_config_gives_defaults_and_flags_override(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    import flowalign.apps.sample as sample
+
+    model, lora_dir = tiny_model
+    shutil.copytree(lora_dir, tmp_path / "run" / "lora")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model:\n  path: {model}\nsampling:\n  eval_num_steps: 3\n  guidance_scale: 6.0\n"
+                      f"train:\n  out_dir: {tmp_path / 'run'}\n")
+    calls = []
+    monkeypatch.setattr(sample, "sample_png", lambda out, prompt, scale, **kw: calls.append((scale, kw)) or out)
+    assert main(["sample", "--config", str(recipe), "--prompt", "x"]) == 0
+    assert main(["sample", "--config", str(recipe), "--prompt", "x", "--steps", "1", "--guidance-scale", "2",
+                 "--lora", "none", "--model", "other"]) == 0
+    (s1, kw1), (s2, kw2) = calls
+    assert (s1, kw1["model"], kw1["lora_dir"], kw1["steps"], kw1["guidance_scale"]) == (
+        1.0, model, str(tmp_path / "run" / "lora"), 3, 6.0)
+    assert (s2, kw2["model"], kw2["lora_dir"], kw2["steps"], kw2["guidance_scale"]) == (0.0, "other", None, 1, 2.0)

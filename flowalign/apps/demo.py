@@ -28,7 +28,7 @@ DEMO_CONFIG = shipped_config("toy_demo.yaml")
 def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bool = False,
                 model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG, resume: bool = False) -> Config:
     """The demo's recipe is ``configs/toy_demo.yaml`` (Centered Reward Distillation; its fixed budget fits
-    15 minutes on a 2-core CPU); ``quick`` shrinks it to a ~1-minute smoke run; ``steps`` overrides the number
+    15 minutes on a 2-core CPU); ``quick`` shrinks it to a smoke run of about 10 s; ``steps`` overrides the number
     of iterations; ``config`` names another recipe (any algorithm, e.g. configs/toy_grpo.yaml) to run the same report with."""
     overrides = {"model.path": model, "train.seed": seed, "train.out_dir": out_dir}
     if quick:
@@ -51,7 +51,8 @@ BASE_GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.5, 7.0)  # the base is also reported at 
 
 
 def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None, quick: bool = False,
-             model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG, resume: bool = False) -> dict:
+             model: str = DEFAULT_MODEL, config: str = DEMO_CONFIG, resume: bool = False,
+             overwrite: bool = False) -> dict:
     """Run the demo and write the report folder; returns the metrics written to metrics.json.
 
     The demo is ``run_training`` (checkpoints, ``--resume``, held-out evaluation before and after) observed by
@@ -60,7 +61,7 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, steps: int | None = None,
     report shows the gain over the base at its own best CFG, not only at the recipe's."""
     cfg = demo_config(out_dir, seed, steps, quick, model, config, resume)
     report = DemoReport(cfg, quick)
-    run_training(cfg, callbacks=[report])
+    run_training(cfg, callbacks=[report], overwrite=overwrite)
     print(f"wrote {out_dir}/report.md ({report.result['wall_s']:.0f} s)")
     return report.result
 

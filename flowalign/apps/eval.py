@@ -21,7 +21,11 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
     Returns (and writes to ``out`` as JSON, when given) ``{"settings": {...}, "scores": {"base": {...},
     lora_dir: {...}}}`` with the ``HeldoutEval`` keys (``toy_geneval``, ``toy_geneval/<task>``, ``ocr``, ``n``);
     ``reward`` (a name, built with ``reward_options``) scores a prompt file's prompts, and every prompt of a toy
-    spec too. ``device`` / ``dtype``: as :func:`flowalign.models.load_for_inference`."""
+    spec too (a prompt file without one would score nothing: ValueError). ``device`` / ``dtype``: as
+    :func:`flowalign.models.load_for_inference`."""
+    if not reward and toy_tasks(prompts) is None:
+        raise ValueError(f"--prompts {prompts!r} is a prompt file: pass --reward NAME to score its images (e.g. "
+                         "--reward clip_score --reward-option model=tiny; toy specs such as 'toy' need none)")
     scorer = get_reward(reward, **(reward_options or {})) if reward else None
     evaluator = HeldoutEval([prompts], per_task, steps, guidance_scale, train_rewards={prompts: scorer},
                             extra=[reward] if reward and toy_tasks(prompts) is not None else [])

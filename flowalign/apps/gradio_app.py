@@ -3,7 +3,8 @@
 Prompt, seed, steps, CFG and an RLG-scale slider; the base image (w = 0) and the aligned image
 (``out = out_ref + w (out_theta - out_ref)``, see ``flowalign.rlg``) are drawn from the same seed and
 shown side by side. Binds 127.0.0.1 unless ``--host`` is given. Defaults: the shipped pipeline and the
-adapter ``flowalign demo`` trains (``demo_out/lora``). Needs ``pip install "flowalign[app]"``.
+adapter ``flowalign demo`` trains (``demo_out/lora``), or with ``--config RECIPE`` the recipe's model, LoRA
+(``train.out_dir/lora``), evaluation steps and CFG. Needs ``pip install "flowalign[app]"``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import torch
 from ..config import DEFAULT_MODEL
 from ..models import pipeline_call_kwargs
 from ..rlg import enable_rlg
-from .sample import check_lora_dir, load_rlg_pipeline
+from .sample import DEFAULT_LORA, check_lora_dir, load_rlg_pipeline
 
-DEFAULT_LORA = "demo_out/lora"
 DISPLAY_SIZE = 256  # small toy images are upscaled (nearest) for display
 
 
@@ -74,8 +74,9 @@ class RLGApp:
         return base, aligned, info
 
 
-def build_ui(app: RLGApp, default_prompt: str = "two red circles", default_steps: int = 20):
-    """The gradio Blocks (not launched)."""
+def build_ui(app: RLGApp, default_prompt: str = "two red circles", default_steps: int = 20,
+             default_cfg: float = 4.5):
+    """The gradio Blocks (not launched); the sliders start at ``default_steps`` / ``default_cfg``."""
     gr = _gradio()
     with gr.Blocks(title="flowalign: RL guidance") as ui:
         gr.Markdown(
@@ -87,7 +88,7 @@ def build_ui(app: RLGApp, default_prompt: str = "two red circles", default_steps
         with gr.Row():
             seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
             steps = gr.Slider(1, 50, value=default_steps, step=1, label="steps", elem_id="steps")
-            cfg = gr.Slider(1.0, 10.0, value=4.5, step=0.5, label="CFG scale", elem_id="cfg")
+            cfg = gr.Slider(1.0, 10.0, value=default_cfg, step=0.5, label="CFG scale", elem_id="cfg")
             scale = gr.Slider(-1.0, 3.0, value=1.0, step=0.1, label="RLG scale w", elem_id="rlg_scale")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
@@ -100,12 +101,13 @@ def build_ui(app: RLGApp, default_prompt: str = "two red circles", default_steps
 
 def launch(model: str = DEFAULT_MODEL, lora_dir: str = DEFAULT_LORA, host: str = "127.0.0.1",
            port: Optional[int] = None, block: bool = True, default_steps: int = 20, device: Optional[str] = None,
-           dtype: str = "float32"):
+           dtype: str = "float32", default_cfg: float = 4.5):
     """Load the pipeline and serve the app on host:port (gradio's default port when None).
 
     block=False returns the running Blocks (``.close()`` stops it)."""
     _gradio()  # the install hint before the (slow) pipeline load
-    ui = build_ui(RLGApp(model, lora_dir, device=device, dtype=dtype), default_steps=default_steps)
+    ui = build_ui(RLGApp(model, lora_dir, device=device, dtype=dtype), default_steps=default_steps,
+                  default_cfg=default_cfg)
     ui.queue(default_concurrency_limit=1)
     ui.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
               quiet=not block)

@@ -1,7 +1,8 @@
 """Sampling with RL guidance from the command line: one scale -> a PNG; several scales -> a reward sweep.
 
 ``flowalign sample --lora DIR --rlg-scale W --prompt "..." --out FILE.png`` samples
-``pipe(prompt)`` with ``out = out_ref + W (out_theta - out_ref)`` (see ``flowalign.rlg``).
+``pipe(prompt)`` with ``out = out_ref + W (out_theta - out_ref)`` (see ``flowalign.rlg``); without a LoRA
+(``--lora none``, or none given and no ``demo_out/lora``) it samples the base model.
 ``flowalign sample --lora DIR --rlg-scale 0,0.5,1,1.5,2 --reward NAME --out DIR`` samples the same prompts
 with the same seeds (image i: ``torch.Generator().manual_seed(seed + i)``) at each scale, scores them with
 the reward and writes ``DIR/rlg_sweep.json`` (mean and standard error per scale), ``DIR/rlg_sweep.png``
@@ -18,9 +19,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import DEFAULT_MODEL
-from ..rlg import enable_rlg
+from ..rlg import disable_rlg, enable_rlg
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+DEFAULT_LORA = "demo_out/lora"  # what `flowalign demo` writes
 ADAPTER_NAME = "aligned"
 GRID_MAX = 8  # images per grid row
 
@@ -45,13 +47,15 @@ def _looks_local(path: str) -> bool:
     return path.startswith((os.sep, ".", "~")) or path.count("/") != 1 or path.endswith("/") or os.path.exists(path)
 
 
-def check_lora_dir(lora_dir: str) -> str:
-    """The LoRA folder (or .safetensors file) must exist; returns it."""
+LORA_FIX = "train one with `flowalign demo` (writes demo_out/lora) or pass --lora DIR"
+
+
+def check_lora_dir(lora_dir: str, fix: str = LORA_FIX) -> str:
+    """The LoRA folder (or .safetensors file) must exist (else a one-line error ending in ``fix``); returns it."""
     if os.path.isfile(lora_dir) and lora_dir.endswith(".safetensors"):
         return lora_dir
     if not os.path.isdir(lora_dir):
-        raise FileNotFoundError(f"LoRA folder {lora_dir!r} not found: train one with `flowalign demo` "
-                                "(writes demo_out/lora) or pass --lora DIR")
+        raise FileNotFoundError(f"LoRA folder {lora_dir!r} not found: {fix}")
     if not os.path.isfile(os.path.join(lora_dir, LORA_FILE)):
         raise FileNotFoundError(f"LoRA folder {lora_dir!r} has no {LORA_FILE}: pass a folder written by "
                                 "flowalign.lora.save_lora / pipe.save_lora_weights")
@@ -79,14 +83,18 @@ def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None
 
 
 @torch.no_grad()
-def sample_at_scale(pipe, prompts: Sequence[str], scale: float, seed: int = 0, steps: int = 20,
+def sample_at_scale(pipe, prompts: Sequence[str], scale: Optional[float], seed: int = 0, steps: int = 20,
                     guidance_scale: float = 4.5, batch_size: int = 16, zero_init_step: int = 0) -> torch.Tensor:
-    """Images [N,3,H,W] in [0,1] at RLG scale w; image i uses seed + i (paired across scales)."""
+    """Images [N,3,H,W] in [0,1] at RLG scale w (None: no RL guidance, the pipeline as loaded, e.g. the base
+    model without a LoRA); image i uses seed + i (paired across scales)."""
     from ..evaluation.sampling import sample_images
 
-    enable_rlg(pipe, scale, zero_init_step=zero_init_step)
+    if scale is None:
+        disable_rlg(pipe)
+    else:
+        enable_rlg(pipe, scale, zero_init_step=zero_init_step)
     return sample_images(pipe, list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale,
-                         batch_size=batch_size, desc=f"RLG w={scale:g}")
+                         batch_size=batch_size, desc="base" if scale is None else f"RLG w={scale:g}")
 
 
 def _save_images(images: torch.Tensor, path: str, captions: Sequence[str], label: str) -> None:
@@ -101,15 +109,20 @@ def _save_images(images: torch.Tensor, path: str, captions: Sequence[str], label
 def sample_png(out: str, prompt: str, scale: float, model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None,
                seed: int = 0, steps: int = 20, guidance_scale: float = 4.5, num_images: int = 1,
                device: Optional[str] = None, dtype: str = "float32") -> str:
-    """Sample ``num_images`` images of ``prompt`` at scale w and write them to ``out`` (one image, or a grid)."""
+    """Sample ``num_images`` images of ``prompt`` at scale w and write them to ``out`` (one image, or a grid).
+    Without ``lora_dir``: the base model, which only scale 0 describes (any other is a ValueError)."""
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out {out!r} must be a .png file for a single scale")
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    if lora_dir is None and scale != 0:
+        raise ValueError(f"RLG scale {scale:g} needs the fine-tuned adapter: pass lora_dir (scale 0 = the base)")
     pipe = load_rlg_pipeline(model, lora_dir, device, dtype)
-    images = sample_at_scale(pipe, [prompt] * num_images, scale, seed, steps, guidance_scale)
+    images = sample_at_scale(pipe, [prompt] * num_images, None if lora_dir is None else scale, seed, steps,
+                             guidance_scale)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    _save_images(images, out, [f"seed {seed + i}" for i in range(num_images)], f"w={scale:g}")
+    label = "base" if lora_dir is None else f"w={scale:g}"
+    _save_images(images, out, [f"seed {seed + i}" for i in range(num_images)], label)
     return out
 
 
