@@ -200,9 +200,23 @@ def _gradio(args: argparse.Namespace) -> int:
     _resolve(args, recipe, model=DEFAULT_MODEL, lora=DEFAULT_LORA, steps=20, guidance_scale=4.5)
     if recipe and args.lora == recipe["lora"]:
         check_lora_dir(args.lora, f"train it with `flowalign train {args.config}` or pass --lora DIR")
+    warning = bind_warning(args.host)
+    if warning:
+        print(f"flowalign: warning: {warning}", file=sys.stderr)
     launch(model=args.model, lora_dir=args.lora, host=args.host, port=args.port, device=args.device,
            dtype=args.dtype, default_steps=args.steps, default_cfg=args.guidance_scale)
     return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bind_warning(host: str):
+    """A one-line warning when the app would listen beyond this machine (None on loopback)."""
+    if host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"serving on {host}: anyone who can reach this machine can use the app (no authentication); "
+            "use the default --host 127.0.0.1 and an SSH tunnel to keep it private")
 
 
 def build_parser() -> argparse.ArgumentParser:

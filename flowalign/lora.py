@@ -199,17 +199,42 @@ def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "defau
     return out_dir
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load_lora_weights(pipe, path: str, adapter_name: Optional[str] = None) -> None:
+    """``pipe.load_lora_weights(path)`` for a diffusers-format LoRA folder or ``.safetensors`` file, safetensors
+    only: a pickled file (.bin, .pt, ...) can run code when loaded and is refused. Every failure is one line
+    (FileNotFoundError, or ValueError for a pickle, a damaged file or one that is not a LoRA of this pipeline)."""
+    name = os.path.basename(os.path.normpath(path)) or path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LoRA {path!r} not found: pass a folder written by flowalign train/demo")
+    files = os.listdir(path) if os.path.isdir(path) else [os.path.basename(path)]
+    if not any(f.endswith(".safetensors") for f in files):
+        pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        what = f"holds pickled weights ({pickled[0]}), which can run code when loaded" if pickled else \
+            "holds no .safetensors file"
+        raise ValueError(f"LoRA {name} {what}: flowalign loads .safetensors only; re-save it with "
+                         "safetensors.torch.save_file (or pipe.save_lora_weights)")
+    from safetensors import SafetensorError
+
+    kwargs = {} if adapter_name is None else {"adapter_name": adapter_name}
+    try:
+        pipe.load_lora_weights(path, use_safetensors=True, **kwargs)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
+        short = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ValueError(f"LoRA {name} could not be loaded ({type(err).__name__}: {short}): the file is damaged "
+                         "or not a LoRA of this pipeline; write it again with flowalign train/demo") from None
+
+
 def load_lora(adapter: PipelineAdapter, path: str, adapter_name: str = "default", trainable: bool = False) -> list:
     """Load a diffusers-format LoRA folder/file as adapter ``adapter_name`` (frozen unless trainable); safetensors
     only, never a pickle. The previously active adapter stays active. Returns its parameters."""
     if adapter_name in adapter_names(adapter):
         raise ValueError(f"LoRA adapter {adapter_name!r} already exists; pick another adapter_name")
-    if os.path.isfile(path) and not path.endswith(".safetensors"):
-        raise ValueError(f"LoRA file {path!r} is not a .safetensors file: flowalign loads no pickled weights; "
-                         "convert it with safetensors.torch.save_file")
     previous = active_adapter(adapter)
     flags = _grad_flags(adapter)
-    adapter.pipe.load_lora_weights(path, adapter_name=adapter_name, use_safetensors=True)
+    load_lora_weights(adapter.pipe, path, adapter_name)
     _restore_grad_flags(flags)
     params = lora_parameters(adapter, adapter_name)
     for p in params:

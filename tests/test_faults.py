@@ -181,3 +181,32 @@ def test_train_refuses_another_runs_folder_until_overwrite(tmp_path, tiny_pipe_d
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("flowalign: error: ") and "pass --overwrite" in err[-1]
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_lora_loading_is_safetensors_only_and_one_line(tmp_path, tiny_pipe_dir, finished_run):
+    from flowalign.lora import load_lora_weights
+    from flowalign.models import load_pipeline
+
+    pipe = load_pipeline(tiny_pipe_dir)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_lora_weights.bin")
+    with pytest.raises(ValueError, match=r"^LoRA pickled holds pickled weights \(pytorch_lora_weights.bin\), which "
+                                         r"can run code when loaded: flowalign loads .safetensors only"):
+        load_lora_weights(pipe, str(pickled))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_run / "lora", damaged)
+    open(damaged / "pytorch_lora_weights.safetensors", "r+b").truncate(64)
+    with pytest.raises(ValueError) as err:
+        load_lora_weights(pipe, str(damaged))
+    assert "\n" not in str(err.value) and "LoRA damaged could not be loaded" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_lora_weights(pipe, str(tmp_path / "missing"))
+    load_lora_weights(pipe, str(finished_run / "lora"))  # the real thing loads
+
+
+def test_binding_beyond_loopback_warns():
+    from flowalign.cli import bind_warning
+
+    assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None
+    assert "anyone who can reach this machine" in bind_warning("0.0.0.0")

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from ..evaluation.heldout import HeldoutEval
 from .. import models  # models.load_for_inference looked up at call time (tests spy on it)
+from ..lora import load_lora_weights
 from ..prompts import toy_tasks
 from ..rewards import get as get_reward
 
@@ -39,7 +40,7 @@ def evaluate_loras(loras: Sequence[str], model: str, prompts: str = "toy", per_t
     for name in ["base", *loras]:
         pipe = models.load_for_inference(model, device, dtype)
         if name != "base":
-            pipe.load_lora_weights(name)
+            load_lora_weights(pipe, name)  # safetensors only, one-line errors
         scores[name] = evaluator(pipe)[0]
     result = {"settings": {"model": model, "prompts": prompts, "per_task": per_task, "steps": steps,
                            "guidance_scale": guidance_scale, "seed": evaluator.seed, "n": len(evaluator.prompts),

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import DEFAULT_MODEL
+from ..lora import load_lora_weights
 from ..rlg import disable_rlg, enable_rlg
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -78,7 +79,7 @@ def load_rlg_pipeline(model: str = DEFAULT_MODEL, lora_dir: Optional[str] = None
     pipe = load_for_inference(model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir, adapter_name=ADAPTER_NAME, use_safetensors=True)
+        load_lora_weights(pipe, lora_dir, ADAPTER_NAME)  # safetensors only, one-line errors
     return pipe
 
 
