@@ -8,7 +8,7 @@ so that NaN/inf or a raising sample marks that sample invalid instead of failing
 from __future__ import annotations
 
 from .aesthetic import AestheticReward
-from .base import Reward, to_pil_list
+from .base import Reward, RewardUnavailable, to_pil_list
 from .clip import ClipScoreReward
 from .dino import DinoSimilarityReward
 from .guard import safe_scores
@@ -49,4 +49,4 @@ def differentiable_rewards() -> list[str]:
     return sorted(k for k, cls in REWARDS.items() if getattr(cls, "differentiable", False) is True)
 
 
-__all__ = ["REWARDS", "Reward", "differentiable_rewards", "get", "safe_scores", "to_pil_list"]
+__all__ = ["REWARDS", "Reward", "RewardUnavailable", "differentiable_rewards", "get", "safe_scores", "to_pil_list"]

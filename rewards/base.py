@@ -14,6 +14,12 @@ import torch
 Images = Any  # list[PIL.Image] | Tensor[B,3,H,W] | Tensor[B,F,3,H,W]
 
 
+class RewardUnavailable(ConnectionError):
+    """The reward cannot score anything now (e.g. its server is down after every retry, or its replies break the
+    protocol). ``safe_scores`` re-raises it at once instead of scoring the batch sample by sample, which would
+    repeat the same wait B times. The message is one line naming the cause and the fix."""
+
+
 def to_pil_list(images: Images) -> list:
     """Images (list of PIL, or a float tensor [B,3,H,W] in [0,1]) -> list of RGB PIL images."""
     from PIL import Image

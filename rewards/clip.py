@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Images, Reward
-from .hub import load, missing_message, resolve
+from .hub import check, load, missing_message, resolve
 from .preprocess import CLIP_MEAN, CLIP_STD, prepare
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -34,6 +34,9 @@ class CLIPEmbedder:
 
     def __init__(self, model: str = DEFAULT_CLIP, tokenizer: Optional[str] = None, what: str = "CLIP",
                  device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 32):
+        check(model, what)  # fail before the transformers import when the weights cannot be had
+        if tokenizer is not None:
+            check(tokenizer, what, "tokenizer")
         from transformers import CLIPModel, CLIPTokenizer
 
         self.model = load(CLIPModel, model, what).to(device=device, dtype=dtype).eval().requires_grad_(False)

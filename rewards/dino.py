@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Images, Reward
-from .hub import load
+from .hub import check, load
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, prepare
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -43,6 +43,7 @@ class Backbone:
     from index ``n_prefix`` (1 + register tokens)."""
 
     def __init__(self, model: str, image_size: Optional[int] = None, device: str = "cpu", batch_size: int = 32):
+        check(model, "dino_similarity backbone")  # fail before the transformers import when the weights are missing
         from transformers import AutoModel
 
         net = load(AutoModel, model, "dino_similarity backbone")

@@ -3,7 +3,9 @@
 Score the batch; if the reward raises, score the samples one by one. A sample whose score is NaN/inf or
 whose scoring raised is marked invalid and its score set to 0; the trainer drops invalid samples from
 the advantages. One ``RuntimeWarning`` names the reward and the count. If EVERY sample raises, the
-reward itself is broken: the batch's error is re-raised.
+reward itself is broken: the batch's error is re-raised. A ``RewardUnavailable`` (a reward server that is down,
+or answers replies that break its protocol) is re-raised at once: asking again per sample would only repeat the
+wait B times.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+
+from .base import RewardUnavailable
 
 
 def _item(images, i: int):
@@ -27,6 +31,8 @@ def safe_scores(reward, images, prompts: Sequence[str], metadata: Optional[Seque
     first_error = None
     try:
         scores = torch.as_tensor(reward(images, prompts, metadata), dtype=torch.float32).detach().cpu().reshape(b)
+    except RewardUnavailable:
+        raise
     except Exception as batch_error:
         vals, raised = [], 0
         for i in range(b):

@@ -55,9 +55,10 @@ class HPSReward(Reward):
                  tokenizer: Optional[str] = None, scale: float = 1.0, device: str = "cpu", batch_size: int = 32):
         if backend == "open_clip" and (pretrained is None or not os.path.isfile(pretrained)):
             raise FileNotFoundError(
-                f"HPS weights {pretrained or HPS_FILE!r} not found locally (offline): run `huggingface-cli download "
-                f"xswu/HPSv2 {HPS_FILE}` and pass pretrained=/path/to/{HPS_FILE} (needs pip install open_clip_torch), "
-                f"or pass backend='hf', model=/path/to/clip-folder")
+                f"HPS weights {pretrained or HPS_FILE!r} not found locally (offline): run `hf download xswu/HPSv2 "
+                f"{HPS_FILE}` (or `huggingface-cli download xswu/HPSv2 {HPS_FILE}`) and pass "
+                f"pretrained=/path/to/{HPS_FILE} (needs pip install open_clip_torch), or pass backend='hf', "
+                f"model=/path/to/clip-folder")
         self.clip = embedder(backend, model=model, tokenizer=tokenizer, pretrained=pretrained, what="HPS",
                              device=device, batch_size=batch_size)
         self.scale = scale
