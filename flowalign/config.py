@@ -1,12 +1,20 @@
 """Configuration dataclasses. Fields carry their help text; each section validates in ``__post_init__``
 and fails with a message that says how to fix it. YAML and ``key=value`` overrides fill them
 (``load_config``); nothing mutates a config after start-up.
+
+Every error from building a config (YAML, overrides, ``config_from_dict`` or the dataclasses built from Python) is
+a ``ValueError`` (``FileNotFoundError`` for a config file that is not there) of one line, at most ``MAX_MESSAGE``
+characters, naming ``section.key`` and what it accepts; values in messages are shortened and file contents are
+never echoed. Numbers must be finite; integers must be ints (not bools or floats).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +26,62 @@ DEFAULT_MODEL = asset("toy-sd3")  # the shipped tiny pipeline (flowalign.resourc
 SHARDINGS = ("none", "fsdp")  # flowalign.runtime.distributed / flowalign.runtime.fsdp
 LOGGERS = ("tensorboard", "wandb")
 
+# bounds of what a config may hold (bad input fails with one line instead of a RecursionError or a huge message)
+MAX_DEPTH = 12  # nesting of a whole config: sections -> keys -> mapping fields (opd.teachers.TASK.lora = 4)
+MAX_NODES = 10_000  # values (mappings, lists, scalars) in one config or one field, YAML aliases counted each time
+MAX_CONFIG_BYTES = 1 << 20  # a config file (the shipped recipes are ~2 kB)
+MAX_PATH_CHARS = 4096  # a path or hub id (PATH_MAX)
+MAX_TEXT_CHARS = 10_000  # a prompt (negative_prompt; flowalign.prompts reads prompt files with the same bound)
+MAX_NAME_CHARS = 200  # a name: reward, schedule, divergence, logger
+MAX_INT = 2**63 - 1  # integers fit int64 (torch / numpy)
+MAX_MESSAGE = 300  # characters of one error message
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlevel = 60, 60, 40, 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 6
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` shortened for an error message (at most ~70 characters, one line, nesting cut)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a value whose own __repr__ fails still gets a message
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= 70 else text[:60] + "..." + text[-7:]
+
+
+def _short_path(path: Any) -> str:
+    """A path for an error message: as given when short, else only (the end of) its file name; never contents."""
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        return _short(path)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if len(text) <= 120 and "\x00" not in text and text.isprintable():
+        return repr(text)
+    name = os.path.basename(text.rstrip("/")) or text
+    return _short(".../" + name if len(name) <= 60 else "..." + name[-57:])
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    """``text`` on one line, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _names(names, limit: int = 170, first: tuple = ()) -> str:
+    """``names`` joined for a message, ``first`` (close matches) in front, cut to about ``limit`` characters."""
+    names = [*first, *(n for n in names if n not in first)]
+    out, size = [], 0
+    for i, n in enumerate(names):
+        if out and size + len(n) + 2 > limit:
+            return ", ".join(out) + f", ... ({len(names) - i} more)"
+        out.append(n)
+        size += len(n) + 2
+    return ", ".join(out)
+
 
 def _help(text: str, default: Any) -> Any:
     if isinstance(default, (list, dict)):
@@ -26,24 +90,109 @@ def _help(text: str, default: Any) -> Any:
 
 
 def _choice(section: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+    try:
+        ok = value in choices
+    except Exception:  # a value that cannot be compared is no choice
+        ok = False
+    if not ok:
+        raise ValueError(f"{section}.{name}={_short(value)} is not valid; choose one of {_names(map(str, choices))}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _range(section: str, name: str, value: Any, rule: str, ok) -> None:
+    """One range check: ``value`` must be a finite number with ``ok(value)``; the message says ``rule``."""
+    finite = _is_number(value) and math.isfinite(value)
+    if not finite or not ok(value):
+        what = rule if finite or not _is_number(value) else f"a finite number {rule}"
+        raise ValueError(f"{section}.{name} must be {what}, got {_short(value)}")
 
 
 def _fraction(section: str, name: str, value: float) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"{section}.{name} must be in (0, 1], got {value}")
+    _range(section, name, value, "in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def _decay(section: str, name: str, value: float) -> None:
     """An EMA decay d in ``snap <- d snap + (1 - d) theta``: [0, 1) (1 would never move)."""
-    if not 0 <= value < 1:
-        raise ValueError(f"{section}.{name} must be in [0, 1), got {value}")
+    _range(section, name, value, "in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
-    if not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if allow_zero:
+        _range(section, name, value, ">= 0", lambda v: v >= 0)
+    else:
+        _range(section, name, value, "> 0", lambda v: v > 0)
+
+
+def _text(section: str, name: str, value: Any, limit: int, what: str = "a string", empty: bool = False) -> None:
+    """A string of at most ``limit`` characters without NUL bytes (non-empty unless ``empty``)."""
+    if not isinstance(value, str) or (not value and not empty) or len(value) > limit or "\x00" in value:
+        shown = _short_path(value) if isinstance(value, str) else _short(value)
+        raise ValueError(f"{section}.{name} must be {what} (a{'' if empty else ' non-empty'} string, at most {limit} "
+                         f"characters, no NUL), got {shown}")
+
+
+def _path(section: str, name: str, value: Any, what: str = "a path") -> None:
+    _text(section, name, value, MAX_PATH_CHARS, what)
+
+
+def _ints(section: str, name: str, value: Any, n: int, form: str) -> tuple:
+    """A list of ``n`` integers (``form`` names them, e.g. '[start, length]') -> a tuple of ints."""
+    if not isinstance(value, (list, tuple)) or len(value) != n or \
+            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and abs(v) <= MAX_INT for v in value):
+        raise ValueError(f"{section}.{name}={_short(value)} must be {form}: {n} integers")
+    return tuple(int(v) for v in value)
+
+
+def _numbers(section: str, name: str, value: Any, n: int, form: str) -> tuple:
+    """A list of ``n`` finite numbers -> a tuple of floats."""
+    if not isinstance(value, (list, tuple)) or len(value) != n or \
+            not all(_is_number(v) and math.isfinite(v) for v in value):
+        raise ValueError(f"{section}.{name}={_short(value)} must be {form}: {n} finite numbers")
+    return tuple(float(v) for v in value)
+
+
+def _shape(where: str, value: Any, max_depth: int) -> None:
+    """Nesting of ``value`` (mappings and lists) at most ``max_depth`` deep and ``MAX_NODES`` values, checked
+    without recursion (a self-referencing YAML alias or a deep list fails here, not with a RecursionError)."""
+    stack, nodes = [(value, 1)], 0
+    while stack:
+        v, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ValueError(f"{where} holds more than {MAX_NODES} values: a config is a few mappings of settings")
+        if isinstance(v, dict):
+            children = [*v.keys(), *v.values()]
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            children = list(v)
+        else:
+            continue
+        if depth >= max_depth and children:
+            raise ValueError(f"{where} is nested more than {max_depth} levels deep: a config is section -> key -> "
+                             "value (mapping fields a few levels more)")
+        stack.extend((c, depth + 1) for c in children)
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Type of every field of a section dataclass (built from YAML or from Python), normalised in place: ints
+    for int fields, floats for float fields, str for str fields (os.PathLike too); fails with one line naming it."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        checked = _check_type(section, f.name, value, str(f.type), yaml_strings=False)
+        if isinstance(checked, (dict, list, tuple)):
+            _shape(f"{section}.{f.name}", checked, MAX_DEPTH - 2)
+        if checked is not value:
+            object.__setattr__(obj, f.name, checked)
+
+
+def _check_finite(obj: Any, section: str) -> None:
+    """Backstop after a section's own checks: no float field is NaN or inf."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{section}.{f.name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -53,8 +202,8 @@ class ModelConfig:
     dtype: str = _help("weights: float32 | bfloat16 (the whole pipeline) | float16 (the denoiser only); LoRA "
                        "weights, rollout latents and sampler math stay float32", "float32")
     lora_rank: int = _help("LoRA rank r", 16)
-    lora_alpha: Optional[float] = _help("LoRA alpha (None = 2 r)", None)
-    lora_dropout: float = _help("LoRA dropout", 0.0)
+    lora_alpha: Optional[float] = _help("LoRA alpha, > 0 (None = 2 r)", None)
+    lora_dropout: float = _help("LoRA dropout probability, in [0, 1)", 0.0)
     lora_target_modules: Optional[tuple] = _help("module names (peft target_modules) that get LoRA layers, e.g. "
                                                  "[attn.to_q, ff.net.2] (None = the family's attention projections)",
                                                  None)
@@ -80,7 +229,19 @@ class ModelConfig:
         return out
 
     def __post_init__(self):
+        _check_fields(self, "model")
+        _path("model", "path", self.path, "a hub id or a local folder")
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.device is not None:
+            _text("model", "device", self.device, MAX_NAME_CHARS, "a torch device")
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError, TypeError):
+                raise ValueError(f"model.device={_short(self.device)} is not a torch device: use cpu, cuda or cuda:N "
+                                 "(null = cuda when available)") from None
+        _text("model", "negative_prompt", self.negative_prompt, MAX_TEXT_CHARS, "a prompt", empty=True)
         if self.max_sequence_length is not None:
             _positive("model", "max_sequence_length", self.max_sequence_length)
         if self.true_cfg_scale is not None:
@@ -90,20 +251,26 @@ class ModelConfig:
                                  "CFG with sampling.guidance_scale")
         _choice("model", "family", self.family, (None, "sd3", "flux", "sd", "sdxl", "wan"))
         _positive("model", "lora_rank", self.lora_rank)
+        if self.lora_alpha is not None:
+            _positive("model", "lora_alpha", self.lora_alpha)
+        _range("model", "lora_dropout", self.lora_dropout, "in [0, 1)", lambda v: 0 <= v < 1)
         if self.lora_target_modules is not None:
-            names = tuple(str(m) for m in self.lora_target_modules)
-            if not names or not all(names):
+            names = tuple(self.lora_target_modules)
+            if not names or not all(isinstance(m, str) and m and len(m) <= MAX_NAME_CHARS for m in names):
                 raise ValueError("model.lora_target_modules must list module names (e.g. [attn.to_q, attn.to_v]) "
-                                 "or be null for the family's defaults")
+                                 f"or be null for the family's defaults, got {_short(self.lora_target_modules)}")
             object.__setattr__(self, "lora_target_modules", names)
+        _check_finite(self, "model")
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     num_steps: int = _help("denoising steps per training rollout", 10)
     eval_num_steps: int = _help("denoising steps at evaluation", 10)
-    eval_guidance_scale: Optional[float] = _help("CFG scale at held-out evaluation (None = guidance_scale)", None)
-    guidance_scale: float = _help("CFG scale of the policy (the policy is the CFG-combined velocity)", 4.5)
+    eval_guidance_scale: Optional[float] = _help("CFG scale at held-out evaluation, >= 0 (None = guidance_scale)",
+                                                 None)
+    guidance_scale: float = _help("CFG scale of the policy (the policy is the CFG-combined velocity), >= 0; as in "
+                                  "diffusers CFG applies only above 1 (0..1 = no CFG)", 4.5)
     sampler: str = _help("flow_sde | flow_constant_noise | flow_cps | flow_ode (deterministic; CRD/OPD/NFT rollouts) "
                          "| flow_dpm2 (deterministic DPM-Solver++(2M), the DiffusionNFT reference's; NFT/CRD) "
                          "| ddim (SD/SDXL)", "flow_sde")
@@ -129,11 +296,15 @@ class SamplingConfig:
     num_frames: Optional[int] = _help("video frames (Wan; None = the pipeline's default)", None)
 
     def __post_init__(self):
+        _check_fields(self, "sampling")
         _positive("sampling", "num_steps", self.num_steps)
         for name in ("resolution", "num_frames"):
             if getattr(self, name) is not None:
                 _positive("sampling", name, getattr(self, name))
         _positive("sampling", "eval_num_steps", self.eval_num_steps)
+        _positive("sampling", "guidance_scale", self.guidance_scale, allow_zero=True)
+        if self.eval_guidance_scale is not None:
+            _positive("sampling", "eval_guidance_scale", self.eval_guidance_scale, allow_zero=True)
         from .rollout import DECODES, GRIDS, SAMPLERS
 
         _choice("sampling", "sampler", self.sampler, tuple(SAMPLERS))
@@ -152,11 +323,11 @@ class SamplingConfig:
             _positive("sampling", "grid_shift", self.grid_shift)
         _choice("sampling", "decode", self.decode, DECODES)
         if self.sde_window is not None:
-            if len(self.sde_window) != 2 or self.sde_window[0] < 0 or self.sde_window[1] < 1 or \
-                    self.sde_window[0] + self.sde_window[1] > self.num_steps:
-                raise ValueError(f"sampling.sde_window={list(self.sde_window)} must be [start, length] with "
+            w = _ints("sampling", "sde_window", self.sde_window, 2, "[start, length]")
+            if w[0] < 0 or w[1] < 1 or w[0] + w[1] > self.num_steps:
+                raise ValueError(f"sampling.sde_window={list(w)} must be [start, length] with "
                                  f"length >= 1 inside the {self.num_steps} steps")
-            object.__setattr__(self, "sde_window", tuple(int(v) for v in self.sde_window))
+            object.__setattr__(self, "sde_window", w)
         if self.sde_window_range is not None and self.sde_window_size is None:
             raise ValueError("sampling.sde_window_range needs sampling.sde_window_size (the random window's length)")
         if self.sde_window_size is not None:
@@ -164,13 +335,12 @@ class SamplingConfig:
                 raise ValueError("give sampling.sde_window (a fixed window) or sampling.sde_window_size (a random "
                                  "one), not both")
             rng = self.sde_window_range if self.sde_window_range is not None else (0, self.num_steps)
-            if len(rng) != 2:
-                raise ValueError(f"sampling.sde_window_range={list(rng)} must be [lo, hi]")
-            lo, hi = rng
+            lo, hi = _ints("sampling", "sde_window_range", rng, 2, "[lo, hi]")
             if not 0 <= lo < hi <= self.num_steps or not 1 <= self.sde_window_size <= hi - lo:
                 raise ValueError(f"sampling.sde_window_range=[{lo}, {hi}] must satisfy 0 <= lo < hi <= num_steps="
                                  f"{self.num_steps} and hold sde_window_size={self.sde_window_size} steps")
             object.__setattr__(self, "sde_window_range", (int(lo), int(hi)))
+        _check_finite(self, "sampling")
 
 
 @dataclass(frozen=True)
@@ -186,9 +356,10 @@ class AdvantageConfig:
                            "population")
     eps: float = _help("added to the std (Flow-GRPO 1e-4, DanceGRPO 1e-8, Flow-Factory 0)", 1e-4)
     floor: float = _help("lower bound of std + eps (Flow-Factory: 1e-6)", 0.0)
-    clip: float = _help("clip advantages to +-clip", 5.0)
+    clip: float = _help("clip advantages to +-clip, > 0 (a large number such as 1e6 for no clipping)", 5.0)
 
     def __post_init__(self):
+        _check_fields(self, "advantage")
         from .algorithms.advantages import ESTIMATORS, MEAN_MODES, STD_MODES
 
         _choice("advantage", "mean", self.mean, MEAN_MODES)
@@ -197,6 +368,7 @@ class AdvantageConfig:
         _positive("advantage", "eps", self.eps, allow_zero=True)
         _positive("advantage", "floor", self.floor, allow_zero=True)
         _positive("advantage", "clip", self.clip)
+        _check_finite(self, "advantage")
 
 
 @dataclass(frozen=True)
@@ -221,6 +393,7 @@ class GRPOConfig:
     inner_epochs: int = _help("passes over each rollout batch", 1)
 
     def __post_init__(self):
+        _check_fields(self, "grpo")
         _positive("grpo", "clip_range", self.clip_range)
         _positive("grpo", "beta", self.beta, allow_zero=True)
         _choice("grpo", "kl_scaling", self.kl_scaling, ("exact", "reference"))
@@ -234,6 +407,7 @@ class GRPOConfig:
 
         _choice("grpo", "kl_divergence", self.kl_divergence, tuple(DIVERGENCES))
         _positive("grpo", "inner_epochs", self.inner_epochs)
+        _check_finite(self, "grpo")
 
 
 @dataclass(frozen=True)
@@ -244,11 +418,11 @@ class TrainConfig:
     prompts_per_iter: int = _help("distinct prompts per iteration", 8)
     group_size: int = _help("samples per prompt (one GRPO group, same initial noise)", 8)
     minibatch: int = _help("samples per forward/backward in the update", 32)
-    lr: float = _help("AdamW learning rate", 3e-4)
-    weight_decay: float = _help("AdamW weight decay", 1e-4)
-    grad_clip: float = _help("max gradient norm", 1.0)
-    ema_decay: float = _help("EMA of the LoRA weights for evaluation (0 = off)", 0.0)
-    seed: int = _help("seed of prompts, noise and initialisation", 0)
+    lr: float = _help("AdamW learning rate, > 0", 3e-4)
+    weight_decay: float = _help("AdamW weight decay, >= 0", 1e-4)
+    grad_clip: float = _help("max gradient norm, > 0 (clip_grad_norm_; 0 would zero every gradient)", 1.0)
+    ema_decay: float = _help("EMA of the LoRA weights for evaluation, in [0, 1) (0 = off)", 0.0)
+    seed: int = _help("seed of prompts, noise and initialisation, in [0, 2**63)", 0)
     out_dir: str = _help("where metrics, samples and the LoRA are written", "runs/train")
     eval_every: int = _help("held-out evaluation every N iterations (0 = only at the end)", 0)
     eval_per_task: int = _help("held-out images per toy task at evaluation", 16)
@@ -273,23 +447,47 @@ class TrainConfig:
                        "(the denoiser's base and LoRA weights sharded over the processes per transformer block, "
                        "PyTorch FSDP2; also switched on by accelerate launch --config_file "
                        "configs/accelerate/fsdp.yaml); no effect in one process", "none")
+    reward_chunks: int = _help("roll each batch out in this many chunks of whole groups, so a finished chunk can "
+                               "be scored while the next samples (overlap_rewards); 1 = the whole batch at once", 1)
+    overlap_rewards: bool = _help("with reward_chunks > 1: score each finished chunk on a worker thread while the "
+                                  "next one samples (false: the same chunks scored after the rollout; the same "
+                                  "weights either way)", True)
 
     def __post_init__(self):
+        _check_fields(self, "train")
         from .algorithms import ALGORITHMS
 
+        _text("train", "reward", self.reward, MAX_NAME_CHARS, "a reward name")
+        _path("train", "prompts", self.prompts, "'toy', 'toy:TASK[,TASK...]' or a prompt file path")
+        _path("train", "out_dir", self.out_dir, "a folder path")
+        if self.eval_prompts is not None:
+            _path("train", "eval_prompts", self.eval_prompts, "a toy spec or a prompt file path")
+        for name in self.eval_rewards:
+            _text("train", "eval_rewards", name, MAX_NAME_CHARS, "a list of reward names, each")
+        bad = [k for k in self.reward_options if not isinstance(k, str) or not k]
+        if bad:
+            raise ValueError(f"train.reward_options keys must be option names (strings), got {_short(bad[0])}")
         _choice("train", "algorithm", self.algorithm, tuple(ALGORITHMS))
         _choice("train", "shard", self.shard, SHARDINGS)
         _positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        _positive("train", "eval_every", self.eval_every, allow_zero=True)
         _positive("train", "max_nan_steps", self.max_nan_steps)
+        _positive("train", "reward_chunks", self.reward_chunks)
         for name in self.log_with:
             _choice("train", "log_with", name, LOGGERS)
+        if len(set(self.log_with)) != len(self.log_with):
+            raise ValueError(f"train.log_with={_short(list(self.log_with))} names a logger twice")
         object.__setattr__(self, "log_with", tuple(self.log_with))
         for name in ("iterations", "prompts_per_iter", "group_size", "minibatch", "lr", "eval_per_task"):
             _positive("train", name, getattr(self, name))
+        _positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train", "grad_clip", self.grad_clip)
+        _range("train", "seed", self.seed, "in [0, 2**63)", lambda v: 0 <= v <= MAX_INT)
         if self.group_size < 2:
             raise ValueError("train.group_size must be >= 2: advantages are relative within a prompt's group")
         _decay("train", "ema_decay", self.ema_decay)
+        _check_finite(self, "train")
 
 
 @dataclass(frozen=True)
@@ -325,6 +523,7 @@ class NFTConfig:
     inner_epochs: int = _help("passes over each rollout batch", 1)
 
     def __post_init__(self):
+        _check_fields(self, "nft")
         from .algorithms.nft import ADV_MODES, DECAY_TYPES, LOSS_FORMS, TIMESTEP_SAMPLINGS
 
         _positive("nft", "beta", self.beta)
@@ -344,6 +543,7 @@ class NFTConfig:
         _positive("nft", "old_decay_rate", self.old_decay_rate, allow_zero=True)
         _decay("nft", "old_decay_max", self.old_decay_max)
         _positive("nft", "inner_epochs", self.inner_epochs)
+        _check_finite(self, "nft")
 
 
 @dataclass(frozen=True)
@@ -378,6 +578,7 @@ class CRDConfig:
     eps: float = _help("floor of the adaptive weights w = max(mean_d |v - u|, eps)", 1e-5)
 
     def __post_init__(self):
+        _check_fields(self, "crd")
         from .algorithms.crd import CENTER_WEIGHTINGS, CENTERINGS, FORMS, OLD_MODELS, parse_schedule
 
         _positive("crd", "beta", self.beta)
@@ -395,10 +596,15 @@ class CRDConfig:
         _positive("crd", "steps_per_iter", self.steps_per_iter)
         _positive("crd", "eps", self.eps)
         for name in ("old_schedule", "sampler_schedule"):
+            _text("crd", name, getattr(self, name), MAX_NAME_CHARS, "a decay schedule")
             try:
-                parse_schedule(getattr(self, name))
+                parsed = parse_schedule(getattr(self, name))
             except ValueError as err:
-                raise ValueError(f"crd.{name}: {err}") from None
+                raise ValueError(f"crd.{name}: {_one_line(err)}") from None
+            if not all(math.isfinite(v) for v in parsed):
+                raise ValueError(f"crd.{name}={_short(getattr(self, name))} must hold finite numbers "
+                                 "('start_step-start_value-slope-end_value', e.g. '75-0-0.0075-0.999')")
+        _check_finite(self, "crd")
 
 
 TEACHER_KEYS = ("lora", "guidance_scale", "prompts", "reward")
@@ -423,32 +629,47 @@ class OPDConfig:
 
     def __post_init__(self):
         if not isinstance(self.teachers, dict):
-            raise ValueError("opd.teachers must map task -> {lora: ..., guidance_scale: ...}")
+            raise ValueError(f"opd.teachers must map task -> {{lora: ..., guidance_scale: ...}}, got "
+                             f"{_short(self.teachers)}")
+        _check_fields(self, "opd")
         for task, t in self.teachers.items():
+            if not isinstance(task, str) or not task or len(task) > MAX_NAME_CHARS or not task.isprintable():
+                raise ValueError(f"opd.teachers task names must be non-empty strings of at most {MAX_NAME_CHARS} "
+                                 f"printable characters, got {_short(task)}")
+            where = f"opd.teachers.{_short(task)[1:-1] if len(task) > 40 else task}"
             if not isinstance(t, dict) or "lora" not in t:
-                raise ValueError(f"opd.teachers.{task} must be a mapping with at least lora: FOLDER "
+                raise ValueError(f"{where} must be a mapping with at least lora: FOLDER "
                                  f"(keys: {', '.join(TEACHER_KEYS)})")
             for key in t:
                 if key not in TEACHER_KEYS:
-                    raise ValueError(f"unknown key opd.teachers.{task}.{key}; valid keys: {', '.join(TEACHER_KEYS)}")
+                    raise ValueError(f"unknown key {where}.{_key(key)}; valid keys: {', '.join(TEACHER_KEYS)}")
+            _path(where, "lora", t["lora"], "a LoRA folder path")
             g = t.get("guidance_scale", 1.0)
-            if isinstance(g, bool) or not isinstance(g, (int, float)) or g <= 0:
-                raise ValueError(f"opd.teachers.{task}.guidance_scale must be a number > 0, got {g!r}")
+            if not _is_number(g) or not math.isfinite(g) or g <= 0:
+                raise ValueError(f"{where}.guidance_scale must be a finite number > 0, got {_short(g)}")
+            if t.get("prompts") is not None:
+                _path(where, "prompts", t["prompts"], "a prompt source ('toy:TASK' or a prompt file path)")
+            if t.get("reward") is not None:
+                _text(where, "reward", t["reward"], MAX_NAME_CHARS, "a reward name")
         _choice("opd", "scaling", self.scaling, ("exact", "reference"))
         _choice("opd", "reduction", self.reduction, ("mean", "sum"))
+        if self.alpha is not None:
+            _range("opd", "alpha", self.alpha, "a finite number (not 0 or 1)", lambda v: v not in (0, 1))
         if self.divergence is not None:  # checked here, not at the first update
             from .algorithms.divergences import get_divergence
 
+            _text("opd", "divergence", self.divergence, MAX_NAME_CHARS, "a divergence name")
             try:
                 get_divergence(self.divergence, self.alpha)
             except ValueError as err:
-                raise ValueError(f"opd.divergence: {err}") from None
+                raise ValueError(f"opd.divergence: {_one_line(err)}") from None
         if self.train_window is not None:
-            w = self.train_window
-            if len(w) != 3 or w[0] < 0 or w[2] < 1 or w[1] - w[0] + 1 < w[2]:
+            w = _ints("opd", "train_window", self.train_window, 3, "[first, last, length]")
+            if w[0] < 0 or w[2] < 1 or w[1] - w[0] + 1 < w[2]:
                 raise ValueError(f"opd.train_window={list(w)} must be [first, last, length] with "
                                  "0 <= first, length >= 1 and length <= last - first + 1")
-            object.__setattr__(self, "train_window", tuple(int(v) for v in w))
+            object.__setattr__(self, "train_window", w)
+        _check_finite(self, "opd")
 
 
 @dataclass(frozen=True)
@@ -463,11 +684,13 @@ class BackpropConfig:
     ref_guidance_scale: Optional[float] = _help("CFG of the reference in KL_v (None = sampling.guidance_scale)", None)
 
     def __post_init__(self):
+        _check_fields(self, "backprop")
         _positive("backprop", "grad_steps", self.grad_steps, allow_zero=True)
         _positive("backprop", "lambda_reward", self.lambda_reward, allow_zero=True)
         _positive("backprop", "lambda_kl", self.lambda_kl, allow_zero=True)
         if self.ref_guidance_scale is not None:
             _positive("backprop", "ref_guidance_scale", self.ref_guidance_scale)
+        _check_finite(self, "backprop")
 
 
 @dataclass(frozen=True)
@@ -500,6 +723,7 @@ class DistillConfig:
     disc_channels: int = _help("width of the discriminator (a small conv net on noised latents)", 32)
 
     def __post_init__(self):
+        _check_fields(self, "distill")
         _positive("distill", "student_steps", self.student_steps)
         from .algorithms.divergences import DIVERGENCES
 
@@ -513,16 +737,17 @@ class DistillConfig:
         if not 1 <= self.disc_heads <= 3:
             raise ValueError(f"distill.disc_heads must be 1, 2 or 3 (the discriminator has 3 feature levels), got "
                              f"{self.disc_heads}")
-        blo, bhi = (float(v) for v in self.ratio_bin_range) if len(self.ratio_bin_range) == 2 else (-1.0, -1.0)
+        blo, bhi = _numbers("distill", "ratio_bin_range", self.ratio_bin_range, 2, "[lo, hi]")
         if not 0 <= blo < bhi <= 1:
             raise ValueError(f"distill.ratio_bin_range={list(self.ratio_bin_range)} must be [lo, hi] with "
                              "0 <= lo < hi <= 1")
         object.__setattr__(self, "ratio_bin_range", (blo, bhi))
-        lo, hi = (float(v) for v in self.t_range) if len(self.t_range) == 2 else (-1.0, -1.0)
+        lo, hi = _numbers("distill", "t_range", self.t_range, 2, "[t_min, t_max]")
         if not 0 < lo < hi <= 1:
             raise ValueError(f"distill.t_range={list(self.t_range)} must be [t_min, t_max] with "
                              "0 < t_min < t_max <= 1")
         object.__setattr__(self, "t_range", (lo, hi))
+        _check_finite(self, "distill")
 
 
 @dataclass(frozen=True)
@@ -540,7 +765,15 @@ class Config:
 
     def __post_init__(self):
         """Checks across sections (the ones that only matter for the chosen algorithm)."""
+        for name, cls in _SECTION_CLASSES.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"Config.{name} must be a {cls.__name__} (build a config from mappings with "
+                                 f"config_from_dict), got {type(getattr(self, name)).__name__}")
         algo, s = self.train.algorithm, self.sampling
+        if s.sde_window_size is not None and self.train.reward_chunks > 1:
+            raise ValueError("sampling.sde_window_size draws a random SDE window per rollout, so chunks of one batch "
+                             "would get different windows: use train.reward_chunks=1 with it (or a fixed "
+                             "sampling.sde_window)")
         if s.sampler == "flow_dpm2" and algo not in ("nft", "crd"):
             raise ValueError(f"sampling.sampler=flow_dpm2 (a multistep solver) cannot be re-scored step by step: use "
                              f"it with train.algorithm=nft or crd, or flow_ode for {algo}")
@@ -576,56 +809,90 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "boo
                "tuple": "a list", "dict": "a mapping"}
 
 
-def _check_type(section: str, key: str, value: Any, annotation: str) -> Any:
+def _key(key: Any) -> str:
+    """A key for a message: as written when short and printable, else shortened."""
+    if isinstance(key, str) and len(key) <= 40 and key.isprintable() and key.strip() == key:
+        return key
+    return _short(key)
+
+
+def _check_type(section: str, key: str, value: Any, annotation: str, yaml_strings: bool = True) -> Any:
     """``value`` checked against a field annotation ('int', 'Optional[float]', ...); returns it normalised
-    (int -> float for float fields; a YAML 1.1 string like '1e-4' -> float). Fails with one line naming the key."""
+    (int -> float for float fields, numpy scalars -> Python numbers, os.PathLike -> str; with ``yaml_strings`` a
+    YAML 1.1 string like '1e-4' -> float). Fails with one line naming the key. Ranges (and NaN / inf) are the
+    sections' own checks."""
     optional = annotation.startswith("Optional[")
     base = annotation[len("Optional["):-1] if optional else annotation
+    what = f"{_TYPE_NAMES.get(base, base)}{' or null' if optional else ''}"
     if value is None:
         if optional:
             return None
         raise ValueError(f"{section}.{key} must be {_TYPE_NAMES.get(base, base)}, got null")
+    if base == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if abs(value) > MAX_INT:
+            raise ValueError(f"{section}.{key}={_short(value)} must be an integer below 2**63")
+        return value if type(value) is int else int(value)
+    if base == "float":
+        if isinstance(value, str) and yaml_strings and len(value) <= 100:
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+        if _is_number(value):
+            try:
+                return value if type(value) is float else float(value)
+            except (OverflowError, ValueError, TypeError):
+                raise ValueError(f"{section}.{key}={_short(value)} must be a finite number") from None
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+            return os.fspath(value)
     ok = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
         "bool": lambda v: isinstance(v, bool),
         "tuple": lambda v: isinstance(v, (list, tuple)),
         "dict": lambda v: isinstance(v, dict),
     }.get(base)
-    if ok is None or ok(value):
-        return float(value) if base == "float" else value
-    if base == "float" and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-        except ValueError:
-            pass
-    raise ValueError(f"{section}.{key}={value!r} must be {_TYPE_NAMES.get(base, base)}"
-                     f"{' or null' if optional else ''}")
+    if ok is not None and ok(value):
+        return value
+    raise ValueError(f"{section}.{key}={_short(value)} must be {what}")
 
 
-def config_from_dict(data: dict) -> Config:
-    """Build a Config from nested dicts; unknown sections or keys, and values of the wrong type, fail naming
-    the key and the valid choices."""
+def _build(data: Any) -> Config:
     if not isinstance(data, dict):
-        raise ValueError(f"a config must be a mapping of sections ({', '.join(_SECTION_CLASSES)}), got {type(data).__name__}")
+        raise ValueError(f"a config must be a mapping of sections ({', '.join(_SECTION_CLASSES)}), got "
+                         f"{type(data).__name__}")
+    _shape("the config", data, MAX_DEPTH)
     parts = {}
     for section, values in data.items():
-        if section not in _SECTION_CLASSES:
-            raise ValueError(f"unknown config section {section!r}; valid sections: {', '.join(_SECTION_CLASSES)}")
+        if not isinstance(section, str) or section not in _SECTION_CLASSES:
+            raise ValueError(f"unknown config section {_short(section)}; valid sections: {', '.join(_SECTION_CLASSES)}")
         cls = _SECTION_CLASSES[section]
         if values is not None and not isinstance(values, dict):
-            raise ValueError(f"config section {section!r} must be a mapping of keys, got {values!r}")
+            raise ValueError(f"config section {section!r} must be a mapping of keys, got {_short(values)}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         checked = {}
         for key, value in (values or {}).items():
-            if f"{section}.{key}" in MOVED_KEYS:
+            if isinstance(key, str) and f"{section}.{key}" in MOVED_KEYS:
                 raise ValueError(f"{section}.{key} is now {MOVED_KEYS[f'{section}.{key}']}: rename the key")
-            if key not in fields:
-                raise ValueError(f"unknown key {section}.{key}; valid keys: {', '.join(sorted(fields))}")
+            if not isinstance(key, str) or key not in fields:
+                import difflib
+
+                close = difflib.get_close_matches(str(key)[:40], list(fields), n=3) if isinstance(key, str) else []
+                raise ValueError(f"unknown key {section}.{_key(key)}; valid keys: "
+                                 f"{_names(sorted(fields), first=tuple(close))}")
             checked[key] = _check_type(section, key, value, str(fields[key].type))
         parts[section] = cls(**checked)
     return Config(**parts)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a Config from nested dicts; unknown sections or keys, and values of the wrong type or out of range,
+    fail with one ValueError line naming the key and what it accepts."""
+    try:
+        return _build(data)
+    except ValueError as err:
+        raise ValueError(_one_line(err, MAX_MESSAGE)) from None
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -643,43 +910,86 @@ def config_to_dict(cfg: Config) -> dict:
 def with_overrides(cfg: Config, overrides: dict) -> Config:
     """A new Config with ``{"section.key": value}`` replaced (validated again). Mapping fields take deeper keys,
     e.g. ``{"opd.teachers.ocr.lora": "runs/ocr/lora"}``."""
+    if not isinstance(cfg, Config):
+        raise ValueError(f"with_overrides needs a Config (load_config / config_from_dict), got {type(cfg).__name__}")
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a mapping {{'section.key': value}}, got {type(overrides).__name__}")
     data = config_to_dict(cfg)
     for dotted, value in overrides.items():
+        if not isinstance(dotted, str):
+            raise ValueError(f"override key {_short(dotted)} must be a string section.key (e.g. train.lr)")
         section, _, key = dotted.partition(".")
         if not key:
-            raise ValueError(f"override {dotted!r} must name section.key (sections: {', '.join(_SECTION_CLASSES)})")
+            raise ValueError(f"override {_short(dotted)} must name section.key (sections: "
+                             f"{', '.join(_SECTION_CLASSES)})")
         key, *deeper = key.split(".")
+        if len(deeper) > MAX_DEPTH:
+            raise ValueError(f"override {_short(dotted)} is nested more than {MAX_DEPTH} levels deep")
         if deeper and section not in _SECTION_CLASSES:
-            raise ValueError(f"unknown config section {section!r}; valid sections: {', '.join(_SECTION_CLASSES)}")
+            raise ValueError(f"unknown config section {_short(section)}; valid sections: {', '.join(_SECTION_CLASSES)}")
         target = data.setdefault(section, {})
         if deeper:
             if not isinstance(target, dict) or not isinstance(target.get(key, {}), dict) or \
                     (section in data and key not in target):
-                raise ValueError(f"override {dotted!r}: {section}.{key} is not a mapping field")
+                raise ValueError(f"override {_short(dotted)}: {section}.{_key(key)} is not a mapping field")
             target = target.setdefault(key, {})
             for part in deeper[:-1]:
                 if not isinstance(target.setdefault(part, {}), dict):
-                    raise ValueError(f"override {dotted!r}: {part} is not a mapping")
+                    raise ValueError(f"override {_short(dotted)}: {_key(part)} is not a mapping")
                 target = target[part]
             key = deeper[-1]
+        if not isinstance(target, dict):
+            raise ValueError(f"override {_short(dotted)}: {_key(section)} is not a config section")
         target[key] = value
     return config_from_dict(data)
+
+
+def _yaml_load(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` with nesting bounded *before* the (recursive) composer runs; any failure -> one
+    ValueError line starting with ``where``."""
+    import yaml
+
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # the parser is iterative; the composer is not
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ValueError(f"{where}: YAML nested more than {MAX_DEPTH} levels deep: a config is "
+                                     "section -> key -> value")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{where}: invalid YAML{at}: {_one_line(problem, 100)}") from None
+    except (TypeError, AttributeError, OverflowError, KeyError, IndexError, RecursionError) as err:
+        raise ValueError(f"{where}: invalid YAML: a value cannot be read ({type(err).__name__})") from None
+    except ValueError as err:  # a YAML constructor's (e.g. a date 2024-13-01, !!float abc), or the nesting bound
+        msg = str(err)
+        raise ValueError(msg if msg.startswith(where) else f"{where}: invalid YAML: {_one_line(msg, 100)}") from None
 
 
 def parse_overrides(items: list[str]) -> dict:
     """``["train.lr=1e-3", "sampling.sde_window=[0, 2]"]`` -> ``{"train.lr": 0.001, ...}``; each value is read
     with yaml.safe_load (numbers, booleans, null, lists, mappings; anything else stays a string)."""
-    import yaml
-
+    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
+        raise ValueError(f"overrides must be a list of 'section.key=value' strings, got {type(items).__name__}")
     out = {}
     for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"override {_short(item)} must be a string section.key=value (e.g. train.lr=1e-4)")
         key, eq, raw = item.partition("=")
         if not eq or "." not in key or not key.split(".")[0]:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+            raise ValueError(f"override {_short(item)} must look like section.key=value (e.g. train.lr=1e-4)")
+        where = f"override {_short(item)}"
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: cannot read the value as YAML ({str(err).splitlines()[0]})") from None
+            out[key.strip()] = _yaml_load(raw, where) if raw.strip() else None
+        except ValueError as err:  # the message of the old API: "override ...: cannot read the value as YAML (...)"
+            problem = str(err)[len(where) + 2:]
+            raise ValueError(f"{where}: cannot read the value as YAML ({problem})") from None
     return out
 
 
@@ -688,34 +998,44 @@ def resolve_config_path(path: str) -> str:
     from any folder); FileNotFoundError naming it otherwise."""
     from .resources import shipped_config
 
-    if os.path.isfile(path):
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise ValueError(f"a config path must be a string, got {type(path).__name__}")
+    if "\x00" not in path and os.path.isfile(path):
         return path
     name = os.path.basename(path)
-    shipped = shipped_config(name)
-    if os.path.normpath(path) in (name, os.path.join("configs", name)) and os.path.isfile(shipped):
+    shipped = shipped_config(name) if "\x00" not in name and name not in ("", ".", "..") else ""
+    if shipped and os.path.normpath(path) in (name, os.path.join("configs", name)) and os.path.isfile(shipped):
         return shipped
-    raise FileNotFoundError(f"config file {path!r} not found (shipped recipes: `ls {os.path.dirname(shipped)}`)")
+    raise FileNotFoundError(f"config file {_short_path(path)} not found (shipped recipes: "
+                            f"`ls {os.path.dirname(shipped_config('x.yaml'))}`)")
 
 
 def load_config(path: str, overrides: Optional[list[str] | dict] = None) -> Config:
     """Read a YAML config file and apply ``section.key=value`` overrides; every error is one line naming the
-    file or key."""
-    import yaml
-
+    file (its name, not its folder or contents) or key."""
     path = resolve_config_path(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+    name = os.path.basename(path)
+    name = name if len(name) <= 60 and name.isprintable() else _short(name)[1:-1]
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"config file {name}: cannot read it ({err.strerror or type(err).__name__})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{name}: a config file is a YAML text of at most {MAX_CONFIG_BYTES} bytes; this one is "
+                         "larger")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name}: not UTF-8 text (byte {err.start}): a config is a YAML text file") from None
+    data = _yaml_load(text, name)
     data = {} if data is None else data
     try:
         cfg = config_from_dict(data)
         if overrides:
             cfg = with_overrides(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(_one_line(f"{name}: {err}", MAX_MESSAGE)) from None
     return cfg

@@ -28,6 +28,18 @@ def test_defaults_are_valid_and_frozen():
         ({"grpo": {"adv_std": "group"}}, "grpo.adv_std is now advantage.std: rename the key"),
         ({"crd": {"old_schedule": "0-0.25-fast"}}, "crd.old_schedule: schedule '0-0.25-fast' must be "),
         ({"nft": {"old_decay_max": 1.0}}, "nft.old_decay_max must be in [0, 1), got 1.0"),
+        ({"train": {"lrr": 1e-3}}, "unknown key train.lrr; valid keys: lr, "),  # the close match first
+        ({"train": {"lr": float("inf")}}, "train.lr must be a finite number > 0, got inf"),
+        ({"train": {"grad_clip": -1}}, "train.grad_clip must be > 0, got -1.0"),
+        ({"train": {"weight_decay": -0.1}}, "train.weight_decay must be >= 0, got -0.1"),
+        ({"sampling": {"guidance_scale": float("nan")}}, "sampling.guidance_scale must be a finite number >= 0"),
+        ({"model": {"lora_dropout": 1.5}}, "model.lora_dropout must be in [0, 1), got 1.5"),
+        ({"model": {"lora_alpha": 0}}, "model.lora_alpha must be > 0, got 0.0"),
+        ({"advantage": {"clip": float("inf")}}, "advantage.clip must be a finite number > 0, got inf"),
+        ({"sampling": {"sde_window": [0.5, 2]}}, "sampling.sde_window=[0.5, 2] must be [start, length]: 2 integers"),
+        ({"model": {"device": "gpu"}}, "model.device='gpu' is not a torch device"),
+        ({"opd": {"teachers": {"a": {"lora": "x", "guidance_scale": float("nan")}}}},
+         "opd.teachers.a.guidance_scale must be a finite number > 0, got nan"),
     ],
 )
 def test_bad_values_name_the_key(data, needle):
@@ -58,3 +70,20 @@ def test_divergence_help_lists_every_table_entry():
     for cls, name in ((GRPOConfig, "kl_divergence"), (DistillConfig, "divergence")):
         text = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
         assert all(d in text for d in DIVERGENCES), (cls.__name__, text)
+
+
+def test_sections_from_python_check_types_too():
+    """The dataclasses called directly (not through config_from_dict) reject what YAML would: bools and floats for
+    integers, strings for numbers, NaN; ints become floats for float fields."""
+    import math
+
+    for build, needle in [(lambda: TrainConfig(iterations=2.5), "train.iterations=2.5 must be an integer"),
+                          (lambda: TrainConfig(iterations=True), "train.iterations=True must be an integer"),
+                          (lambda: TrainConfig(lr="fast"), "train.lr='fast' must be a number"),
+                          (lambda: TrainConfig(grad_clip=math.nan), "train.grad_clip must be a finite number > 0"),
+                          (lambda: SamplingConfig(guidance_scale=-1), "sampling.guidance_scale must be >= 0"),
+                          (lambda: Config(train="x"), "Config.train must be a TrainConfig")]:
+        with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+            build()
+    assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
+    assert SamplingConfig(guidance_scale=0).guidance_scale == 0.0  # 0..1: no CFG (diffusers applies it above 1)
