@@ -19,6 +19,7 @@ sampler do) while the step math keeps the exact sigma.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -126,6 +127,34 @@ class Trajectory:
     @property
     def stochastic_steps(self) -> list[int]:
         return [int(i) for i in torch.nonzero(self.stochastic).flatten()]
+
+
+def concat_trajectories(parts: Sequence[Trajectory]) -> Trajectory:
+    """One trajectory of the rows of ``parts`` in order (rollouts of consecutive chunks of one batch). The grid,
+    the stochastic steps and the sampler settings must be the same in every part (ValueError otherwise)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    for p in parts[1:]:
+        same = (torch.equal(p.timesteps, first.timesteps) and torch.equal(p.sigmas, first.sigmas)
+                and torch.equal(p.stochastic, first.stochastic) and p.sampler == first.sampler
+                and p.noise_level == first.noise_level and p.guidance_scale == first.guidance_scale)
+        if not same:
+            raise ValueError("trajectories to concatenate must share their grid, stochastic steps and sampler "
+                             "(a random SDE window is drawn per rollout: roll out such a batch in one chunk)")
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    def cat_dicts(dicts):
+        return None if dicts[0] is None else {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+
+    cond = Conditioning([q for p in parts for q in p.cond.prompts], cat_dicts([p.cond.cond for p in parts]),
+                        cat_dicts([p.cond.uncond for p in parts]))
+    return dataclasses.replace(first, latents=cat("latents"), log_probs=cat("log_probs"),
+                               prompts=[q for p in parts for q in p.prompts], cond=cond, means=cat("means"),
+                               reference_kl=cat("reference_kl"), last_x0_hat=cat("last_x0_hat"))
 
 
 def stochastic_mask(num_steps: int, sde_window: Optional[tuple[int, int]] = None,

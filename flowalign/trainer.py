@@ -15,6 +15,7 @@ import os
 import random
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Optional, Sequence
 
@@ -39,6 +40,7 @@ from .prompts import PromptSource, toy_tasks
 from .rewards import get as get_reward
 from .evaluation.report import image_grid
 from .rewards.guard import safe_scores
+from .rollout import concat_trajectories
 
 
 class Trainer:
@@ -101,6 +103,9 @@ class Trainer:
                                                          self.generator)
         self.algorithm.dist = self.dist
         self.algorithm.use_reward(self.reward)
+        # scoring a finished rollout chunk on a worker thread while the next one samples (train.overlap_rewards)
+        self._overlap = cfg.train.overlap_rewards and cfg.train.reward_chunks > 1
+        self._scorer = ThreadPoolExecutor(1, thread_name_prefix="flowalign-reward") if self._overlap else None
         # a batch with no valid reward is skipped when the rule learns from the scores (not OPD, not backprop)
         self._rewarded = self.algorithm.uses_rewards and any(r is not None for r in self.rewards.values())
 
@@ -193,6 +198,35 @@ class Trainer:
             rewards[rows], valid[rows] = scores.float().cpu(), ok.cpu()
         return rewards, valid
 
+    def _rollout_chunks(self, prompts: list, tasks: list):
+        """Roll out this process's rows in ``train.reward_chunks`` chunks of whole groups; each finished chunk's
+        scoring is handed to a worker thread (``train.overlap_rewards``) while the next chunk samples, or left to
+        the reward phase. The chunks and their order are the same either way, so are the weights. Returns (trajectory of all
+        rows, [job() -> (rewards, valid, scoring seconds)] in row order, seconds in the rollout)."""
+        g = self.cfg.train.group_size
+        groups = len(prompts) // g
+        n = max(1, min(self.cfg.train.reward_chunks, groups))
+        bounds = [g * (groups * i // n) for i in range(n + 1)]
+        parts, pending, rolling = [], [], 0.0
+
+        def score(traj, rows_tasks):
+            t = time.perf_counter()
+            rewards, valid = self._score(traj, rows_tasks)
+            return rewards, valid, time.perf_counter() - t
+
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            self.callbacks.on_phase_begin(self, "rollout")
+            t = time.perf_counter()
+            part = self.algorithm.rollout(prompts[a:b])
+            rolling += time.perf_counter() - t
+            self.callbacks.on_phase_end(self, "rollout")
+            parts.append(part)
+            if self._overlap and n > 1:
+                pending.append(self._scorer.submit(score, part, tasks[a:b]).result)
+            else:  # scored in the reward phase, after the rollout, in the main thread
+                pending.append(lambda part=part, rows=tasks[a:b]: score(part, rows))
+        return concat_trajectories(parts), pending, rolling
+
     def step(self) -> dict:
         """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl).
         Distributed: each process rolls out and scores its shard of the global batch; rewards are gathered."""
@@ -201,12 +235,14 @@ class Trainer:
         t0 = time.perf_counter()
         prompts, tasks = self._sample_prompts()  # the global batch (the same on every process)
         mine = self.dist.shard(len(prompts), self.cfg.train.group_size)
-        cb.on_phase_begin(self, "rollout")
-        traj = self.algorithm.rollout(prompts[mine])
-        cb.on_phase_end(self, "rollout")
-        t1 = time.perf_counter()
+        traj, pending, time_rollout = self._rollout_chunks(prompts[mine], tasks[mine])
         cb.on_phase_begin(self, "reward")
-        rewards, valid = self._score(traj, tasks[mine])
+        wait0 = time.perf_counter()
+        scored = [job() for job in pending]  # (rewards, valid, seconds spent scoring) per chunk
+        waited = time.perf_counter() - wait0
+        scoring = sum(s for _, _, s in scored)
+        hidden = max(scoring - waited, 0.0) if self._overlap else 0.0  # scored while the next chunk sampled
+        rewards, valid = torch.cat([r for r, _, _ in scored]), torch.cat([v for _, v, _ in scored])
         rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
         adv = advantages_for(rewards, prompts, self.cfg, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
@@ -232,7 +268,8 @@ class Trainer:
                        reward_mean=ok.mean().item() if ok.numel() else None,
                        reward_std=ok.std().item() if ok.numel() else None, invalid_rewards=int((~valid).sum()),
                        nan_steps=self.algorithm.nan_steps, skipped_batches=self.bad_batches,
-                       time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2)
+                       time_rollout=time_rollout, time_reward=t2 - t0 - time_rollout, time_update=t3 - t2,
+                       time_reward_scoring=scoring, time_reward_hidden=hidden)
         if len(self.rewards) > 1:
             for task in self.rewards:
                 m = valid & torch.tensor([x == task for x in tasks])
