@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace another run's checkpoints and LoRA in train.out_dir (refused without it)")
     train.set_defaults(func=_train)
 
-    distill = sub.add_parser("distill", help="f-distill the pipeline into a few-step student LoRA (SPEC §6)")
+    distill = sub.add_parser("distill", help="f-distill the pipeline into a few-step student LoRA "
+                                             "(docs/algorithms/fdistill.md)")
     distill.add_argument("config", help="YAML config file, e.g. configs/toy_fdistill.yaml")
     distill.add_argument("overrides", nargs="*", metavar="section.key=value",
                          help="override config values, e.g. distill.divergence=forward_kl train.iterations=50")

@@ -23,7 +23,8 @@ def quoted_text(prompt: str) -> str:
     """The text between the first pair of double quotes; ValueError when there is none."""
     m = _QUOTED.search(prompt)
     if m is None:
-        raise ValueError(f'ocr reward: prompt {prompt!r} has no "quoted text"; write the target text in double '
+        shown = repr(prompt) if len(prompt) <= 60 else repr(prompt[:57] + "...")
+        raise ValueError(f'ocr reward: prompt {shown} has no "quoted text"; write the target text in double '
                          f'quotes, e.g. a sign that says "OPEN"')
     return m.group(1)
 

@@ -29,5 +29,13 @@ class ToyGenEvalReward(Reward):
     def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         from flowalign.toy import toy_geneval  # the toy world lives in the core package
 
-        frac, strict, _ = toy_geneval(images, prompts, no_extra=self.no_extra, partial=self.partial)
+        try:
+            frac, strict, _ = toy_geneval(images, prompts, no_extra=self.no_extra, partial=self.partial)
+        except ValueError as err:
+            if "cannot parse prompt" not in str(err):
+                raise
+            # the prompt itself is not repeated: it may be a line of any file train.prompts pointed at
+            raise ValueError("toy_geneval scores the toy world's prompts only (e.g. 'a red circle', 'two blue "
+                             "squares'), and a prompt of this batch is not one: set train.prompts to toy or "
+                             "toy:TASK, or use a reward that reads any prompt (e.g. clip_score)") from None
         return strict if self.strict else frac

@@ -210,3 +210,18 @@ def test_binding_beyond_loopback_warns():
 
     assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None
     assert "anyone who can reach this machine" in bind_warning("0.0.0.0")
+
+
+def test_a_file_that_is_not_a_prompt_file_is_not_echoed(tmp_path, tiny_pipe_dir, capsys):
+    from flowalign.cli import main
+
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    args = ["train", os.path.join(ROOT, "configs", "toy_grpo.yaml"), f"model.path={tiny_pipe_dir}",
+            f"train.out_dir={tmp_path / 'run'}", f"train.prompts={secret}", "train.reward=toy_geneval",
+            *(f"{k}={v}" for k, v in {**SMALL, "train.iterations": 1}.items() if v is not None and k != "train.reward"),
+            "sampling.sde_window=null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("flowalign: error: toy_geneval scores the toy world's prompts only")
+    assert "root:" not in err[-1] and "daemon" not in err[-1]

@@ -174,7 +174,8 @@ def parse_prompt(prompt: str) -> SceneSpec:
         if caption(spec) != p:
             raise ValueError(f"not in canonical form (expected {caption(spec)!r})")
     except ValueError as e:
-        raise ValueError(f"cannot parse prompt {prompt!r} ({e}); supported templates: {_supported()}") from None
+        shown = repr(prompt) if len(prompt) <= 60 else repr(prompt[:57] + "...")
+        raise ValueError(f"cannot parse prompt {shown} ({e}); supported templates: {_supported()}") from None
     return spec
 
 
