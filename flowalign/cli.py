@@ -355,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"flowalign: error: {err}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:  # an output path
+        name = err.filename if err.filename is not None else "a path"
+        print(f"flowalign: error: cannot write {name}: {err.strerror}; choose another output path (--out, "
+              "train.out_dir)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -225,3 +225,15 @@ def test_a_file_that_is_not_a_prompt_file_is_not_echoed(tmp_path, tiny_pipe_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("flowalign: error: toy_geneval scores the toy world's prompts only")
     assert "root:" not in err[-1] and "daemon" not in err[-1]
+
+
+def test_an_output_path_that_cannot_be_a_folder_is_one_line(tmp_path, tiny_pipe_dir, capsys):
+    from flowalign.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = ["train", os.path.join(ROOT, "configs", "toy_grpo.yaml"), f"model.path={tiny_pipe_dir}",
+            f"train.out_dir={blocker / 'run'}", "train.iterations=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flowalign: error: cannot write ") and "output path" in err[0]
