@@ -386,10 +386,13 @@ class Trainer:
         t = self.cfg.train
         return checkpoint.save(t.out_dir, self.iteration, collect, self.dist, t.keep_checkpoints)
 
-    def load_checkpoint(self, path: str, verified: bool = False) -> None:
-        """Load ``path`` (a ckpt-<it> folder) into this freshly built trainer; it must verify (unless ``verified``
-        says it just did) and the config must match."""
-        state = checkpoint.load(path, self.cfg, verified)
+    def load_checkpoint(self, path: str, state: Optional[dict] = None) -> None:
+        """Load ``path`` (a ckpt-<it> folder) into this freshly built trainer; it must verify and the config must
+        match. ``state``: what ``checkpoint.read(path)`` already returned for it."""
+        if state is None:
+            state = checkpoint.load(path, self.cfg)
+        else:
+            checkpoint.fits(state, self.cfg, path)
         try:
             self.load_state_dict(state)
         except (KeyError, ValueError) as err:
@@ -397,13 +400,13 @@ class Trainer:
                                              "run's settings or start a fresh run in another train.out_dir") from None
 
     def resume(self) -> str:
-        """Load the newest checkpoint of ``train.out_dir`` that verifies (``checkpoint.verify``; each newer one is
+        """Load the newest checkpoint of ``train.out_dir`` that verifies (``checkpoint.read``; each newer one is
         skipped with one warning saying why) and cut metrics.jsonl / metrics.csv / evals.jsonl back to its
         iteration. Returns its path; CheckpointError when none verifies."""
         out = self.cfg.train.out_dir
-        found, skipped, path = checkpoint.list_checkpoints(out), [], None
+        found, skipped, path, state = checkpoint.list_checkpoints(out), [], None, None
         for _, candidate in reversed(found):
-            why = checkpoint.verify(candidate)
+            state, why = checkpoint.read(candidate)
             if why is None:
                 path = candidate
                 break
@@ -416,7 +419,7 @@ class Trainer:
                 f"no checkpoint (ckpt-<iteration>/) in {out}"
             raise checkpoint.CheckpointError(f"nothing to resume: {what}; run without --resume to start, or point "
                                              "train.out_dir at the run to continue")
-        self.load_checkpoint(path, verified=True)
+        self.load_checkpoint(path, state)
         self.metrics_log.truncate(self.iteration)
         if self.dist.is_main:  # distributed: rank 0 writes, every rank loads
             write_jsonl(self.evals_path, self.evals)

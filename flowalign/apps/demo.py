@@ -20,7 +20,7 @@ from ..config import DEFAULT_MODEL, Config, load_config, resolve_config_path
 from ..callbacks import TrainerCallback
 from ..evaluation.report import plot_reward_curve
 from ..resources import shipped_config
-from ..trainer import run_training
+from ..trainer import _headline, run_training
 
 DEMO_CONFIG = shipped_config("toy_demo.yaml")
 
@@ -115,12 +115,6 @@ class DemoReport(TrainerCallback):
         (_write_report if key == "toy_geneval" else _write_plain_report)(out_dir, self.result, name)
 
 
-def _headline(row: dict) -> str:
-    from ..trainer import _headline as headline
-
-    return headline(row)
-
-
 def _plain_scores(row: dict, key: str) -> dict:
     """A held-out row scored by one reward ``key`` (e.g. ocr) -> {key, "n", "per_task": {task: score}}."""
     prefix = f"{key}/"
@@ -142,14 +136,17 @@ Held-out {key}, {r['heldout_images']} held-out images, same seeds before and aft
 Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f} s wall in all (seed {r['seed']}),
 on the reward {training_reward(r['config']['train'])}.
 {table}
-![reward curve](reward_curve.png)
-
-![base vs aligned, same seeds](grid.png)
-
-Per-iteration metrics: `metrics.jsonl`. The adapter: `lora/` (`pipe.load_lora_weights("{out_dir}/lora")`).
 """
+    _write_markdown(out_dir, text)
+
+
+def _write_markdown(out_dir: str, body: str) -> None:
+    """report.md: ``body``, then the pictures and where the metrics and the adapter are (every demo report)."""
+    footer = ("![reward curve](reward_curve.png)\n\n![base vs aligned, same seeds](grid.png)\n\n"
+              f"Per-iteration metrics: `metrics.jsonl`. The adapter: `lora/` "
+              f"(`pipe.load_lora_weights(\"{out_dir}/lora\")`).\n")
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(text)
+        f.write(body + footer)
 
 
 def _toy_scores(row: dict) -> dict:
@@ -239,11 +236,5 @@ drawing).
 |---|---|---|---|
 {checks}
 
-![reward curve](reward_curve.png)
-
-![base vs aligned, same seeds](grid.png)
-
-Per-iteration metrics: `metrics.jsonl`. The adapter: `lora/` (`pipe.load_lora_weights("{out_dir}/lora")`).
 """
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(text)
+    _write_markdown(out_dir, text)

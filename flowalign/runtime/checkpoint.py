@@ -112,48 +112,54 @@ def write_manifest(folder: str) -> None:
     write_json(os.path.join(folder, MANIFEST_FILE), {"format": FORMAT, "files": files})
 
 
-def verify(path: str) -> Optional[str]:
-    """None when the checkpoint folder ``path`` is whole, else why not (a few words): its manifest missing or
-    unreadable, a listed file missing, of another size or content, ``state.json`` without what a state holds, an
-    iteration that is not the folder's, or a non-finite float tensor."""
+def read(path: str) -> tuple[Optional[dict], Optional[str]]:
+    """(state, None) when the checkpoint folder ``path`` is whole, with its tensors back in place; else (None, why
+    not, in a few words): its manifest missing or unreadable, a listed file missing, of another size or content,
+    ``state.json`` without what a state holds, an iteration that is not the folder's, or a non-finite float tensor.
+    The tensors are read once, for the check and the state alike."""
     try:
         with open(os.path.join(path, MANIFEST_FILE), encoding="utf-8") as f:
             manifest = json.load(f)
         files = manifest["files"]
     except FileNotFoundError:
-        return "no manifest.json (an interrupted write, or a checkpoint of an older flowalign)"
+        return None, "no manifest.json (an interrupted write, or a checkpoint of an older flowalign)"
     except (OSError, ValueError, KeyError, TypeError):
-        return "manifest.json is unreadable"
+        return None, "manifest.json is unreadable"
     for name in (STATE_FILE, TENSORS_FILE):
         if name not in files:
-            return f"the manifest lists no {name}"
+            return None, f"the manifest lists no {name}"
     for name, entry in files.items():
         full = os.path.join(path, name)
         if not os.path.isfile(full):
-            return f"{name} is missing"
+            return None, f"{name} is missing"
         if os.path.getsize(full) != entry.get("size") or _sha256(full) != entry.get("sha256"):
-            return f"{name} does not match its hash (changed or corrupted)"
+            return None, f"{name} does not match its hash (changed or corrupted)"
     try:
         with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError):
-        return f"{STATE_FILE} is unreadable"
+        return None, f"{STATE_FILE} is unreadable"
     missing = [k for k in STATE_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:
-        return f"{STATE_FILE} has no {missing[0]!r}"
+        return None, f"{STATE_FILE} has no {missing[0]!r}"
     m = _NAME.fullmatch(os.path.basename(os.path.normpath(path)))
     if not isinstance(meta["iteration"], int) or m is None or meta["iteration"] != int(m.group(1)):
-        return f"its iteration {meta['iteration']!r} is not the folder's"
+        return None, f"its iteration {meta['iteration']!r} is not the folder's"
     try:
         from safetensors.torch import load_file
 
         tensors = load_file(os.path.join(path, TENSORS_FILE))
     except Exception as err:  # safetensors raises its own error type on a damaged file  # noqa: BLE001
-        return f"{TENSORS_FILE} does not load ({type(err).__name__})"
+        return None, f"{TENSORS_FILE} does not load ({type(err).__name__})"
     bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
-        return f"tensor {bad} is not finite"
-    return None
+        return None, f"tensor {bad} is not finite"
+    return join_tensors(meta, tensors), None
+
+
+def verify(path: str) -> Optional[str]:
+    """None when the checkpoint folder ``path`` is whole, else why not (see ``read``)."""
+    return read(path)[1]
 
 
 # --- tensors <-> safetensors + JSON ------------------------------------------------------------------------
@@ -306,25 +312,21 @@ def check_config(saved: dict, cfg, path: str) -> None:
         warnings.warn(f"resuming {path} with changed settings: {', '.join(changed)}", RuntimeWarning, stacklevel=2)
 
 
-def load(path: str, cfg, verified: bool = False) -> dict:
-    """The state dict saved in ``path`` (a ckpt-<it> folder), tensors back in place; the run's config ``cfg``
-    must match the saved one (``check_config``). CheckpointError when it does not verify or cannot be read."""
-    from safetensors.torch import load_file
-
-    why = None if verified else verify(path)
+def load(path: str, cfg) -> dict:
+    """The state dict saved in ``path`` (a ckpt-<it> folder), tensors back in place; it must verify (``read``) and
+    the run's config ``cfg`` must match the saved one (``fits``). CheckpointError otherwise."""
+    state, why = read(path)
     if why is not None:
         raise CheckpointError(f"checkpoint {path} does not verify: {why}; resume takes the newest one that does")
-    try:
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-        tensors = load_file(os.path.join(path, TENSORS_FILE))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path} ({err}); delete it to resume from the one "
-                              "before") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this flowalign reads {FORMAT}")
-    check_config(meta["config"], cfg, path)
-    return join_tensors(meta, tensors)
+    fits(state, cfg, path)
+    return state
+
+
+def fits(state: dict, cfg, path: str) -> None:
+    """CheckpointError unless ``state`` (read from ``path``) has this flowalign's format and ``cfg``'s settings."""
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, this flowalign reads {FORMAT}")
+    check_config(state["config"], cfg, path)
 
 
 def start_fresh(out_dir: str, overwrite: bool = False) -> None:
