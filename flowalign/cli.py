@@ -98,6 +98,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    report = doctor.run(args.config, args.overrides, out=args.out, rows=args.rows, dtypes=args.dtypes,
+                        seed=args.seed)
+    return 1 if report.verdict == "fail" else 0
+
+
 def _distill(args: argparse.Namespace) -> int:
     from .config import load_config
     from .distill import run_distill
@@ -288,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace another run's checkpoints and LoRA in train.out_dir (refused without it)")
     train.set_defaults(func=_train)
+
+    doc = sub.add_parser("doctor", help="before training: is the config on-policy (rollout vs re-scored log-probs "
+                                        "per dtype / batch / CFG / attention setting), is the reference the base, do "
+                                        "LoRA gradients flow, is the reward deterministic, does the grid match")
+    doc.add_argument("config", help="YAML config file, e.g. configs/toy_grpo.yaml")
+    doc.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values, as for train")
+    doc.add_argument("--out", default=None, help="folder for doctor.md, doctor.json, doctor_gaps.png (default: "
+                                                 "train.out_dir/doctor)")
+    doc.add_argument("--rows", type=int, default=None,
+                     help="rows rolled out per setting (default: the run's rollout batch, at most 16; 0: all of it)")
+    doc.add_argument("--dtypes", default=None, help="denoiser dtypes to compare (default fp32,bf16,fp16)")
+    doc.add_argument("--seed", type=int, default=0, help="seed of the prompts and the rollout noise")
+    doc.set_defaults(func=_doctor)
 
     distill = sub.add_parser("distill", help="f-distill the pipeline into a few-step student LoRA "
                                              "(docs/algorithms/fdistill.md)")

@@ -281,11 +281,17 @@ def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16)
     for n, p in den.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
-    for handle in getattr(den, "_flowalign_cast_hooks", ()):
+    set_cast_hooks(den, dtype)
+
+
+def set_cast_hooks(denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The denoiser's input/output casting hooks for base weights in ``dtype`` (none for float32); replaces any
+    installed before (set_precision's, or the doctor's while it measures another dtype)."""
+    for handle in getattr(denoiser, "_flowalign_cast_hooks", ()):
         handle.remove()
-    den._flowalign_cast_hooks = () if dtype == torch.float32 else (
-        den.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True),
-        den.register_forward_hook(_cast_outputs_back))
+    denoiser._flowalign_cast_hooks = () if dtype == torch.float32 else (
+        denoiser.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True),
+        denoiser.register_forward_hook(_cast_outputs_back))
 
 
 def _to(module: torch.nn.Module, dtype: torch.dtype) -> None:

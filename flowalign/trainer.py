@@ -43,6 +43,26 @@ from .rewards.guard import safe_scores
 from .rollout import concat_trajectories
 
 
+def prepare_model(cfg: Config, adapter=None, device=None):
+    """The run's pipeline adapter before its LoRA: ``model.path`` loaded (unless ``adapter`` is given) with the
+    base weights in ``model.dtype`` (``lora.set_precision``); the trainer and ``flowalign doctor`` share it."""
+    if adapter is None:
+        adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device,
+                               torch_dtype=lora.load_dtypes(DTYPES[cfg.model.dtype]),
+                               trust_remote_code=cfg.model.trust_remote_code, **cfg.model.adapter_kwargs())
+    avoid_cudnn_attention(adapter.device)  # its backward failed on FLUX shapes (flowalign.runtime.kernels)
+    if cfg.model.dtype != "float32":
+        lora.set_precision(adapter, DTYPES[cfg.model.dtype])
+    return adapter
+
+
+def add_policy_lora(cfg: Config, adapter) -> list:
+    """The trainable LoRA of ``model`` (rank, alpha, dropout, targets) on the adapter -> its float32 parameters."""
+    m = cfg.model
+    return lora.add_lora(adapter, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                         target_modules=m.lora_target_modules)
+
+
 class Trainer:
     """Any algorithm of ``ALGORITHMS`` on any supported pipeline.
 
@@ -60,17 +80,8 @@ class Trainer:
             self.callbacks.add(cb)
         self.dist = distributed.setup(cfg.train.shard)  # one process, or its place under accelerate launch / torchrun
         torch.manual_seed(cfg.train.seed)
-        if adapter is None:
-            device = cfg.model.device or self.dist.device
-            adapter = load_adapter(cfg.model.path, family=cfg.model.family, device=device,
-                                   torch_dtype=lora.load_dtypes(DTYPES[cfg.model.dtype]),
-                                   trust_remote_code=cfg.model.trust_remote_code, **cfg.model.adapter_kwargs())
-        self.adapter = adapter
-        avoid_cudnn_attention(self.adapter.device)  # its backward failed on FLUX shapes (flowalign.runtime.kernels)
-        if cfg.model.dtype != "float32":
-            lora.set_precision(self.adapter, DTYPES[cfg.model.dtype])
-        self.params = lora.add_lora(self.adapter, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
-                                    dropout=cfg.model.lora_dropout, target_modules=cfg.model.lora_target_modules)
+        self.adapter = prepare_model(cfg, adapter, device=cfg.model.device or self.dist.device)
+        self.params = add_policy_lora(cfg, self.adapter)
         ALGORITHMS[cfg.train.algorithm].prepare_model(cfg, self.adapter)  # e.g. OPD's teachers, before sharding
         self.dist.broadcast_(self.params)  # distributed: every process starts from rank 0's LoRA
         if cfg.model.gradient_checkpointing:

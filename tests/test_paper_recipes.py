@@ -38,4 +38,4 @@ def test_recipe_trains_one_iteration_on_a_tiny_pipeline(recipe, tmp_path):
     assert m["update_samples"] == 4 and m["invalid_rewards"] == 0, m
     assert any(not torch.equal(a, p) for a, p in zip(before, tr.params))
     if cfg.train.algorithm == "grpo":
-        assert m["logp_diff"] < 1e-4  # on-policy at the first update, with every switch of the recipe on
+        assert m["onpolicy_logp_gap"] < 1e-4  # on-policy at the first update, with every switch of the recipe on

@@ -41,7 +41,7 @@ def test_first_update_is_on_policy_and_weights_move(tmp_path):
     tr = _trainer(tmp_path, MeanPixel())
     before = [p.detach().clone() for p in tr.params]
     m = tr.step()
-    assert m["logp_diff"] < 1e-5
+    assert m["onpolicy_logp_gap"] < 1e-5
     assert abs(m["ratio_mean"] - 1) < 1e-5
     assert m["update_samples"] == 6 and m["samples"] == 6
     assert any(not torch.equal(a, p) for a, p in zip(before, tr.params))

@@ -107,7 +107,7 @@ def test_crd_log_ratio_zero_at_start_and_snapshot_schedules(tmp_path):
     tr = Trainer(cfg, adapter=_tiny(), reward=MeanPixel())
     theta0 = _clone(tr.params)
     m = tr.step()
-    assert m["log_ratio_abs_first"] == 0.0  # old == current at s = 0: l = 0 exactly
+    assert m["onpolicy_logp_gap"] == 0.0  # old == current at s = 0: l = 0 exactly
     assert m["optimizer_steps"] == 1 and m["old_decay"] == schedule_decay(OLD_SCHEDULE, 1) == 0.255
     assert m["sampler_decay"] == schedule_decay(SAMPLER_SCHEDULE, 1) == 0.0
     theta1 = _clone(tr.params)
@@ -117,7 +117,7 @@ def test_crd_log_ratio_zero_at_start_and_snapshot_schedules(tmp_path):
     for s, b in zip(tr.algorithm.sampler.tensors, theta1):
         assert torch.equal(s, b)  # hard copy while s < 75
     m2 = tr.step()
-    assert m2["log_ratio_abs_first"] > 0 and m2["old_decay"] == schedule_decay(OLD_SCHEDULE, 2)
+    assert m2["onpolicy_logp_gap"] > 0 and m2["old_decay"] == schedule_decay(OLD_SCHEDULE, 2)
 
 
 def test_crd_two_optimizer_steps_per_iteration_whole_groups(tmp_path):
@@ -232,4 +232,4 @@ def test_crd_old_model_snapshot_or_reference(tmp_path, old_model):
     tr.algorithm.old.update(0.0)
     tr.algorithm.sampler.update(0.0)
     m = tr.step()
-    assert (m["log_ratio_abs_first"] == 0.0) == (old_model == "snapshot")
+    assert (m["onpolicy_logp_gap"] == 0.0) == (old_model == "snapshot")

@@ -82,6 +82,7 @@ class UpdateRule:
     name = "base"
     title = "update rule"  # how reports name the method (each rule sets its own)
     uses_rewards = True
+    has_ratio = False  # a likelihood ratio of re-scored rollout steps in the loss (the on-policy gap moves it)
     dist: Distributed = SINGLE
 
     def __init__(self, cfg, adapter, params, optimizer, generator: torch.Generator):

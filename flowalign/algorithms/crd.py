@@ -44,6 +44,7 @@ from .. import lora
 from ..rollout import Trajectory
 from .advantages import group_ids_from_prompts
 from ..runtime.snapshot import Snapshot
+from .onpolicy import OnPolicyMeter
 from .base import UpdateRule, require_flow
 from .distances import velocity_distance
 from .timesteps import forward_timesteps
@@ -311,7 +312,8 @@ class CRDUpdate(UpdateRule):
     optimizer-step count: ``old`` and ``sampler`` move by ``schedule_decay`` of ``crd.old_schedule`` /
     ``crd.sampler_schedule``. With ``crd.old_model=reference`` v_old is the adapter-disabled base (Flow-Factory's
     ``use_old_for_loss: false``); the old snapshot is still kept and moved, as there.
-    Metrics: loss, main, kl, ``log_ratio_abs_first`` (mean |l| of the first micro-batch: 0 while old == current),
+    Metrics: loss, main, kl, the on-policy keys of ``flowalign.algorithms.onpolicy`` for l (``onpolicy_logp_gap``:
+    mean |l| before the first optimizer step, 0 while old == current; ``ratio_*`` of exp(l)),
     residual_abs, grad_norm, old_decay, sampler_decay, optimizer_steps, update_samples.
     """
 
@@ -346,7 +348,8 @@ class CRDUpdate(UpdateRule):
             return {"update_samples": 0}
         groups = groups[torch.randperm(groups.numel(), generator=self.generator)]
         per_mb = max(1, t.minibatch // t.group_size)
-        stats = {"loss": [], "main": [], "kl": [], "residual": [], "first": None}
+        stats = {"loss": [], "main": [], "kl": [], "residual": []}
+        meter = OnPolicyMeter()  # l = 0 before the first optimizer step while old == current (algorithms.onpolicy)
         grad_norm = 0.0
         for chunk in torch.tensor_split(groups, min(c.steps_per_iter, groups.numel())):
             batches = [torch.nonzero(torch.isin(gids, g)).flatten() for g in chunk.split(per_mb)]
@@ -380,13 +383,13 @@ class CRDUpdate(UpdateRule):
                     (out.loss * weight / len(draws)).backward()
                     if part.placeholder:
                         continue
-                    if stats["first"] is None:
-                        stats["first"] = l.detach()[mask].abs().mean().item()
+                    meter.add(l, mask)
                     stats["loss"].append(out.loss.item())
                     stats["main"].append(out.main.item())
                     stats["kl"].append(out.kl.item())
                     stats["residual"].append(out.residual[mask].abs().mean().item())
             grad_norm = self.optimizer_step()
+            meter.step_taken()
         s = self.optimizer_steps
         d_old = schedule_decay(c.old_schedule, s)
         d_sampler = schedule_decay(c.sampler_schedule, s)
@@ -397,5 +400,5 @@ class CRDUpdate(UpdateRule):
                     "sampler_decay": d_sampler, "optimizer_steps": s}
         return {"update_samples": int(valid.sum()), "loss": float(np.mean(stats["loss"])),
                 "main": float(np.mean(stats["main"])), "kl": float(np.mean(stats["kl"])),
-                "log_ratio_abs_first": stats["first"], "residual_abs": float(np.mean(stats["residual"])),
+                **meter.metrics(), "residual_abs": float(np.mean(stats["residual"])),
                 "grad_norm": grad_norm, "old_decay": d_old, "sampler_decay": d_sampler, "optimizer_steps": s}

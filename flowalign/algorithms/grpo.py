@@ -25,6 +25,7 @@ from ..rollout import Trajectory, rescore
 from ..samplers import GaussianStep
 from .advantages import advantages_for
 from .fdistill import transition_weights
+from .onpolicy import OnPolicyMeter
 from .base import UpdateRule, configured_rollout
 
 
@@ -55,13 +56,14 @@ def guard_log_ratio(new: GaussianStep, logp_old: torch.Tensor, mean_old: torch.T
 
 @dataclass
 class GRPOStepLoss:
-    """loss: scalar to minimise; policy/kl/ratio: [B] per sample (detached); clip_frac: scalar."""
+    """loss: scalar to minimise; policy/kl/ratio/log_ratio: [B] per sample (detached); clip_frac: scalar."""
 
     loss: torch.Tensor
     policy: torch.Tensor
     kl: torch.Tensor
     ratio: torch.Tensor
     clip_frac: torch.Tensor
+    log_ratio: Optional[torch.Tensor] = None
 
 
 def grpo_step_loss(
@@ -116,7 +118,8 @@ def grpo_step_loss(
     ratio = log_ratio.detach().exp()
     clipped = ((ratio - 1).abs() > clip_range).float()
     return GRPOStepLoss(loss=loss, policy=per_sample.detach() - beta * kl.detach(), kl=kl.detach(), ratio=ratio,
-                        clip_frac=(clipped * weights).sum() / weights.sum().clamp_min(1.0))
+                        clip_frac=(clipped * weights).sum() / weights.sum().clamp_min(1.0),
+                        log_ratio=log_ratio.detach())
 
 
 # ---- update rule ------------------------------------------------------------------------------------
@@ -154,12 +157,14 @@ class GRPOUpdate(UpdateRule):
     adapter-disabled model) is minimised, one optimizer step per minibatch (``train.minibatch``) per inner epoch
     (``grpo.inner_epochs``). With ``grpo.kl_reward`` > 0 the rollout also records the per-step KL to the reference
     and each step k gets its own advantage from ``R - kl_reward KL_k`` (Flow-GRPO's sample.kl_reward).
-    Metrics: ``logp_diff`` (mean |logp recomputed - logp rollout| before any update: the on-policy check),
-    ratio mean/min/max, clip_frac, kl, loss, grad_norm, update_samples (and ``kl_reward_penalty``).
+    Metrics: the on-policy keys of ``flowalign.algorithms.onpolicy`` (``onpolicy_logp_gap`` etc. before the first
+    optimizer step: the on-policy check; ratio mean/min/max, clip_frac), kl, loss, grad_norm, update_samples (and
+    ``kl_reward_penalty``).
     """
 
     name = "grpo"
     title = "Flow-GRPO"  # how reports name the method
+    has_ratio = True
 
     def rollout(self, prompts):
         return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)),
@@ -186,7 +191,8 @@ class GRPOUpdate(UpdateRule):
         signal = (adv != 0) if step_adv is None else (step_adv != 0).any(dim=1)
         active = valid & (signal | (g.beta > 0))
         rows = torch.nonzero(active).flatten()
-        stats = {"ratio": [], "clip_frac": [], "kl": [], "logp_diff": None, "loss": []}
+        stats = {"kl": [], "loss": []}
+        meter = OnPolicyMeter(g.clip_range)  # the on-policy keys every rule with a ratio logs (algorithms.onpolicy)
         if rows.numel() == 0 or not pool:
             return {"update_samples": 0}
         n_global = adv.shape[0]
@@ -212,24 +218,18 @@ class GRPOUpdate(UpdateRule):
                     (out.loss * part.share / len(columns)).backward()
                     if part.placeholder:  # FSDP: a zero-weight row that only keeps the collectives in step
                         continue
-                    if stats["logp_diff"] is None:  # on-policy check: before any update of this batch
-                        diff = new.log_prob().detach() - traj.log_probs[part.local, kk]
-                        stats["logp_diff"] = diff.abs().mean().item()
-                    stats["ratio"].append(out.ratio)
-                    stats["clip_frac"].append(out.clip_frac.item())
+                    meter.add(out.log_ratio)
                     stats["kl"].append(out.kl.mean().item())
                     stats["loss"].append(out.loss.item())
                 grad_norm = self.optimizer_step()
+                meter.step_taken()
         extra = {}
         if step_adv is not None:
             kl = traj.reference_kl[:, traj.stochastic_steps]
             extra["kl_reward_penalty"] = float(g.kl_reward * kl.sum(dim=1).mean())
         if not stats["loss"]:  # distributed: this process held none of the active rows
             return {"update_samples": int(rows.numel()), "grad_norm": grad_norm, **extra}
-        ratio = torch.cat(stats["ratio"])
-        return {"update_samples": int(rows.numel()), "loss": float(np.mean(stats["loss"])),
-                "logp_diff": stats["logp_diff"], "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(),
-                "ratio_min": ratio.min().item(), "clip_frac": float(np.mean(stats["clip_frac"])),
+        return {"update_samples": int(rows.numel()), "loss": float(np.mean(stats["loss"])), **meter.metrics(),
                 "kl": float(np.mean(stats["kl"])), "grad_norm": grad_norm, **extra}
 
     def progress(self, metrics: dict) -> dict:

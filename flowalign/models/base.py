@@ -116,6 +116,9 @@ class PipelineAdapter:
     denoiser_name: str = "transformer"  # attribute of the pipeline holding the network LoRA is put on
     default_sampler: str = "flow_sde"
     video: bool = False
+    # CFG's two branches in ONE denoiser call on [2B] rows (diffusers' way); False: two calls on [B] rows each.
+    # Kernels may differ with the batch size, so rollout and re-scoring must agree on it (flowalign doctor)
+    cfg_batched: bool = True
 
     def __init__(self, pipe, negative_prompt: str = "", max_sequence_length: int = 512):
         if type(pipe).__name__ != self.pipeline_class and not any(
@@ -195,8 +198,8 @@ class PipelineAdapter:
     def predict(self, x: torch.Tensor, timestep, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
         """Network output with CFG, float32, shape of x.
 
-        ``out = out(null) + g (out(c) - out(null))`` when CFG is active (one batched call on [2B]),
-        else ``out(c)``. timestep: scheduler units (``SamplingGrid.timesteps[k]``), a float or [B].
+        ``out = out(null) + g (out(c) - out(null))`` when CFG is active (one batched call on [2B], or two on [B]
+        with ``cfg_batched = False``), else ``out(c)``. timestep: scheduler units (``SamplingGrid.timesteps[k]``), a float or [B].
         x is cast to the denoiser's dtype before the call.
         """
         b = x.shape[0]
@@ -207,9 +210,13 @@ class PipelineAdapter:
             if cond.uncond is None:
                 raise ValueError(f"guidance_scale {g} needs unconditional embeddings: call "
                                  f"encode_prompts(prompts, guidance_scale={g})")
-            emb = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
-            out = self._forward(torch.cat([x, x]), torch.cat([t, t]), emb, guidance_scale).float()
-            out_null, out_c = out.chunk(2)
+            if self.cfg_batched:
+                emb = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
+                out = self._forward(torch.cat([x, x]), torch.cat([t, t]), emb, guidance_scale).float()
+                out_null, out_c = out.chunk(2)
+            else:
+                out_null = self._forward(x, t, cond.uncond, guidance_scale).float()
+                out_c = self._forward(x, t, cond.cond, guidance_scale).float()
             return out_null + g * (out_c - out_null)
         return self._forward(x, t, cond.cond, guidance_scale).float()
 
