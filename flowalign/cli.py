@@ -95,6 +95,11 @@ def _train(args: argparse.Namespace) -> int:
     if key:
         print(f"held-out {key}: base {base[key]:.3f} -> aligned {aligned[key]:.3f} (n={aligned['n']}; "
               f"{os.path.join(cfg.train.out_dir, 'evals.jsonl')})")
+    if aligned and aligned.get("drift"):  # reward-hacking diagnostics (docs/doctor.md)
+        print(f"drift from the base model, held-out: {aligned['drift_summary']}")
+    flagged = sum(1 for m in summary["history"] if m.get("drift")) if summary.get("history") else 0
+    if flagged:
+        print(f"drift flagged in {flagged} of {summary['iterations']} iterations (metrics.jsonl: drift, drift_stats)")
     return 0
 
 

@@ -694,6 +694,38 @@ class BackpropConfig:
 
 
 @dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Reward-hacking diagnostics (docs/doctor.md#drift-during-training): cheap statistics of every rollout batch's
+    images (flowalign.evaluation.image_stats; the reward's own, e.g. the toy world's extra objects), their
+    distribution on the first batch (the policy before any update) and a drift flag when a batch mean leaves it
+    while the reward rises (flowalign.evaluation.drift)."""
+
+    drift: bool = _help("compute the statistics and the drift flag every iteration (metrics.jsonl, the progress "
+                        "bar, evals.jsonl and the report)", True)
+    threshold: float = _help("flag a statistic whose mean moved more than this many base standard deviations (of "
+                             "single images) while the reward rose, > 0", 0.5)
+    significance: float = _help("... and by more than this many standard errors (the batch's prompt groups are its "
+                                "independent units), >= 0", 4.0)
+    window: int = _help("the last batches pooled for the current statistics and reward, >= 1", 5)
+    base_batches: int = _help("batches the adapter-disabled model rolls out before training (own seed: the run's "
+                              "draws are unchanged) to measure the base distribution and reward; 0: the first "
+                              "training batch is the base", 2)
+    features: str = _help("feature space of the within-prompt diversity: tiny_clip (shipped, offline) | none | a CLIP "
+                          "hub id or folder", "tiny_clip")
+
+    def __post_init__(self):
+        _check_fields(self, "diagnostics")
+        _positive("diagnostics", "threshold", self.threshold)
+        _positive("diagnostics", "significance", self.significance, allow_zero=True)
+        _path("diagnostics", "features", self.features, "tiny_clip, none, or a CLIP hub id or folder")
+        if self.window < 1:
+            raise ValueError(f"diagnostics.window must be >= 1, got {self.window}")
+        if self.base_batches < 0:
+            raise ValueError(f"diagnostics.base_batches must be >= 0, got {self.base_batches}")
+        _check_finite(self, "diagnostics")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """f-distill (docs/math.md §6), ``flowalign distill``: the pipeline (teacher, adapter off, CFG) distilled into an
     S-step CFG-free student LoRA with a fake-score LoRA and a discriminator (flowalign.distill). Prompts, seed,
@@ -762,6 +794,7 @@ class Config:
     opd: OPDConfig = field(default_factory=OPDConfig)
     backprop: BackpropConfig = field(default_factory=BackpropConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self):
         """Checks across sections (the ones that only matter for the chosen algorithm)."""
@@ -796,7 +829,7 @@ class Config:
 _SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "advantage": AdvantageConfig,
                     "grpo": GRPOConfig, "train": TrainConfig,
                     "nft": NFTConfig, "crd": CRDConfig, "opd": OPDConfig, "backprop": BackpropConfig,
-                    "distill": DistillConfig}
+                    "distill": DistillConfig, "diagnostics": DiagnosticsConfig}
 
 
 # old key -> where it went (a config naming an old key fails with this hint)

@@ -31,6 +31,7 @@ from .callbacks import CallbackList, TrainerCallback
 from .config import Config, config_to_dict
 from .errors import FlowalignError
 from .runtime.ema import EMA
+from .evaluation.hacking import HackingMeter, progress_note
 from .evaluation.heldout import HeldoutEval
 from .runtime.kernels import avoid_cudnn_attention
 from .runtime.metrics import EVALS_JSONL, MetricsLog, write_jsonl
@@ -114,6 +115,10 @@ class Trainer:
                                                          self.generator)
         self.algorithm.dist = self.dist
         self.algorithm.use_reward(self.reward)
+        # image statistics of every scored batch and their drift from the first one (flowalign.evaluation.hacking)
+        self.hacking = HackingMeter(cfg.diagnostics, getattr(self.reward, "diagnostic_directions", {})) \
+            if cfg.diagnostics.drift else None
+        self._base_eval_values: Optional[dict] = None  # the base's held-out statistics, per image
         # scoring a finished rollout chunk on a worker thread while the next one samples (train.overlap_rewards)
         self._overlap = cfg.train.overlap_rewards and cfg.train.reward_chunks > 1
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="flowalign-reward") if self._overlap else None
@@ -161,6 +166,8 @@ class Trainer:
         self.callbacks.on_phase_end(self, "eval")
         row = {"iteration": self.iteration, "samples": self.samples_seen, "weights": "base" if base else "lora",
                **scores, "time_eval": time.perf_counter() - t0}
+        if self.hacking is not None:
+            row.update(self._eval_drift(images, row, base))
         self.evals.append(row)
         cols = _grid_columns(self.heldout.tasks)
         if base:
@@ -175,6 +182,23 @@ class Trainer:
         self.callbacks.on_evaluate(self, row)
         return row
 
+    def _eval_drift(self, images, row: dict, base: bool) -> dict:
+        """The held-out images' hacking statistics (``stat/<name>``) and, for the LoRA, their drift from the base
+        model's on the same prompts and seeds (``drift_z/<name>``, ``drift``, ``drift_stats``, ``drift_summary``;
+        the reward "rose" when the headline score did)."""
+        values = self._hacking_values(images, self.heldout.prompts)
+        out = HackingMeter.means(values)
+        if base:
+            self._base_eval_values = HackingMeter.finite(values)
+            return out
+        base_row = next((e for e in self.evals if e["weights"] == "base"), None)
+        if self._base_eval_values is None or base_row is None:
+            return out
+        key = _headline(base_row)
+        rose = key is not None and key in row and row[key] > base_row[key]
+        report = self.hacking.compare(self._base_eval_values, values, rose)
+        return {**out, **report.metrics(), "drift_summary": report.summary()}
+
     # --- one iteration -----------------------------------------------------------------------------
     def _sample_prompts(self) -> tuple[list[str], list]:
         """prompts_per_iter prompts from each task's source, each repeated group_size times (consecutive rows)."""
@@ -186,18 +210,26 @@ class Trainer:
                 tasks += [task] * g
         return prompts, tasks
 
-    def _score(self, traj, tasks: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards [B] and a validity mask [B]: NaN/inf scores, images the reward raised on, and rows of a task
-        without a reward are left out of the advantages (bad scores warned about and counted in ``bad_rewards``)."""
+    def _hacking_values(self, images, prompts) -> dict:
+        """The batch's hacking statistics ({} when diagnostics.drift is off); with one task, the reward's own too."""
+        if self.hacking is None:
+            return {}
+        return self.hacking.values(images, prompts, self.reward if len(self.rewards) == 1 else None)
+
+    def _score(self, traj, tasks: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Rewards [B], a validity mask [B] and the batch's hacking statistics: NaN/inf scores, images the reward
+        raised on, and rows of a task without a reward are left out of the advantages (bad scores warned about and
+        counted in ``bad_rewards``)."""
         if all(r is None for r in self.rewards.values()):
             n = traj.batch_size
-            return torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool)
+            return torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), {}
         with torch.no_grad():
             images = self.adapter.decode(traj.output(self.cfg.sampling.decode))
+        values = self._hacking_values(images, traj.prompts)
         if len(self.rewards) == 1:
             scores, valid, n_bad = safe_scores(next(iter(self.rewards.values())), images, traj.prompts)
             self.bad_rewards += n_bad
-            return scores, valid
+            return scores, valid, values
         rewards = torch.full((traj.batch_size,), float("nan"))
         valid = torch.zeros(traj.batch_size, dtype=torch.bool)
         for task, reward in self.rewards.items():
@@ -207,13 +239,13 @@ class Trainer:
             scores, ok, n_bad = safe_scores(reward, images[rows], [traj.prompts[i] for i in rows])
             self.bad_rewards += n_bad
             rewards[rows], valid[rows] = scores.float().cpu(), ok.cpu()
-        return rewards, valid
+        return rewards, valid, values
 
     def _rollout_chunks(self, prompts: list, tasks: list):
         """Roll out this process's rows in ``train.reward_chunks`` chunks of whole groups; each finished chunk's
         scoring is handed to a worker thread (``train.overlap_rewards``) while the next chunk samples, or left to
         the reward phase. The chunks and their order are the same either way, so are the weights. Returns (trajectory of all
-        rows, [job() -> (rewards, valid, scoring seconds)] in row order, seconds in the rollout)."""
+        rows, [job() -> (rewards, valid, hacking statistics, scoring seconds)] in row order, seconds in the rollout)."""
         g = self.cfg.train.group_size
         groups = len(prompts) // g
         n = max(1, min(self.cfg.train.reward_chunks, groups))
@@ -222,8 +254,8 @@ class Trainer:
 
         def score(traj, rows_tasks):
             t = time.perf_counter()
-            rewards, valid = self._score(traj, rows_tasks)
-            return rewards, valid, time.perf_counter() - t
+            rewards, valid, values = self._score(traj, rows_tasks)
+            return rewards, valid, values, time.perf_counter() - t
 
         for a, b in zip(bounds[:-1], bounds[1:]):
             self.callbacks.on_phase_begin(self, "rollout")
@@ -238,10 +270,38 @@ class Trainer:
                 pending.append(lambda part=part, rows=tasks[a:b]: score(part, rows))
         return concat_trajectories(parts), pending, rolling
 
+    @torch.no_grad()
+    def fit_drift_base(self) -> None:
+        """The base distribution of the hacking statistics: ``diagnostics.base_batches`` batches of the
+        adapter-disabled model (prompts and noise from their own seed, so the run's own draws are unchanged), or,
+        with 0, nothing here (the first training batch becomes the base)."""
+        n = self.cfg.diagnostics.base_batches
+        if self.hacking is None or self.hacking.monitor.fitted or n == 0:
+            return
+        from .algorithms.base import configured_rollout
+
+        seed = self.cfg.train.seed + 7_919  # a seed of its own
+        rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+        g = self.cfg.train.group_size
+        values, rewards, units, bad = [], [], 0, self.bad_rewards
+        task = next(iter(self.rewards))
+        for _ in range(n):
+            prompts = [p for p in self.prompts.sample(self.cfg.train.prompts_per_iter, rng) for _ in range(g)]
+            with lora.adapter_disabled(self.adapter):
+                traj = configured_rollout(self.adapter, prompts, self.cfg, gen)
+            r, valid, v = self._score(traj, [task] * len(prompts))
+            values.append(v)
+            rewards.append(r[valid])
+            units += len(prompts) // g
+        self.bad_rewards = bad  # the base's invalid rewards are not the run's
+        ok = torch.cat(rewards)
+        self.hacking.monitor.fit(HackingMeter.concat(values), float(ok.mean()) if ok.numel() else None, units)
+
     def step(self) -> dict:
         """One rollout -> reward -> update iteration; returns its metrics (also appended to metrics.jsonl).
         Distributed: each process rolls out and scores its shard of the global batch; rewards are gathered."""
         cb = self.callbacks
+        self.fit_drift_base()  # once, before the first update (a resumed run has it from its checkpoint)
         cb.on_step_begin(self)
         t0 = time.perf_counter()
         prompts, tasks = self._sample_prompts()  # the global batch (the same on every process)
@@ -249,11 +309,12 @@ class Trainer:
         traj, pending, time_rollout = self._rollout_chunks(prompts[mine], tasks[mine])
         cb.on_phase_begin(self, "reward")
         wait0 = time.perf_counter()
-        scored = [job() for job in pending]  # (rewards, valid, seconds spent scoring) per chunk
+        scored = [job() for job in pending]  # (rewards, valid, statistics, seconds spent scoring) per chunk
         waited = time.perf_counter() - wait0
-        scoring = sum(s for _, _, s in scored)
+        scoring = sum(s for *_, s in scored)
         hidden = max(scoring - waited, 0.0) if self._overlap else 0.0  # scored while the next chunk sampled
-        rewards, valid = torch.cat([r for r, _, _ in scored]), torch.cat([v for _, v, _ in scored])
+        rewards, valid = torch.cat([r for r, *_ in scored]), torch.cat([v for _, v, *_ in scored])
+        hacking = HackingMeter.concat([h for _, _, h, _ in scored])
         rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
         adv = advantages_for(rewards, prompts, self.cfg, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
@@ -285,6 +346,9 @@ class Trainer:
             for task in self.rewards:
                 m = valid & torch.tensor([x == task for x in tasks])
                 metrics[f"reward_{task}"] = rewards[m].mean().item() if m.any() else None
+        if hacking:  # this process's rows (distributed: rank 0's are logged, as every diagnostic)
+            groups = len(traj.prompts) // self.cfg.train.group_size  # rows of a group share their initial noise
+            metrics.update(self.hacking.observe(hacking, metrics["reward_mean"], max(1, groups)))
         self.metrics_log.log(metrics)  # files and loggers on the main process only
         return metrics
 
@@ -303,7 +367,7 @@ class Trainer:
         for i in bar:
             m = self.step()
             history.append(m)
-            bar.set_postfix(**self.algorithm.progress(m))
+            bar.set_postfix(**self.algorithm.progress(m), **progress_note(m))
             stop = self.callbacks.on_step_end(self, m)
             if t.eval_every > 0 and self.iteration % t.eval_every == 0 and i < n - 1 and not stop:
                 self.evaluate()  # the caller evaluates the end
@@ -351,6 +415,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "algorithm": self.algorithm.state_dict(), "rng": rng, "evals": self.evals,
             "base_images": None if base is None else (base.detach().float().clamp(0, 1) * 255).round().to(torch.uint8),
+            "hacking": None if self.hacking is None else self.hacking.state_dict(),
+            "base_eval_values": self._base_eval_values,
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -384,6 +450,11 @@ class Trainer:
         self.evals = list(state["evals"])
         base = state["base_images"]
         self._base_images = None if base is None else base.float() / 255
+        if self.hacking is not None and state.get("hacking") is not None:
+            self.hacking.load_state_dict(state["hacking"])
+        values = state.get("base_eval_values")
+        self._base_eval_values = None if values is None else {k: torch.as_tensor(v, dtype=torch.float64)
+                                                               for k, v in values.items()}
 
     def save_checkpoint(self) -> str:
         """``train.out_dir/ckpt-<iteration>/`` (see flowalign.runtime.checkpoint): the state and the evaluation
@@ -509,7 +580,7 @@ def run_training(cfg: Config, adapter=None, reward=None, progress: bool = True,
     summary = {"iterations": trainer.iteration, "samples": trainer.samples_seen, "lora": lora_dir,
                "metrics": trainer.metrics_path,
                "plot": plot_path, "final": history[-1] if history else {}, "wall_s": time.time() - t0,
-               "base": base, "aligned": aligned, "headline": headline, "main": main}
+               "base": base, "aligned": aligned, "headline": headline, "main": main, "history": history}
     trainer.callbacks.on_train_end(trainer, summary)
     return summary
 

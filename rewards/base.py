@@ -40,6 +40,14 @@ class Reward:
 
     name: str = "reward"
     differentiable: bool = False  # True when score() is a torch function of tensor images (reward backprop)
+    # direction in which each of ``diagnostics``' statistics is suspect: +1 a rise, -1 a fall, 0 either
+    diagnostic_directions: dict = {}
+
+    def diagnostics(self, images: Images, prompts: Sequence[str]) -> dict:
+        """Per-image statistics of what this reward sees that reveal hacking it cannot (e.g. the toy world's extra
+        objects, which GenEval's checks ignore): {name: float tensor [B], NaN where undefined}. They join the image
+        statistics of the drift flag (flowalign.evaluation.drift). Default: none."""
+        return {}
 
     def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         raise NotImplementedError

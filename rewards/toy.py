@@ -26,6 +26,19 @@ class ToyGenEvalReward(Reward):
         self.no_extra = no_extra
         self.partial = partial
 
+    # more objects than asked is the hedge; a check kind that passes less often is a trade
+    diagnostic_directions = {"extra_objects": 1, "check/shape": -1, "check/colour+shape": -1, "check/count": -1,
+                             "check/relation": -1}
+
+    def diagnostics(self, images: Images, prompts: Sequence[str]) -> dict:
+        """``extra_objects`` and ``check/<kind>`` per image (flowalign.toy.diagnostics)."""
+        from flowalign.toy import diagnostics
+
+        try:
+            return diagnostics(images, list(prompts))
+        except ValueError:  # prompts outside the toy world: score() says so
+            return {}
+
     def score(self, images: Images, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
         from flowalign.toy import toy_geneval  # the toy world lives in the core package
 

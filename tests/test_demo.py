@@ -41,8 +41,11 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert f"{metrics['base']['extra_objects']:.3f} -> {metrics['aligned']['extra_objects']:.3f}" in report
     assert (f"| position | relation | {metrics['base']['checks']['position']['relation']:.3f} | "
             f"{metrics['aligned']['checks']['position']['relation']:.3f} |") in report
+    assert "## Drift from the base model" in report and "| bright_fraction |" in report  # hacking diagnostics
+    assert set(metrics["drift"]) == {"flag", "flagged", "summary", "z"} and "bright_fraction" in metrics["drift"]["z"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == metrics["iterations"]
+    assert all("stat/bright_fraction" in json.loads(line) for line in lines)
     assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
 
 

@@ -8,7 +8,6 @@ the verdicts do not depend on which kernels a CPU happens to pick.
 import json
 import math
 
-import pytest
 import torch
 from PIL import Image
 
@@ -104,6 +103,7 @@ def test_a_bf16_rollout_rescored_in_fp32_is_flagged(tmp_path):
 
 def test_the_table_holds_every_dtype_and_a_cross_dtype_row(tmp_path):
     report = _run(tmp_path, _cfg(tmp_path, clip_range=1e-4), dtypes="fp32,bf16")
+    assert report.check("settings").status == "ok"  # the summary line of the settings that do not move it
     names = [r.case.name for r in report.gaps]
     assert "bf16: same batch 4" in names and "bf16: minibatch 2 of 4" in names
     assert "fp32: CFG branches apart" in names and "fp32: deterministic algorithms" in names

@@ -152,7 +152,9 @@ class Broken(Reward):
 
 @pytest.mark.parametrize("name", ["toy_grpo.yaml", "toy_nft.yaml", "toy_crd.yaml"])
 def test_batches_without_a_finite_reward_are_skipped_and_counted(tmp_path, tiny_pipe_dir, name):
-    tr = Trainer(_cfg(tiny_pipe_dir, tmp_path, name, **{"train.max_nan_steps": 3}), reward=Broken(bad=2))
+    # no base batches: they would spend the reward's two broken calls before training starts
+    tr = Trainer(_cfg(tiny_pipe_dir, tmp_path, name, **{"train.max_nan_steps": 3, "diagnostics.base_batches": 0}),
+                 reward=Broken(bad=2))
     before = [p.detach().clone() for p in tr.params]
     history = tr.train(3, progress=False)
     assert [m["skipped_batches"] for m in history] == [1, 2, 2] and [m["update_samples"] for m in history][:2] == [0, 0]
@@ -161,8 +163,8 @@ def test_batches_without_a_finite_reward_are_skipped_and_counted(tmp_path, tiny_
 
 
 def test_a_reward_that_stays_broken_stops_the_run_with_a_checkpoint(tmp_path, tiny_pipe_dir):
-    tr = Trainer(_cfg(tiny_pipe_dir, tmp_path, **{"train.max_nan_steps": 2, "train.checkpoint_every": 0}),
-                 reward=Broken(bad=10))
+    tr = Trainer(_cfg(tiny_pipe_dir, tmp_path, **{"train.max_nan_steps": 2, "train.checkpoint_every": 0,
+                                                  "diagnostics.base_batches": 0}), reward=Broken(bad=10))
     with pytest.raises(FlowalignError) as err:
         tr.train(5, progress=False)
     msg = str(err.value)

@@ -35,7 +35,8 @@ def _trainer(model, out, name, overlap, pause=0.0):
         "model.path": model, "train.out_dir": str(out), "sampling.num_steps": 3, "sampling.sde_window": None,
         "train.prompts_per_iter": 4, "train.group_size": 2, "train.minibatch": 8, "train.eval_every": 0,
         "model.lora_rank": 2, "train.lr": 0.05, "train.reward_chunks": 4, "train.overlap_rewards": overlap,
-        "nft.num_timesteps": 1, "crd.num_timesteps": 1, "crd.steps_per_iter": 1})
+        "nft.num_timesteps": 1, "crd.num_timesteps": 1, "crd.steps_per_iter": 1,
+        "diagnostics.base_batches": 0})  # the base batches are scored in the main thread, before the overlap
     torch.manual_seed(0)
     return Trainer(cfg, reward=SlowBrightness(pause))
 

@@ -18,6 +18,7 @@ import yaml
 from .. import lora
 from ..config import DEFAULT_MODEL, Config, load_config, resolve_config_path
 from ..callbacks import TrainerCallback
+from ..evaluation.hacking import drift_markdown
 from ..evaluation.report import plot_reward_curve
 from ..resources import shipped_config
 from ..trainer import _headline, run_training
@@ -110,8 +111,14 @@ class DemoReport(TrainerCallback):
             "config": {k: {f: (list(v) if isinstance(v, tuple) else v) for f, v in vars(sec).items()}
                        for k, sec in vars(cfg).items()},
         }
+        a = summary["aligned"] or {}
+        self.result["drift"] = {"flag": bool(a.get("drift")), "flagged": [x for x in a.get("drift_stats", "").split(",")
+                                                                        if x],
+                                "summary": a.get("drift_summary", ""),
+                                "z": {k[len("drift_z/"):]: v for k, v in a.items() if k.startswith("drift_z/")}}
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(self.result, f, indent=2)
+        self.result["drift_markdown"] = drift_markdown(summary["base"] or {}, a)
         (_write_report if key == "toy_geneval" else _write_plain_report)(out_dir, self.result, name)
 
 
@@ -137,12 +144,13 @@ Training: {r['iterations']} iterations, {r['samples']} samples, {r['wall_s']:.0f
 on the reward {training_reward(r['config']['train'])}.
 {table}
 """
-    _write_markdown(out_dir, text)
+    _write_markdown(out_dir, text, r.get("drift_markdown", ""))
 
 
-def _write_markdown(out_dir: str, body: str) -> None:
-    """report.md: ``body``, then the pictures and where the metrics and the adapter are (every demo report)."""
-    footer = ("![reward curve](reward_curve.png)\n\n![base vs aligned, same seeds](grid.png)\n\n"
+def _write_markdown(out_dir: str, body: str, drift: str = "") -> None:
+    """report.md: ``body``, the drift section, then the pictures and where the metrics and the adapter are (every
+    demo report)."""
+    footer = drift + ("![reward curve](reward_curve.png)\n\n![base vs aligned, same seeds](grid.png)\n\n"
               f"Per-iteration metrics: `metrics.jsonl`. The adapter: `lora/` "
               f"(`pipe.load_lora_weights(\"{out_dir}/lora\")`).\n")
     with open(os.path.join(out_dir, "report.md"), "w") as f:
@@ -237,4 +245,4 @@ drawing).
 {checks}
 
 """
-    _write_markdown(out_dir, text)
+    _write_markdown(out_dir, text, r.get("drift_markdown", ""))

@@ -44,14 +44,17 @@ def plot_gaps(results: Sequence[GapResult], path: str, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colours = plt.get_cmap("tab20").colors
     use_logp = any(not math.isnan(v) for r in results for v in r.gap_max)
     values = [v for r in results for v in (r.gap_max if use_logp else r.mean_gap) if not math.isnan(v) and v > 0]
     floor = min(values) / 10 if values else 1e-12
-    for r in results:
+    for i, r in enumerate(results):
         ys = [max(v, floor) if not math.isnan(v) else float("nan") for v in (r.gap_max if use_logp else r.mean_gap)]
-        style = dict(linewidth=2.5, color="black") if r.case.configured else dict(linewidth=1, alpha=0.8)
-        ax.plot(r.steps, ys, marker="o", label=r.case.name, **style)
+        style = dict(linewidth=2.5, color="black") if r.case.configured else \
+            dict(linewidth=1, alpha=0.85, color=colours[i % len(colours)])
+        ax.plot(r.steps, ys, marker="o", markersize=3 + 4 * r.case.configured, label=r.case.name, **style)
+    ax.set_xticks(sorted({k for r in results for k in r.steps}))
     eps = results[0].case.clip_range if results else None
     if use_logp and eps:
         ax.axhline(math.log1p(eps), color="red", linestyle="--", linewidth=1, label=f"clip range {eps:g}")
@@ -59,7 +62,7 @@ def plot_gaps(results: Sequence[GapResult], path: str, title: str) -> str:
     ax.set_xlabel("denoising step")
     ax.set_ylabel("max |log p rollout - log p re-scored|" if use_logp else "max |mean rollout - mean re-scored|")
     ax.set_title(title + (f"  (0 drawn at {floor:.0e})" if values else "  (all exactly 0)"), fontsize=9)
-    ax.legend(fontsize=6, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

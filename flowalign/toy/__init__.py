@@ -10,15 +10,15 @@ fraction / strict scores). Typical use::
 """
 
 from .detect import Detected, detect
-from .geneval import check_kind, check_rates, checks, score, toy_geneval
+from .geneval import DIAGNOSTIC_KINDS, check_kind, check_rates, checks, diagnostics, score, toy_geneval
 from .grammar import (COLORS, GENEVAL_TASKS, RELATIONS, SHAPES, TASKS, TEMPLATES, TEXT_TASK, ObjectSpec,
                       SceneSpec, all_prompts, caption, noisy_caption, parse_prompt, prompts_in_split, relations_of,
                       sample, sample_batch, split_of)
 from .render import PALETTE, layout, render
 
 __all__ = [
-    "COLORS", "GENEVAL_TASKS", "PALETTE", "RELATIONS", "SHAPES", "TASKS", "TEMPLATES", "TEXT_TASK",
+    "COLORS", "DIAGNOSTIC_KINDS", "GENEVAL_TASKS", "PALETTE", "RELATIONS", "SHAPES", "TASKS", "TEMPLATES", "TEXT_TASK",
     "Detected", "ObjectSpec", "SceneSpec", "all_prompts", "caption", "check_kind", "check_rates", "checks",
-    "detect", "layout", "noisy_caption", "parse_prompt", "prompts_in_split", "relations_of", "render", "sample",
+    "detect", "diagnostics", "layout", "noisy_caption", "parse_prompt", "prompts_in_split", "relations_of", "render", "sample",
     "sample_batch", "score", "split_of", "toy_geneval",
 ]

@@ -150,6 +150,26 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
     return frac, strict, per_task
 
 
+DIAGNOSTIC_KINDS = ("shape", "colour+shape", "count", "relation")
+
+
+def diagnostics(images, prompts: Sequence[str | SceneSpec]) -> dict[str, torch.Tensor]:
+    """Per-image statistics of the toy world that reveal hedging (flowalign.evaluation.drift): ``extra_objects``
+    (1 when the image holds more objects than the prompt asked for) and ``check/<kind>`` (the share of the image's
+    checks of that kind that pass; NaN when its prompt has none). Each float32 [B]."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+    results = [score(p, detect(im)) for im, p in zip(images, prompts)]
+    out = {"extra_objects": torch.tensor([r["extra_objects"] for r in results], dtype=torch.float32)}
+    for kind in DIAGNOSTIC_KINDS:
+        rates = []
+        for r in results:
+            mine = [ok for name, ok in r["checks"].items() if check_kind(name) == kind]
+            rates.append(sum(mine) / len(mine) if mine else float("nan"))
+        out[f"check/{kind}"] = torch.tensor(rates, dtype=torch.float32)
+    return out
+
+
 def check_kind(name: str) -> str:
     """The kind of a check named by :func:`checks`: "shape" (present(circle)), "colour+shape" (present(red
     circle)), "count", "relation" or "no extra"."""
