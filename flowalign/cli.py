@@ -111,6 +111,17 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if report.verdict == "fail" else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .apps.export import export_merged
+    from .config import DEFAULT_MODEL
+
+    out = export_merged(args.lora, args.model or DEFAULT_MODEL, args.out, scale=args.scale, dtype=args.dtype,
+                        overwrite=args.overwrite)
+    print(f"wrote {out}: the pipeline with the LoRA merged (scale {args.scale:g}); load it with "
+          f"DiffusionPipeline.from_pretrained({out!r})")
+    return 0
+
+
 def _distill(args: argparse.Namespace) -> int:
     from .config import load_config
     from .distill import run_distill
@@ -314,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--dtypes", default=None, help="denoiser dtypes to compare (default fp32,bf16,fp16)")
     doc.add_argument("--seed", type=int, default=0, help="seed of the prompts and the rollout noise")
     doc.set_defaults(func=_doctor)
+
+    export = sub.add_parser("export", help="merge a LoRA into a full diffusers pipeline folder (safetensors)")
+    export.add_argument("lora", help="LoRA folder written by flowalign train / demo")
+    export.add_argument("--model", default=None, help="base pipeline folder or hub id (default: the shipped one)")
+    export.add_argument("--out", required=True, help="folder for the merged pipeline (save_pretrained)")
+    export.add_argument("--scale", type=float, default=1.0, help="multiplier of the weight update (default 1)")
+    export.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 of the written weights")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=_export)
 
     distill = sub.add_parser("distill", help="f-distill the pipeline into a few-step student LoRA "
                                              "(docs/algorithms/fdistill.md)")

@@ -278,6 +278,10 @@ class Trainer:
         n = self.cfg.diagnostics.base_batches
         if self.hacking is None or self.hacking.monitor.fitted or n == 0:
             return
+        with torch.random.fork_rng(devices=[]):  # whatever the base batches draw stays out of the run
+            self._fit_drift_base(n)
+
+    def _fit_drift_base(self, n: int) -> None:
         from .algorithms.base import configured_rollout
 
         seed = self.cfg.train.seed + 7_919  # a seed of its own

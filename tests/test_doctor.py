@@ -8,6 +8,7 @@ the verdicts do not depend on which kernels a CPU happens to pick.
 import json
 import math
 
+import pytest
 import torch
 from PIL import Image
 
@@ -185,3 +186,29 @@ def test_cli_doctor_prints_verdicts_and_exits_nonzero_on_a_failure(tmp_path, tin
     assert "on_policy:" in out and "verdict:" in out and (tmp_path / "d" / "doctor.md").exists()
     rc = main(["doctor", str(yaml_path), "--dtypes", "fp64"])
     assert rc == 2 and "--dtypes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["toy_grpo.yaml", "toy_nft.yaml", "toy_crd.yaml", "toy_demo.yaml",
+                                  "toy_backprop.yaml", "toy_opd.yaml", "toy_grpo_ocr.yaml"])
+def test_every_shipped_recipe_gets_a_verdict(tmp_path, tiny_pipe_dir, name):
+    import os
+
+    from flowalign.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", name), [
+        f"model.path={tiny_pipe_dir}", "sampling.num_steps=3", "train.prompts_per_iter=2", "train.group_size=2",
+        "sampling.sde_window=null", "opd.train_window=null", "opd.teachers.spatial.lora=unused",
+        "opd.teachers.attributes.lora=unused"] if name == "toy_opd.yaml" else [
+        f"model.path={tiny_pipe_dir}", "sampling.num_steps=3", "train.prompts_per_iter=2", "train.group_size=2",
+        "sampling.sde_window=null", "backprop.grad_steps=2"])
+    report = doctor.run(cfg, reward=None if name == "toy_grpo_ocr.yaml" else MeanPixel(), out=str(tmp_path),
+                        dtypes="fp32", progress=False, echo=False)
+    names = {c.name for c in report.checks}
+    assert {"on_policy", "reference", "gradients", "kl_scaling", "reward", "grid"} <= names
+    conf = next(r for r in report.gaps if r.case.configured)
+    if cfg.sampling.sampler in ("flow_ode", "flow_dpm2"):  # no ratio: the mean gap alone
+        assert math.isnan(conf.max_gap) and conf.max_mean_gap == 0
+    else:
+        assert conf.max_gap == 0
+    assert report.check("on_policy").status in ("ok", "info") and report.verdict != "fail"

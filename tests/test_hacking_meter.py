@@ -69,3 +69,23 @@ def test_drift_markdown_of_a_flagged_evaluation():
     text = drift_markdown(HackingMeter.means(base), row)
     assert "**Drift flagged**" in text and "| dark_fraction | 0.000 | 1.000 |" in text and "**yes**" in text
     assert drift_markdown({}, {}) == ""
+
+
+def test_the_diagnostics_leave_the_training_trajectory_unchanged(tmp_path, tiny_pipe_dir):
+    """Base batches use their own seed and loading the feature CLIP forks the global RNG: same weights either way."""
+    from flowalign.config import load_config
+    from flowalign.evaluation import hacking
+    from flowalign.trainer import Trainer
+
+    weights = []
+    for drift in (True, False):
+        hacking._EMBEDDERS.clear()  # the CLIP is loaded (and would draw random numbers) inside this run
+        cfg = load_config("configs/toy_grpo.yaml", [
+            f"model.path={tiny_pipe_dir}", f"train.out_dir={tmp_path / str(drift)}", "sampling.num_steps=3",
+            "sampling.sde_window=[0,2]", "train.prompts_per_iter=2", "train.group_size=2", "train.lr=0.05",
+            f"diagnostics.drift={str(drift).lower()}"])
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, reward=get_reward("jpeg_compressibility"))
+        trainer.train(2, progress=False)
+        weights.append([p.detach().clone() for p in trainer.params])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

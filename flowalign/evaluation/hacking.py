@@ -45,7 +45,8 @@ class HackingMeter:
             return None
         with _LOCK:
             if self.cfg.features not in _EMBEDDERS:  # loaded once per process (a CLIP is frozen: shared freely)
-                _EMBEDDERS[self.cfg.features] = feature_embedder(self.cfg.features)
+                with torch.random.fork_rng(devices=[]):  # a model load must not touch the run's RNG
+                    _EMBEDDERS[self.cfg.features] = feature_embedder(self.cfg.features)
             self._embed = _EMBEDDERS[self.cfg.features]
         frames = images[:, images.shape[1] // 2] if images.dim() == 5 else images  # video: its middle frame
         with torch.no_grad():
