@@ -215,9 +215,11 @@ class ModelConfig:
     negative_prompt: str = _help("text of CFG's unconditional branch (the pipelines' negative_prompt)", "")
     max_sequence_length: Optional[int] = _help("T5 / UMT5 prompt tokens (None = the family's default: SD3 256, "
                                                "FLUX and Wan 512)", None)
-    true_cfg_scale: Optional[float] = _help("FLUX only: > 1 turns on true CFG with negative_prompt (two passes, as "
-                                            "FluxPipeline(true_cfg_scale=...)); None = the guidance embedding "
-                                            "alone", None)
+    true_cfg_scale: Optional[float] = _help("FLUX-style families (flux, flux_kontext, qwenimage*): > 1 turns on true "
+                                            "CFG with negative_prompt (two passes, as FluxPipeline(true_cfg_scale="
+                                            "...)); None = the family's default", None)
+    adapter_options: dict = _help("further keyword options of the family's adapter, e.g. {lora_experts: both, "
+                                  "guidance_scale_2: 3.0} for two-expert Wan 2.2 (docs/models.md lists them)", {})
 
     def adapter_kwargs(self) -> dict:
         """The pipeline adapter's options set here (``adapter_for(pipe, **kwargs)``), for the trainer to load with."""
@@ -226,7 +228,7 @@ class ModelConfig:
             out["max_sequence_length"] = self.max_sequence_length
         if self.true_cfg_scale is not None:
             out["true_cfg_scale"] = self.true_cfg_scale
-        return out
+        return {**out, **self.adapter_options}
 
     def __post_init__(self):
         _check_fields(self, "model")
@@ -242,6 +244,12 @@ class ModelConfig:
                 raise ValueError(f"model.device={_short(self.device)} is not a torch device: use cpu, cuda or cuda:N "
                                  "(null = cuda when available)") from None
         _text("model", "negative_prompt", self.negative_prompt, MAX_TEXT_CHARS, "a prompt", empty=True)
+        if not isinstance(self.adapter_options, dict):
+            raise ValueError(f"model.adapter_options must be a mapping of option names to values, got "
+                             f"{type(self.adapter_options).__name__}")
+        bad = [k for k in self.adapter_options if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ValueError(f"model.adapter_options keys must be option names, got {_short(bad[0])}")
         if self.max_sequence_length is not None:
             _positive("model", "max_sequence_length", self.max_sequence_length)
         if self.true_cfg_scale is not None:

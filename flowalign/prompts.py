@@ -1,12 +1,15 @@
 """Prompt sources for training: the toy world's GenEval train split ('toy'), chosen toy tasks ('toy:text',
-'toy:geneval', 'toy:counting,colors'), or a text file (one prompt a line).
+'toy:geneval', 'toy:counting,colors'), a text file (one prompt a line), or, for the families that edit or animate
+an image, (prompt, image) rows: a JSONL file or a folder holding ``metadata.jsonl`` (see ``read_image_rows``).
 
 Errors name the file as given (only its name when the path is long) and a line number, never a line of the file:
 a config pointing train.prompts at some other file must not print what is in it."""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -96,8 +99,105 @@ def toy_tasks(spec: str) -> Optional[tuple[str, ...]]:
     return tasks
 
 
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PROMPT_KEYS, IMAGE_KEYS = ("prompt", "text", "instruction"), ("image", "file_name", "image_path")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One (prompt, condition image) row: ``image`` is an absolute path; ``references`` the paths of an identity
+    pool (image-to-video identity rewards, IPRO), or () ."""
+
+    prompt: str
+    image: str
+    references: tuple = ()
+
+    @property
+    def key(self) -> str:
+        """The row's prompt group: its prompt and its image (one instruction on two images = two groups)."""
+        return f"{self.prompt}\x00{self.image}"
+
+    def load(self):
+        """The condition image as float [3, H, W] in [0, 1]; a missing or unreadable file raises one line."""
+        return load_image(self.image)
+
+
+def load_image(path: str):
+    """An image file -> float32 [3, H, W] in [0, 1] (RGB); FileNotFoundError / ValueError in one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .models.base import image_tensor
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"condition image {_show(path)} not found: fix the row's image path (relative "
+                                "paths are read from the JSONL file's folder)")
+    try:
+        with Image.open(path) as im:
+            return image_tensor(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"condition image {_show(path)} cannot be read ({type(err).__name__}): replace it with a "
+                         "PNG or JPEG file") from None
+
+
+def _field(row: dict, keys: tuple, what: str, where: str):
+    for k in keys:
+        if k in row:
+            value = row[k]
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}: {k!r} must be a non-empty string")
+            return value.strip()
+    raise ValueError(f"{where} has no {what}: give each row one of {', '.join(repr(k) for k in keys)}")
+
+
+def read_image_rows(spec: str) -> list[ImageRow]:
+    """(prompt, image) rows from a JSONL file (one object a line) or a folder with ``metadata.jsonl`` (the
+    Hugging Face imagefolder layout). A row names its text as "prompt" (or "text", "instruction"), its image as
+    "image" (or "file_name", "image_path"), a path relative to the file's folder, and optionally "references":
+    a list of image paths or a folder (the row's identity pool). Every image file must exist; errors are one
+    line naming the file and the line number, never a line's contents."""
+    path = os.path.join(spec, "metadata.jsonl") if os.path.isdir(spec) else spec
+    shown = _show(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {shown} not found: pass a JSONL file of prompt and image rows, or a "
+                                "folder holding metadata.jsonl")
+    root = os.path.dirname(os.path.abspath(path))
+    resolve = lambda p: p if os.path.isabs(p) else os.path.join(root, p)  # noqa: E731
+    rows = []
+    for number, line in enumerate(read_prompt_file(path, "prompt file", "pass a JSONL file of prompt and image rows"),
+                                  start=1):
+        where = f"prompt file {shown} row {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where} is not JSON: write one object a line, e.g. "
+                             '{"prompt": "make it blue", "image": "cat.png"}') from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is not a JSON object: write one object a line")
+        prompt, image = _field(row, PROMPT_KEYS, "prompt", where), resolve(_field(row, IMAGE_KEYS, "image", where))
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{where}: image {_show(image)} not found (relative paths are read from the "
+                                    "JSONL file's folder)")
+        refs = row.get("references", ())
+        if isinstance(refs, str):
+            folder = resolve(refs)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"{where}: references folder {_show(folder)} not found")
+            refs = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXT)]
+        elif not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"{where}: 'references' must be a list of image paths or a folder")
+        rows.append(ImageRow(prompt, image, tuple(resolve(r) for r in refs)))
+    return rows
+
+
+def is_image_rows(spec) -> bool:
+    """Whether a prompt spec names (prompt, image) rows: a .jsonl file or a folder."""
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+    return isinstance(spec, str) and (spec.lower().endswith(".jsonl") or os.path.isdir(spec))
+
+
 class PromptSource:
-    """Draws prompts with a numpy Generator; ``sample(n, rng) -> list[str]`` of n prompts."""
+    """Draws prompts with a numpy Generator; ``sample(n, rng) -> list[str]`` of n prompts. A source of (prompt,
+    image) rows (``has_images``) also draws whole rows: ``sample_rows(n, rng) -> list[ImageRow]``."""
 
     def __init__(self, spec: str):
         if isinstance(spec, os.PathLike):
@@ -105,11 +205,27 @@ class PromptSource:
         self.spec = spec
         tasks = toy_tasks(spec)
         self._prompts = None
+        self.rows: Optional[list[ImageRow]] = None
         self._tasks = None if spec == "toy" else tasks  # 'toy': the sampler's own default task mix
-        if tasks is None:
+        if tasks is None and is_image_rows(spec):
+            self.rows = read_image_rows(spec)
+            self._prompts = [r.prompt for r in self.rows]
+        elif tasks is None:
             self._prompts = read_prompt_file(spec, hint="pass an existing text file or train.prompts=toy")
 
+    @property
+    def has_images(self) -> bool:
+        return self.rows is not None
+
+    def sample_rows(self, n: int, rng: np.random.Generator) -> list[ImageRow]:
+        """n (prompt, image) rows (the same draws as ``sample``)."""
+        if self.rows is None:
+            raise ValueError(f"prompt source {self.spec!r} has no images: pass a JSONL file of prompt and image rows")
+        return [self.rows[i] for i in rng.integers(len(self.rows), size=n)]
+
     def sample(self, n: int, rng: np.random.Generator) -> list[str]:
+        if self.rows is not None:
+            return [r.prompt for r in self.sample_rows(n, rng)]
         if self._prompts is None:
             from .toy import sample
 

@@ -125,6 +125,11 @@ class Trajectory:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
 
     @property
+    def group_keys(self) -> list[str]:
+        """One key per row naming its prompt group: the prompt, with the condition image's hash when there is one."""
+        return self.cond.group_keys
+
+    @property
     def stochastic_steps(self) -> list[int]:
         return [int(i) for i in torch.nonzero(self.stochastic).flatten()]
 
@@ -150,8 +155,12 @@ def concat_trajectories(parts: Sequence[Trajectory]) -> Trajectory:
     def cat_dicts(dicts):
         return None if dicts[0] is None else {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
 
+    def cat_lists(lists):
+        return None if lists[0] is None else [x for xs in lists for x in xs]
+
     cond = Conditioning([q for p in parts for q in p.cond.prompts], cat_dicts([p.cond.cond for p in parts]),
-                        cat_dicts([p.cond.uncond for p in parts]))
+                        cat_dicts([p.cond.uncond for p in parts]), cat_lists([p.cond.images for p in parts]),
+                        cat_lists([p.cond.keys for p in parts]))
     return dataclasses.replace(first, latents=cat("latents"), log_probs=cat("log_probs"),
                                prompts=[q for p in parts for q in p.prompts], cond=cond, means=cat("means"),
                                reference_kl=cat("reference_kl"), last_x0_hat=cat("last_x0_hat"))
@@ -283,6 +292,7 @@ def rollout(
     grid_shift: Optional[float] = None,
     integer_timesteps: bool = False,
     record_reference_kl: bool = False,
+    images=None,
 ) -> Trajectory:
     """Sample B = len(prompts) latents and record every transition (no gradients).
 
@@ -299,6 +309,8 @@ def rollout(
         generator: torch.Generator (or one per row, or a distributed ``RowShard``) for the initial and step noise.
         latents: initial noise [B, ...] to use instead of drawing it.
         cond: pre-encoded Conditioning for the prompts (else ``adapter.encode_prompts``).
+        images: one condition image per prompt for image-conditioned families (editing, image-to-video); they
+            are encoded with the prompts, so re-scoring and the reference see them too.
         reduction: "mean" or "sum" over elements for the recorded log-probs.
         log_prob_convention: "density", or "squared_error" for CPS as the Flow-GRPO code scores it.
         grid, grid_shift, integer_timesteps: the sampling grid (module docstring).
@@ -309,7 +321,9 @@ def rollout(
     _check_sampler(adapter, sampler)
     noise_level = SAMPLERS[sampler].default_noise_level if noise_level is None else float(noise_level)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    cond = adapter.encode_prompts(prompts, guidance_scale) if cond is None else cond
+    if cond is None:
+        cond = adapter.encode_prompts(prompts, guidance_scale, images=images, height=height, width=width,
+                                      num_frames=num_frames)
     if len(cond) != len(prompts):
         raise ValueError(f"cond holds {len(cond)} rows for {len(prompts)} prompts")
     x = latents.float() if latents is not None else _initial_noise(

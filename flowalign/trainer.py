@@ -200,15 +200,34 @@ class Trainer:
         return {**out, **report.metrics(), "drift_summary": report.summary()}
 
     # --- one iteration -----------------------------------------------------------------------------
-    def _sample_prompts(self) -> tuple[list[str], list]:
-        """prompts_per_iter prompts from each task's source, each repeated group_size times (consecutive rows)."""
+    def _sample_prompts(self) -> tuple[list[str], list, Optional[list]]:
+        """prompts_per_iter prompts from each task's source, each repeated group_size times (consecutive rows),
+        their tasks, and for a source of (prompt, image) rows the rows (ImageRow, else None per row)."""
         g, n = self.cfg.train.group_size, self.cfg.train.prompts_per_iter
-        prompts, tasks = [], []
+        prompts, tasks, rows = [], [], []
         for task, source in self.prompt_sources.items():
-            for p in source.sample(n, self.rng):
-                prompts += [p] * g
+            drawn = source.sample_rows(n, self.rng) if source.has_images else source.sample(n, self.rng)
+            for r in drawn:
+                prompts += [getattr(r, "prompt", r)] * g
+                rows += [r if source.has_images else None] * g
                 tasks += [task] * g
-        return prompts, tasks
+        return prompts, tasks, (rows if any(r is not None for r in rows) else None)
+
+    @staticmethod
+    def _group_keys(prompts: list, rows: Optional[list]) -> list:
+        """The advantage groups' keys: the prompt, or the (prompt, image) row's key."""
+        return list(prompts) if rows is None else [r.key if r is not None else p for p, r in zip(prompts, rows)]
+
+    @staticmethod
+    def _images(rows: Optional[list]) -> Optional[list]:
+        """Condition images [3, H, W] of image rows (each file read once per batch), or None for text rows."""
+        if rows is None:
+            return None
+        loaded: dict = {}
+        for r in rows:
+            if r.image not in loaded:
+                loaded[r.image] = r.load()
+        return [loaded[r.image] for r in rows]
 
     def _hacking_values(self, images, prompts) -> dict:
         """The batch's hacking statistics ({} when diagnostics.drift is off); with one task, the reward's own too."""
@@ -216,18 +235,23 @@ class Trainer:
             return {}
         return self.hacking.values(images, prompts, self.reward if len(self.rewards) == 1 else None)
 
-    def _score(self, traj, tasks: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _score(self, traj, tasks: list, rows: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Rewards [B], a validity mask [B] and the batch's hacking statistics: NaN/inf scores, images the reward
         raised on, and rows of a task without a reward are left out of the advantages (bad scores warned about and
-        counted in ``bad_rewards``)."""
+        counted in ``bad_rewards``). Rows of (prompt, image) sources give the reward metadata: each row's
+        ``condition_image`` and, when the row has one, its identity pool ``references`` (image paths)."""
         if all(r is None for r in self.rewards.values()):
             n = traj.batch_size
             return torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), {}
         with torch.no_grad():
             images = self.adapter.decode(traj.output(self.cfg.sampling.decode))
         values = self._hacking_values(images, traj.prompts)
+        meta = traj.cond.metadata()  # condition images of edit / image-to-video rows
+        if meta is not None and rows is not None:
+            meta = [{**m, "references": list(r.references)} if r is not None and r.references else m
+                    for m, r in zip(meta, rows)]
         if len(self.rewards) == 1:
-            scores, valid, n_bad = safe_scores(next(iter(self.rewards.values())), images, traj.prompts)
+            scores, valid, n_bad = safe_scores(next(iter(self.rewards.values())), images, traj.prompts, meta)
             self.bad_rewards += n_bad
             return scores, valid, values
         rewards = torch.full((traj.batch_size,), float("nan"))
@@ -236,12 +260,13 @@ class Trainer:
             rows = [i for i, x in enumerate(tasks) if x == task]
             if reward is None or not rows:
                 continue
-            scores, ok, n_bad = safe_scores(reward, images[rows], [traj.prompts[i] for i in rows])
+            scores, ok, n_bad = safe_scores(reward, images[rows], [traj.prompts[i] for i in rows],
+                                            None if meta is None else [meta[i] for i in rows])
             self.bad_rewards += n_bad
             rewards[rows], valid[rows] = scores.float().cpu(), ok.cpu()
         return rewards, valid, values
 
-    def _rollout_chunks(self, prompts: list, tasks: list):
+    def _rollout_chunks(self, prompts: list, tasks: list, rows: Optional[list] = None):
         """Roll out this process's rows in ``train.reward_chunks`` chunks of whole groups; each finished chunk's
         scoring is handed to a worker thread (``train.overlap_rewards``) while the next chunk samples, or left to
         the reward phase. The chunks and their order are the same either way, so are the weights. Returns (trajectory of all
@@ -252,22 +277,24 @@ class Trainer:
         bounds = [g * (groups * i // n) for i in range(n + 1)]
         parts, pending, rolling = [], [], 0.0
 
-        def score(traj, rows_tasks):
+        def score(traj, rows_tasks, part_rows):
             t = time.perf_counter()
-            rewards, valid, values = self._score(traj, rows_tasks)
+            rewards, valid, values = self._score(traj, rows_tasks, part_rows)
             return rewards, valid, values, time.perf_counter() - t
 
         for a, b in zip(bounds[:-1], bounds[1:]):
             self.callbacks.on_phase_begin(self, "rollout")
             t = time.perf_counter()
-            part = self.algorithm.rollout(prompts[a:b])
+            part_rows = None if rows is None else rows[a:b]
+            images = self._images(part_rows)  # a rule written for text rows keeps its rollout(prompts)
+            part = self.algorithm.rollout(prompts[a:b]) if images is None else self.algorithm.rollout(prompts[a:b], images)
             rolling += time.perf_counter() - t
             self.callbacks.on_phase_end(self, "rollout")
             parts.append(part)
             if self._overlap and n > 1:
-                pending.append(self._scorer.submit(score, part, tasks[a:b]).result)
+                pending.append(self._scorer.submit(score, part, tasks[a:b], part_rows).result)
             else:  # scored in the reward phase, after the rollout, in the main thread
-                pending.append(lambda part=part, rows=tasks[a:b]: score(part, rows))
+                pending.append(lambda part=part, rows_tasks=tasks[a:b], pr=part_rows: score(part, rows_tasks, pr))
         return concat_trajectories(parts), pending, rolling
 
     @torch.no_grad()
@@ -290,10 +317,14 @@ class Trainer:
         values, rewards, units, bad = [], [], 0, self.bad_rewards
         task = next(iter(self.rewards))
         for _ in range(n):
-            prompts = [p for p in self.prompts.sample(self.cfg.train.prompts_per_iter, rng) for _ in range(g)]
+            src = self.prompts
+            n_prompts = self.cfg.train.prompts_per_iter
+            drawn = src.sample_rows(n_prompts, rng) if src.has_images else src.sample(n_prompts, rng)
+            rows = [r for r in drawn for _ in range(g)] if src.has_images else None
+            prompts = [getattr(r, "prompt", r) for r in drawn for _ in range(g)]
             with lora.adapter_disabled(self.adapter):
-                traj = configured_rollout(self.adapter, prompts, self.cfg, gen)
-            r, valid, v = self._score(traj, [task] * len(prompts))
+                traj = configured_rollout(self.adapter, prompts, self.cfg, gen, images=self._images(rows))
+            r, valid, v = self._score(traj, [task] * len(prompts), rows)
             values.append(v)
             rewards.append(r[valid])
             units += len(prompts) // g
@@ -308,9 +339,10 @@ class Trainer:
         self.fit_drift_base()  # once, before the first update (a resumed run has it from its checkpoint)
         cb.on_step_begin(self)
         t0 = time.perf_counter()
-        prompts, tasks = self._sample_prompts()  # the global batch (the same on every process)
+        prompts, tasks, rows = self._sample_prompts()  # the global batch (the same on every process)
         mine = self.dist.shard(len(prompts), self.cfg.train.group_size)
-        traj, pending, time_rollout = self._rollout_chunks(prompts[mine], tasks[mine])
+        traj, pending, time_rollout = self._rollout_chunks(prompts[mine], tasks[mine],
+                                                           None if rows is None else rows[mine])
         cb.on_phase_begin(self, "reward")
         wait0 = time.perf_counter()
         scored = [job() for job in pending]  # (rewards, valid, statistics, seconds spent scoring) per chunk
@@ -320,7 +352,7 @@ class Trainer:
         rewards, valid = torch.cat([r for r, *_ in scored]), torch.cat([v for _, v, *_ in scored])
         hacking = HackingMeter.concat([h for _, _, h, _ in scored])
         rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
-        adv = advantages_for(rewards, prompts, self.cfg, valid=valid)
+        adv = advantages_for(rewards, self._group_keys(prompts, rows), self.cfg, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
         cb.on_phase_end(self, "reward")
         t2 = time.perf_counter()

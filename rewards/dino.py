@@ -26,6 +26,7 @@ from .hub import check, load
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, prepare
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+POOLS = ("references", "condition_image", "row_references")
 
 
 def load_images(folder: str) -> list:
@@ -75,6 +76,11 @@ class DinoSimilarityReward(Reward):
     variant: 'cls' or 'patch_mean'. head=True: Adv-GRPO discriminator head (see module docstring).
     Per-sample pools (IPRO: one identity per prompt): ``metadata[i]["reference_features"]`` ([N,D],
     e.g. from ``features(frames)``) replaces the global pool for sample i.
+    pool: where each sample's pool comes from. "references" (default): the above. "condition_image": the row's
+    condition image (``metadata[i]["condition_image"]``, the image an edit starts from), i.e. edit preservation
+    ``cos(f(x_i), f(c_i))``. "row_references": the row's identity pool, the image paths of
+    ``metadata[i]["references"]`` (a (prompt, image) row's "references"; features cached per pool), falling back
+    to the condition image for a row without one (image-to-video: the first frame is the identity).
     """
 
     name = "dino_similarity"
@@ -83,9 +89,13 @@ class DinoSimilarityReward(Reward):
     def __init__(self, model: str = "facebook/dinov2-small", references=None, reference_features=None,
                  variant: str = "cls", head: bool = False, head_hidden: int = 256, head_path: Optional[str] = None,
                  cls_weight: float = 0.7, n_patches: int = 64, patch_seed: Optional[int] = 0, lr: float = 1e-4,
-                 image_size: Optional[int] = None, device: str = "cpu", batch_size: int = 32, seed: int = 0):
+                 image_size: Optional[int] = None, device: str = "cpu", batch_size: int = 32, seed: int = 0,
+                 pool: str = "references"):
         if variant not in ("cls", "patch_mean"):
             raise ValueError(f"dino_similarity: variant must be 'cls' or 'patch_mean', got {variant!r}")
+        if pool not in POOLS:
+            raise ValueError(f"dino_similarity: pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.pool, self._row_pools = pool, {}
         self.backbone = Backbone(model, image_size, device, batch_size)
         self.variant, self.cls_weight, self.n_patches, self.patch_seed = variant, cls_weight, n_patches, patch_seed
         self.ref_tokens = None
@@ -146,6 +156,8 @@ class DinoSimilarityReward(Reward):
         if self.head is not None:
             return self.discriminate(tokens, self.patch_seed)
         f = F.normalize(self.feature(tokens), dim=-1)
+        if self.pool != "references":
+            metadata = self._row_metadata(metadata, len(f))
         pools = [None if m is None else m.get("reference_features") for m in (metadata or [None] * len(f))]
         if all(p is None for p in pools):
             if self.ref_mean is None:
@@ -157,6 +169,29 @@ class DinoSimilarityReward(Reward):
                              "global references= was given")
         means = [self.ref_mean if p is None else F.normalize(self._load_features(p), dim=-1).mean(0) for p in pools]
         return (f * torch.stack(means).to(f.device)).sum(-1)
+
+    def _row_metadata(self, metadata, n: int) -> list[dict]:
+        """metadata with each row's ``reference_features`` from its condition image or its identity pool."""
+        if metadata is None or any(m is None for m in metadata):
+            raise ValueError(f"dino_similarity: pool={self.pool} scores each image against its row's condition "
+                             "image: train on (prompt, image) rows (train.prompts = a JSONL file, docs/models.md)")
+        out = []
+        for m in metadata:
+            refs = tuple(m.get("references") or ()) if self.pool == "row_references" else ()
+            if refs:
+                if refs not in self._row_pools:
+                    from PIL import Image
+
+                    with torch.no_grad():
+                        self._row_pools[refs] = self.features([Image.open(r).convert("RGB") for r in refs]).cpu()
+                feats = self._row_pools[refs]
+            elif "condition_image" in m:
+                with torch.no_grad():
+                    feats = self.features(m["condition_image"][None].float())
+            else:
+                raise ValueError(f"dino_similarity: pool={self.pool} needs metadata['condition_image'] per row")
+            out.append({**m, "reference_features": feats})
+        return out
 
     def train_head_step(self, generated: Images, references: Optional[Images] = None) -> dict:
         """One hinge-loss step of the head: references positive, generated negative. Returns floats

@@ -88,7 +88,7 @@ def test_nft_permutation_timesteps_give_each_sample_its_own_grid_steps(tmp_path)
         return predict(x, timestep, cond, g)
 
     tr.adapter.predict = recording
-    tr._sample_prompts = lambda: (["a red circle"] * 3 + ["two blue squares"] * 3, [None] * 6)
+    tr._sample_prompts = lambda: (["a red circle"] * 3 + ["two blue squares"] * 3, [None] * 6, None)
     traj_steps = []
     rollout = tr.algorithm.rollout
     tr.algorithm.rollout = lambda prompts: traj_steps.append(len(calls)) or rollout(prompts)
@@ -156,7 +156,7 @@ def test_opd_each_prompt_uses_its_tasks_teacher(tmp_path):
     assert set(lora.adapter_names(tr.adapter)) == {"default", "teacher_same", "teacher_other"}
     assert lora.active_adapter(tr.adapter) == "default"
     frozen = _clone(lora.lora_parameters(tr.adapter, "teacher_other"))
-    prompts, tasks = tr._sample_prompts()
+    prompts, tasks, _ = tr._sample_prompts()
     assert tasks == ["same"] * 4 + ["other"] * 4
     assert all(p.startswith("the text") for p, t in zip(prompts, tasks) if t == "other")
     assert not any(p.startswith("the text") for p, t in zip(prompts, tasks) if t == "same")

@@ -160,9 +160,10 @@ class BackpropUpdate(UpdateRule):
         g = self.cfg.backprop.ref_guidance_scale
         return self.cfg.sampling.guidance_scale if g is None else g
 
-    def rollout(self, prompts: Sequence[str]) -> Trajectory:
+    def rollout(self, prompts: Sequence[str], images=None) -> Trajectory:
         s = self.cfg.sampling
-        cond = self.adapter.encode_prompts(list(prompts), max(s.guidance_scale, self._ref_guidance()))
+        cond = self.adapter.encode_prompts(list(prompts), max(s.guidance_scale, self._ref_guidance()), images=images,
+                                           height=s.resolution, width=s.resolution, num_frames=s.num_frames)
         return run_rollout(self.adapter, list(prompts), num_steps=s.num_steps, guidance_scale=s.guidance_scale,
                            sampler="flow_ode", generator=self.generator, height=s.resolution, width=s.resolution,
                            num_frames=s.num_frames, cond=cond)
@@ -179,7 +180,9 @@ class BackpropUpdate(UpdateRule):
                                    num_steps=traj.num_steps, grad_steps=k, guidance_scale=traj.guidance_scale,
                                    ref_guidance_scale=self._ref_guidance(), compute_kl=c.lambda_kl > 0,
                                    start_step=start)
-            r = reward.score_differentiable(self.adapter.decode(out.final), [traj.prompts[i] for i in mb])
+            meta = traj.cond.metadata()
+            r = reward.score_differentiable(self.adapter.decode(out.final), [traj.prompts[i] for i in mb],
+                                            None if meta is None else [meta[i] for i in mb])
             r = r.to(out.velocity_kl.device)
             ok = torch.isfinite(r.detach())
             if not ok.any():

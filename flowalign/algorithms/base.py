@@ -34,13 +34,14 @@ def sde_window(cfg, generator) -> Optional[tuple[int, int]]:
 
 
 def configured_rollout(adapter, prompts: Sequence[str], cfg, generator, record_means: bool = False,
-                       record_reference_kl: bool = False) -> Trajectory:
+                       record_reference_kl: bool = False, images=None) -> Trajectory:
     """``rollout`` with the ``sampling`` section of the config (steps, CFG, sampler, noise, SDE window, grid, size).
 
     With a stochastic sampler each group of ``train.group_size`` consecutive rows shares its initial noise (the
     SDE makes the samples differ, as in Flow-GRPO); with a deterministic sampler (``flow_ode``, ``flow_dpm2``)
     every row draws its own noise, else a group would hold identical samples and zero advantages.
-    generator: a torch.Generator or a distributed ``RowShard`` of one (its shared generator draws the window)."""
+    generator: a torch.Generator or a distributed ``RowShard`` of one (its shared generator draws the window).
+    images: one condition image per row for image-conditioned families (None for text-to-image)."""
     s = cfg.sampling
     group_size = 1 if s.sampler in DETERMINISTIC_SAMPLERS else cfg.train.group_size
     window = sde_window(cfg, getattr(generator, "generator", generator))
@@ -49,7 +50,7 @@ def configured_rollout(adapter, prompts: Sequence[str], cfg, generator, record_m
                    group_size=group_size, generator=generator, record_means=record_means,
                    height=s.resolution, width=s.resolution, num_frames=s.num_frames,
                    log_prob_convention=s.log_prob_convention, grid=s.grid, grid_shift=s.grid_shift,
-                   integer_timesteps=s.integer_timesteps, record_reference_kl=record_reference_kl)
+                   integer_timesteps=s.integer_timesteps, record_reference_kl=record_reference_kl, images=images)
 
 
 def require_flow(adapter, algorithm: str) -> None:
@@ -106,8 +107,10 @@ class UpdateRule:
     def use_reward(self, reward) -> None:
         """The trainer hands over the (first) task's reward object; rules that differentiate it keep it."""
 
-    def rollout(self, prompts: Sequence[str]) -> Trajectory:
-        return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)))
+    def rollout(self, prompts: Sequence[str], images=None) -> Trajectory:
+        """The batch's trajectories (images: one condition image per row, image-conditioned families only)."""
+        return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)),
+                                  images=images)
 
     def update(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, rewards: torch.Tensor,
                tasks: Sequence[Optional[str]]) -> dict:

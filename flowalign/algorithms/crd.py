@@ -326,9 +326,9 @@ class CRDUpdate(UpdateRule):
         self.old = Snapshot(self.params)
         self.sampler = Snapshot(self.params)
 
-    def rollout(self, prompts):
+    def rollout(self, prompts, images=None):
         with self.sampler.swapped_in():
-            return super().rollout(prompts)
+            return super().rollout(prompts, images)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "old": self.old.state_dict(), "sampler": self.sampler.state_dict()}
@@ -342,7 +342,7 @@ class CRDUpdate(UpdateRule):
         c, t = self.cfg.crd, self.cfg.train
         reward = normalized_reward(adv, c.adv_max)
         # global [B], on the device of valid/reward (a CUDA bool mask cannot index a CPU tensor)
-        gids = group_ids_from_prompts(self.dist.gather_objects(traj.prompts)).to(valid.device)
+        gids = group_ids_from_prompts(self.dist.gather_objects(traj.group_keys)).to(valid.device)
         groups = torch.unique(gids[valid])
         if groups.numel() == 0:
             return {"update_samples": 0}

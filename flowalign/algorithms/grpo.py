@@ -166,9 +166,10 @@ class GRPOUpdate(UpdateRule):
     title = "Flow-GRPO"  # how reports name the method
     has_ratio = True
 
-    def rollout(self, prompts):
+    def rollout(self, prompts, images=None):
         return configured_rollout(self.adapter, prompts, self.cfg, self.dist.noise(self.generator, len(prompts)),
-                                  record_means=self.cfg.grpo.guard, record_reference_kl=self.cfg.grpo.kl_reward > 0)
+                                  record_means=self.cfg.grpo.guard, record_reference_kl=self.cfg.grpo.kl_reward > 0,
+                                  images=images)
 
     def _step_advantages(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor,
                          rewards: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -177,7 +178,7 @@ class GRPOUpdate(UpdateRule):
         if c <= 0:
             return None
         kl = self.dist.gather(traj.reference_kl).cpu()  # [B, N], NaN at deterministic steps
-        prompts = self.dist.gather_objects(traj.prompts)
+        prompts = self.dist.gather_objects(traj.group_keys)
         out = torch.zeros(kl.shape, dtype=torch.float32)
         for k in traj.stochastic_steps:
             out[:, k] = advantages_for(rewards.cpu() - c * kl[:, k], prompts, self.cfg, valid=valid.cpu())

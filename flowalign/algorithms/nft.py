@@ -271,9 +271,9 @@ class NFTUpdate(UpdateRule):
         require_flow(adapter, "nft")
         self.old = Snapshot(self.params)
 
-    def rollout(self, prompts):
+    def rollout(self, prompts, images=None):
         with self.old.swapped_in():
-            return super().rollout(prompts)
+            return super().rollout(prompts, images)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "old": self.old.state_dict()}

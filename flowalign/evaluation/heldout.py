@@ -3,7 +3,9 @@
 The prompt set comes from ``train.eval_prompts`` (a toy spec or a text file) or, by default, from the training
 prompts: a toy spec ('toy', 'toy:text', 'toy:counting,colors'; for OPD each teacher's) gives ``eval_per_task``
 held-out prompts per task (the toy world's held-out split, never trained on). A plain prompt file has no
-held-out split, so it is only evaluated when ``train.eval_prompts`` names one.
+held-out split, so it is only evaluated when ``train.eval_prompts`` names one. A JSONL file of (prompt, image)
+rows (editing families) is sampled with each row's condition image (``pipe(image=..., prompt=...)``) and its
+rewards get ``metadata[i]["condition_image"]``.
 
 Scores (one dict per evaluation, keys ``<reward>`` and ``<reward>/<task>``):
   * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met), ``toy_geneval_strict``,
@@ -27,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from .sampling import sample_images
-from ..prompts import toy_tasks
+from ..prompts import is_image_rows, read_image_rows, toy_tasks
 
 EVAL_SEED = 10_000  # far from the training seeds
 
@@ -38,6 +40,8 @@ def heldout_rows(spec: str, per_task: int) -> list[tuple[str, str]]:
     from ..toy import prompts_in_split
 
     tasks = toy_tasks(spec)
+    if tasks is None and is_image_rows(spec):
+        return [(r.prompt, "file") for r in read_image_rows(spec)]
     if tasks is None:
         from ..prompts import read_prompt_file
 
@@ -60,10 +64,11 @@ class HeldoutEval:
     def __init__(self, sources: Sequence[str], per_task: int, steps: int, guidance_scale: float,
                  train_rewards: Optional[dict] = None, extra: Sequence[str] = (), seed: int = EVAL_SEED,
                  batch_size: int = 32):
-        self.rows, self.source_of = [], {}
+        self.rows, self.source_of, self.image_rows = [], {}, []
         for spec in dict.fromkeys(sources):
             rows = heldout_rows(spec, per_task)
             self.rows += rows
+            self.image_rows += read_image_rows(spec) if toy_tasks(spec) is None and is_image_rows(spec) else [None] * len(rows)
             for _, task in rows:
                 self.source_of.setdefault(task, spec)
         self.prompts = [p for p, _ in self.rows]
@@ -86,9 +91,30 @@ class HeldoutEval:
 
     @torch.no_grad()
     def __call__(self, pipe) -> tuple[dict, torch.Tensor]:
+        conditions = self._conditions()
         images = sample_images(pipe, self.prompts, self.seed, self.steps, self.guidance_scale, self.batch_size,
-                               desc="held-out eval")
+                               desc="held-out eval", images=conditions)
         return self.score(images), images
+
+    def _conditions(self) -> Optional[list]:
+        """The rows' condition images [3, H, W] (None for a text-only set; a mixed set is refused)."""
+        if all(r is None for r in self.image_rows):
+            return None
+        if any(r is None for r in self.image_rows):
+            raise ValueError("a held-out set mixes text prompts and (prompt, image) rows: evaluate one kind")
+        return [r.load() for r in self.image_rows]
+
+    def _call(self, reward, images, prompts, idx):
+        """reward(images, prompts), with the rows' metadata when they have condition images."""
+        meta = self._metadata(idx)
+        return reward(images, prompts) if meta is None else reward(images, prompts, meta)
+
+    def _metadata(self, idx: list) -> Optional[list]:
+        rows = [self.image_rows[i] for i in idx]
+        if any(r is None for r in rows):
+            return None
+        return [{"condition_image": r.load(), **({"references": list(r.references)} if r.references else {})}
+                for r in rows]
 
     def score(self, images: torch.Tensor) -> dict:
         """Scores of images [N,3,H,W] (in the order of ``self.prompts``) -> {key: mean}."""
@@ -117,10 +143,10 @@ class HeldoutEval:
             else:
                 reward = self.train_rewards.get(self.source_of.get(task))
                 if reward is not None:
-                    record(reward.name, task, reward(images[idx], prompts))
+                    record(reward.name, task, self._call(reward, images[idx], prompts, idx))
             for name in self.extra:
                 if not (name == "toy_geneval" and task in GENEVAL_TASKS) and not (name == "ocr" and task == TEXT_TASK):
-                    record(name, task, self._reward(name)(images[idx], prompts))
+                    record(name, task, self._call(self._reward(name), images[idx], prompts, idx))
         for name, parts in totals.items():
             out[name] = torch.cat(parts).mean().item()
         out["n"] = len(self.prompts)

@@ -6,7 +6,7 @@ so tasks with a single held-out prompt ("a circle") still get several samples.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -28,10 +28,19 @@ def heldout_prompts(per_task: int = 16, tasks: Sequence[str] = GENEVAL_TASKS) ->
 
 @torch.no_grad()
 def sample_images(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 10, guidance_scale: float = 4.5,
-                  batch_size: int = 32, desc: str = "sampling") -> torch.Tensor:
-    """Images [N,3,H,W] in [0,1] from ``pipe(prompt)``; image i uses ``torch.Generator().manual_seed(seed+i)``."""
+                  batch_size: int = 32, desc: str = "sampling", images: Optional[Sequence] = None) -> torch.Tensor:
+    """Images [N,3,H,W] in [0,1] from ``pipe(prompt)``; image i uses ``torch.Generator().manual_seed(seed+i)``.
+
+    images: one condition image per prompt ([3, H, W] in [0, 1]) for editing pipelines: row i is
+    ``pipe(image=images[i], prompt=prompts[i], height=H, width=W)`` (one row a call: each row has its own image;
+    pipelines that would resize the image to a preferred resolution, FLUX.1 Kontext, are told not to)."""
     previous = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)  # our own bar below; diffusers' would nest inside it
+    if images is not None:
+        try:
+            return _sample_edits(pipe, prompts, images, seed, steps, guidance_scale, desc)
+        finally:
+            pipe._progress_bar_config = previous
     images = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
@@ -43,6 +52,26 @@ def sample_images(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 10, 
     finally:
         pipe._progress_bar_config = previous  # the caller's pipeline keeps its own progress-bar setting
     return torch.cat(images)
+
+
+def _sample_edits(pipe, prompts, conditions, seed, steps, guidance_scale, desc) -> torch.Tensor:
+    import inspect
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    extra = {"_auto_resize": False} if "_auto_resize" in accepted else {}
+    from PIL import Image
+
+    out = []
+    for i in tqdm(range(len(prompts)), desc=desc, leave=False):
+        cond = conditions[i]
+        h, w = int(cond.shape[-2]), int(cond.shape[-1])
+        # as PIL, the type every pipeline's processors take (lossless for images read from 8-bit files)
+        pil = Image.fromarray((cond.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+        result = pipe(image=pil, prompt=[prompts[i]], num_inference_steps=steps, guidance_scale=guidance_scale,
+                      generator=torch.Generator().manual_seed(seed + i), height=h, width=w, output_type="pt",
+                      **pipeline_call_kwargs(pipe), **extra)
+        out.append(result.images.float().clamp(0, 1).cpu())
+    return torch.cat(out)
 
 
 def score_toy(images: torch.Tensor, prompts: Sequence[str]) -> dict:

@@ -3,7 +3,8 @@
 An adapter wraps a user's diffusers pipeline (no copy of its weights) and exposes what the rollout
 and the losses need, with nothing algorithmic:
 
-- ``encode_prompts(prompts, guidance_scale) -> Conditioning`` (cached per unique prompt)
+- ``encode_prompts(prompts, guidance_scale, images=None) -> Conditioning`` (cached per unique prompt, or per unique
+  (prompt, condition image) for the families that edit an image or animate it: ``condition_image = True``)
 - ``predict(x, timestep, cond, guidance_scale) -> float32`` with CFG ``out = out_null + g (out_c - out_null)``
   (flow families: velocity ``v ~ eps - x0``; SD/SDXL: epsilon or v per ``prediction_type``)
 - ``decode(latents) -> images [B, 3, H, W]`` in [0, 1] (video: ``[B, F, 3, H, W]``)
@@ -16,6 +17,8 @@ CFG follows diffusers: guidance is applied only when ``guidance_scale > 1``.
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -24,20 +27,53 @@ import torch
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
+def image_tensor(image) -> torch.Tensor:
+    """A condition image (PIL, or a float tensor [3, H, W] / [1, 3, H, W] in [0, 1]) -> float32 [3, H, W] in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        t = t[0] if t.dim() == 4 and t.shape[0] == 1 else t
+        if t.dim() != 3 or t.shape[0] != 3:
+            raise ValueError(f"a condition image tensor must be [3, H, W] in [0, 1], got shape {tuple(image.shape)}")
+        return t.clamp(0, 1)
+    import numpy as np
+
+    if not hasattr(image, "convert"):
+        raise ValueError(f"a condition image must be a PIL image or a [3, H, W] tensor, got {type(image).__name__}")
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def image_key(image: torch.Tensor) -> str:
+    """Content hash of a float [3, H, W] image (the prompt cache's key for image-conditioned rows)."""
+    data = image.contiguous().numpy().tobytes()
+    return hashlib.sha1(data + str(tuple(image.shape)).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Conditioning:
     """Encoded prompts of a batch.
 
     cond / uncond: denoiser keyword tensors, each ``[B, ...]`` (e.g. ``encoder_hidden_states`` [B, L, D],
-    ``pooled_projections`` [B, P]); uncond is None when no CFG was requested at encoding time.
+    ``pooled_projections`` [B, P]; image-conditioned families add their condition's tensors, e.g. the packed
+    latents of the image to edit); uncond is None when no CFG was requested at encoding time.
+    images: the B condition images (float [3, H, W] in [0, 1], as the adapter resized them) or None for text rows;
+        rewards receive them as ``metadata[i]["condition_image"]``.
+    keys: one key per row naming its group (its prompt, plus the condition image's hash when there is one), so
+        two edits of different images with the same instruction are different prompt groups.
     """
 
     prompts: list[str]
     cond: dict[str, torch.Tensor]
     uncond: Optional[dict[str, torch.Tensor]] = None
+    images: Optional[list] = None
+    keys: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def group_keys(self) -> list[str]:
+        return list(self.prompts) if self.keys is None else list(self.keys)
 
     def select(self, index: Union[torch.Tensor, Sequence[int], slice]) -> "Conditioning":
         """Rows ``index`` of the batch (for micro-batches)."""
@@ -47,7 +83,13 @@ class Conditioning:
             rows = [int(i) for i in (index.tolist() if isinstance(index, torch.Tensor) else index)]
         idx = torch.tensor(rows, dtype=torch.long)
         pick = lambda d: None if d is None else {k: v[idx.to(v.device)] for k, v in d.items()}  # noqa: E731
-        return Conditioning([self.prompts[i] for i in rows], pick(self.cond), pick(self.uncond))
+        rows_of = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+        return Conditioning([self.prompts[i] for i in rows], pick(self.cond), pick(self.uncond),
+                            rows_of(self.images), rows_of(self.keys))
+
+    def metadata(self) -> Optional[list[dict]]:
+        """Per-row reward metadata (``{"condition_image": [3, H, W]}``), or None for text-only rows."""
+        return None if self.images is None else [{"condition_image": im} for im in self.images]
 
 
 @dataclass
@@ -119,6 +161,10 @@ class PipelineAdapter:
     # CFG's two branches in ONE denoiser call on [2B] rows (diffusers' way); False: two calls on [B] rows each.
     # Kernels may differ with the batch size, so rollout and re-scoring must agree on it (flowalign doctor)
     cfg_batched: bool = True
+    # True: every row conditions on an image as well as its prompt (editing, image-to-video); encode_prompts then
+    # needs images=[one per row] and the family implements _encode_image (or _encode_row)
+    condition_image: bool = False
+    image_cache_size: int = 256  # encoded (prompt, image) rows kept (image latents are large); text rows: all
 
     def __init__(self, pipe, negative_prompt: str = "", max_sequence_length: int = 512):
         if type(pipe).__name__ != self.pipeline_class and not any(
@@ -130,6 +176,7 @@ class PipelineAdapter:
         self.negative_prompt = negative_prompt
         self.max_sequence_length = t5_sequence_length(pipe, max_sequence_length)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._image_cache: OrderedDict = OrderedDict()  # (prompt, image key, size) -> embeddings, LRU
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -154,37 +201,92 @@ class PipelineAdapter:
         """Encode a list of prompts -> denoiser kwargs, tensors [len(prompts), ...]. Per family."""
         raise NotImplementedError
 
-    def _encode_negative(self, n: int) -> dict[str, torch.Tensor]:
-        """Unconditional embeddings for n rows (default: the encoded ``negative_prompt``)."""
-        return self._stack([self.negative_prompt] * n)
+    def _encode_image(self, image: torch.Tensor, height: Optional[int], width: Optional[int],
+                      num_frames: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """The condition image [1, 3, H, W] in [0, 1] -> denoiser kwargs [1, ...] (e.g. its packed VAE latents) for
+        an output of ``height`` x ``width`` (x ``num_frames`` for video; None: the family's default). Per
+        image-conditioned family."""
+        raise NotImplementedError(f"the {self.family} adapter does not condition on images")
+
+    def _encode_row(self, prompt: str, image: Optional[torch.Tensor], height, width, num_frames=None
+                    ) -> dict[str, torch.Tensor]:
+        """One row's embeddings [1, ...]: the prompt's, plus the condition image's when there is one (families
+        whose text encoder reads the image too, e.g. Qwen-Image-Edit, override this)."""
+        out = dict(self._encode([prompt]))
+        if image is not None:
+            out.update(self._encode_image(image[None], height, width, num_frames))
+        return out
+
+    def _encode_negative(self, n: int, images: Optional[list] = None, size=(None, None, None)
+                         ) -> dict[str, torch.Tensor]:
+        """Unconditional embeddings for n rows (default: the encoded ``negative_prompt``, with each row's condition
+        image: the null branch of an edit still sees the image it edits)."""
+        return self._stack([self.negative_prompt] * n, images, size)
 
     def _uses_uncond(self, guidance_scale: float) -> bool:
         """Whether CFG at this (user-facing) guidance scale needs the unconditional branch (diffusers: g > 1)."""
         return guidance_scale > 1.0
 
-    def _stack(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        # each new prompt is encoded on its own: a text encoder's output for one row depends (in the last bits)
+    def _row(self, prompt: str, image: Optional[torch.Tensor], size) -> dict[str, torch.Tensor]:
+        # each new row is encoded on its own: a text encoder's output for one row depends (in the last bits)
         # on the other rows of its batch, so batching new prompts would make an embedding, and every weight trained
         # on it, depend on the run's history (a resumed run would drift from an uninterrupted one by ~1e-7)
-        for p in dict.fromkeys(prompts):
-            if p not in self._cache:
+        if image is None:
+            if prompt not in self._cache:
                 with torch.no_grad():
-                    self._cache[p] = {k: v[:1].detach() for k, v in self._encode([p]).items()}
-        keys = self._cache[prompts[0]].keys()
-        return {k: torch.cat([self._cache[p][k] for p in prompts]) for k in keys}
+                    self._cache[prompt] = {k: v[:1].detach() for k, v in self._encode_row(prompt, None, *size).items()}
+            return self._cache[prompt]
+        key = (prompt, image_key(image), size)
+        if key in self._image_cache:
+            self._image_cache.move_to_end(key)
+        else:
+            with torch.no_grad():
+                self._image_cache[key] = {k: v[:1].detach() for k, v in self._encode_row(prompt, image, *size).items()}
+            while len(self._image_cache) > self.image_cache_size:
+                self._image_cache.popitem(last=False)
+        return self._image_cache[key]
 
-    def encode_prompts(self, prompts: Union[str, Sequence[str]], guidance_scale: float = 1.0) -> Conditioning:
-        """Encode prompts (each unique prompt once, then cached) -> Conditioning with cond [B, ...] and,
-        when ``guidance_scale`` needs CFG, the unconditional embeddings."""
+    def _stack(self, prompts: list[str], images: Optional[list] = None, size=(None, None, None)
+               ) -> dict[str, torch.Tensor]:
+        rows = [self._row(p, None if images is None else images[i], size) for i, p in enumerate(prompts)]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def _check_images(self, images, n: int) -> Optional[list]:
+        if images is None:
+            if self.condition_image:
+                raise ValueError(f"the {self.family} adapter conditions every row on an image: pass images=[one per "
+                                 "prompt] (training: train.prompts = a JSONL of prompt and image rows, docs/models.md)")
+            return None
+        if not self.condition_image:
+            raise ValueError(f"the {self.family} adapter generates from text only: drop images=..., or use an "
+                             "image-conditioned family (flux_kontext, qwenimage_edit, wan_i2v)")
+        images = list(images)
+        if len(images) != n:
+            raise ValueError(f"{len(images)} condition images for {n} prompts: pass one image per prompt")
+        return [image_tensor(im) for im in images]
+
+    def encode_prompts(self, prompts: Union[str, Sequence[str]], guidance_scale: float = 1.0, images=None,
+                       height: Optional[int] = None, width: Optional[int] = None,
+                       num_frames: Optional[int] = None) -> Conditioning:
+        """Encode prompts (each unique prompt, or (prompt, image) row, once, then cached) -> Conditioning with cond
+        [B, ...] and, when ``guidance_scale`` needs CFG, the unconditional embeddings.
+
+        images: for image-conditioned families (``condition_image``), one condition image per prompt (PIL or
+        [3, H, W] in [0, 1]); height / width / num_frames: the output size the condition is prepared for (None: the
+        family's default)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode_prompts needs at least one prompt")
-        cond = self._stack(prompts)
-        uncond = self._encode_negative(len(prompts)) if self._uses_uncond(guidance_scale) else None
-        return Conditioning(prompts, cond, uncond)
+        images = self._check_images(images, len(prompts))
+        size = (height, width, num_frames) if images is not None else (None, None, None)
+        cond = self._stack(prompts, images, size)
+        uncond = self._encode_negative(len(prompts), images, size) if self._uses_uncond(guidance_scale) else None
+        keys = None if images is None else [f"{p}\x00{image_key(im)}" for p, im in zip(prompts, images)]
+        return Conditioning(prompts, cond, uncond, images, keys)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._image_cache.clear()
 
     # ---- prediction ---------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, emb: dict, guidance_scale: float) -> torch.Tensor:

@@ -41,11 +41,11 @@ class SDXLAdapter(DDIMAdapter):
                                                    do_classifier_free_guidance=False)
         return {"encoder_hidden_states": pe, "text_embeds": pooled}
 
-    def _encode_negative(self, n):
+    def _encode_negative(self, n, images=None, size=(None, None, None)):
         if not self.negative_prompt and self.pipe.config.get("force_zeros_for_empty_prompt", False):
             ref = self._stack([""])
             return {k: torch.zeros_like(v).expand(n, *v.shape[1:]).clone() for k, v in ref.items()}
-        return super()._encode_negative(n)
+        return super()._encode_negative(n, images, size)
 
     def _forward(self, x, timestep, emb, guidance_scale):
         dt = self.dtype

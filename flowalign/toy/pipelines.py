@@ -58,23 +58,27 @@ def clip_vocab(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int], li
     Returns (vocab, merges as "left right" strings).
     """
     chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
     seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(w.lower() for w in words) if w]
-    merges: list[str] = []
+    pairs = _learn_merges(seqs)
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in pairs] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return vocab, [f"{a} {b}" for a, b in pairs]
+
+
+def _learn_merges(seqs: list[list[str]]) -> list[tuple[str, str]]:
+    """BPE training: repeatedly merge the most frequent adjacent pair of ``seqs`` (ties: first seen) until every
+    sequence is one token -> the merges in rank order."""
+    merges: list[tuple[str, str]] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
         for seq in seqs:
             for pair in zip(seq, seq[1:]):
                 counts[pair] = counts.get(pair, 0) + 1
         if not counts:
-            break
+            return merges
         pair = max(counts, key=counts.get)
-        merges.append(f"{pair[0]} {pair[1]}")
-        tokens.append(pair[0] + pair[1])
+        merges.append(pair)
         seqs = [_merge_pair(seq, pair) for seq in seqs]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return vocab, merges
 
 
 def tiny_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16, save_dir: Optional[str] = None):
@@ -105,6 +109,42 @@ def tiny_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16
     pieces = list(dict.fromkeys(pieces))
     vocab = [(p, 0.0 if i < 3 else -float(len(p) < 3) - 1.0) for i, p in enumerate(pieces)]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                       "<|video_pad|>")
+
+
+def bpe_vocab(words: Iterable[str] = DEFAULT_WORDS, prefix: str = "\u0120") -> tuple[dict[str, int], list[tuple]]:
+    """GPT-2-style byte-level BPE vocabulary in which every listed word, preceded by a space (``prefix``: "Ġ"),
+    is ONE token: every byte character, then the merges learned by BPE training on the words (as ``clip_vocab``,
+    without CLIP's ``</w>`` ends). Returns (vocab, merges as (left, right) pairs)."""
+    merges = _learn_merges([list(prefix + w) for w in dict.fromkeys(w.lower() for w in words) if w])
+    tokens = list(_bytes_to_unicode().values()) + [a + b for a, b in merges]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def tiny_qwen_tokenizer(words: Iterable[str] = DEFAULT_WORDS, max_length: int = 128):
+    """A Qwen2 tokenizer (byte-level BPE, the one of Qwen2.5-VL and Qwen3 text encoders) over ``words``, with
+    ``<|endoftext|>`` (pad / eos) and the chat and vision special tokens the pipelines' prompt templates use."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = bpe_vocab(words)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    return tok
+
+
+def tiny_qwen3_encoder(vocab_size: int, hidden: int = 16, layers: int = 2, causal_lm: bool = False):
+    """A Qwen3 text model (``Qwen3ForCausalLM`` with ``causal_lm``, else ``Qwen3Model``) with random weights:
+    the text encoder of Z-Image and FLUX.2 [klein]."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=512,
+                      rope_theta=10000.0, tie_word_embeddings=False)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(cfg)
 
 
 def _clip_text(vocab_size: int, hidden: int, layers: int, max_pos: int, projection: bool, eos_id: int, proj_dim=None):

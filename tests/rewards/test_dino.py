@@ -74,3 +74,25 @@ def test_bad_options(dino_dir):
         get("dino_similarity", model=dino_dir, references=toy_images(REFS), variant="mean")
     with pytest.raises(RuntimeError, match="needs head=True"):
         get("dino_similarity", model=dino_dir, references=toy_images(REFS)).train_head_step(toy_images(OTHER))
+
+
+def test_condition_image_and_row_reference_pools(dino_dir, tmp_path):
+    # edit preservation: each image against its own row's condition image; identity: against the row's pool
+    refs, x = toy_images(REFS, seed=1), toy_images(OTHER, seed=2)
+    r = get("dino_similarity", model=dino_dir, pool="condition_image")
+    meta = [{"condition_image": refs[0]}, {"condition_image": refs[1]}]
+    f, fr = F.normalize(r.features(x), dim=-1), F.normalize(r.features(refs[:2]), dim=-1)
+    torch.testing.assert_close(r(x, OTHER, meta), (f * fr).sum(-1), atol=1e-5, rtol=1e-5)
+    assert r(refs[:2], OTHER, meta).min().item() == pytest.approx(1.0, abs=1e-5)  # an unedited image keeps all
+    with pytest.raises(ValueError, match="JSONL"):
+        r(x, OTHER)
+    for i, im in enumerate(to_pil_list(refs)):
+        im.save(tmp_path / f"ref{i}.png")
+    rows = get("dino_similarity", model=dino_dir, pool="row_references")
+    pool = [str(tmp_path / "ref1.png"), str(tmp_path / "ref2.png")]
+    s = rows(x, OTHER, [{"condition_image": refs[0], "references": pool}, {"condition_image": refs[0]}])
+    expect = (f[0] * F.normalize(rows.features(refs[1:]), dim=-1).mean(0)).sum()
+    torch.testing.assert_close(s[0], expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s[1], (f[1] * fr[0]).sum(), atol=1e-5, rtol=1e-5)  # no pool: the condition image
+    with pytest.raises(ValueError, match="pool must be"):
+        get("dino_similarity", model=dino_dir, pool="nearest")
