@@ -77,6 +77,7 @@ class HeldoutEval:
         self.train_rewards = train_rewards or {}
         self.extra = tuple(extra)
         self._cache = {}
+        self._images: dict = {}  # condition image path -> [3, H, W]
 
     def _reward(self, name: str):
         from ..rewards import get as get_reward
@@ -102,7 +103,13 @@ class HeldoutEval:
             return None
         if any(r is None for r in self.image_rows):
             raise ValueError("a held-out set mixes text prompts and (prompt, image) rows: evaluate one kind")
-        return [r.load() for r in self.image_rows]
+        return [self._load(r) for r in self.image_rows]
+
+    def _load(self, row) -> torch.Tensor:
+        """A row's condition image, read from its file once per evaluator (sampling and every reward share it)."""
+        if row.image not in self._images:
+            self._images[row.image] = row.load()
+        return self._images[row.image]
 
     def _call(self, reward, images, prompts, idx):
         """reward(images, prompts), with the rows' metadata when they have condition images."""
@@ -113,7 +120,7 @@ class HeldoutEval:
         rows = [self.image_rows[i] for i in idx]
         if any(r is None for r in rows):
             return None
-        return [{"condition_image": r.load(), **({"references": list(r.references)} if r.references else {})}
+        return [{"condition_image": self._load(r), **({"references": list(r.references)} if r.references else {})}
                 for r in rows]
 
     def score(self, images: torch.Tensor) -> dict:

@@ -56,7 +56,8 @@ class Conditioning:
     cond / uncond: denoiser keyword tensors, each ``[B, ...]`` (e.g. ``encoder_hidden_states`` [B, L, D],
     ``pooled_projections`` [B, P]; image-conditioned families add their condition's tensors, e.g. the packed
     latents of the image to edit); uncond is None when no CFG was requested at encoding time.
-    images: the B condition images (float [3, H, W] in [0, 1], as the adapter resized them) or None for text rows;
+    images: the B condition images as given (float [3, H, W] in [0, 1], before the family resizes them for its
+        encoder) or None for text rows;
         rewards receive them as ``metadata[i]["condition_image"]``.
     keys: one key per row naming its group (its prompt, plus the condition image's hash when there is one), so
         two edits of different images with the same instruction are different prompt groups.
