@@ -195,10 +195,15 @@ def _check_finite(obj: Any, section: str) -> None:
             raise ValueError(f"{section}.{f.name} must be a finite number, got {value}")
 
 
+# the model families (flowalign.models.ADAPTERS; a test keeps the two in step) and those with a true_cfg_scale
+FAMILIES = ("sd3", "flux", "sd", "sdxl", "wan", "flux_kontext", "flux2", "flux2_klein", "zimage", "wan_i2v")
+TRUE_CFG_FAMILIES = ("flux", "flux_kontext")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = _help("diffusers pipeline: hub id or local folder (default: the shipped toy pipeline)", DEFAULT_MODEL)
-    family: Optional[str] = _help("sd3 | flux | sd | sdxl | wan; None = detect from the pipeline class", None)
+    family: Optional[str] = _help(" | ".join(FAMILIES) + "; None = detect from the pipeline class", None)
     dtype: str = _help("weights: float32 | bfloat16 (the whole pipeline) | float16 (the denoiser only); LoRA "
                        "weights, rollout latents and sampler math stay float32", "float32")
     lora_rank: int = _help("LoRA rank r", 16)
@@ -254,10 +259,10 @@ class ModelConfig:
             _positive("model", "max_sequence_length", self.max_sequence_length)
         if self.true_cfg_scale is not None:
             _positive("model", "true_cfg_scale", self.true_cfg_scale)
-            if self.family not in (None, "flux"):
-                raise ValueError(f"model.true_cfg_scale is FLUX's (FluxPipeline); the {self.family} family applies "
-                                 "CFG with sampling.guidance_scale")
-        _choice("model", "family", self.family, (None, "sd3", "flux", "sd", "sdxl", "wan"))
+            if self.family not in (None, *TRUE_CFG_FAMILIES):
+                raise ValueError(f"model.true_cfg_scale is for {', '.join(TRUE_CFG_FAMILIES)}; the {self.family} "
+                                 "family applies CFG with sampling.guidance_scale")
+        _choice("model", "family", self.family, (None, *FAMILIES))
         _positive("model", "lora_rank", self.lora_rank)
         if self.lora_alpha is not None:
             _positive("model", "lora_alpha", self.lora_alpha)

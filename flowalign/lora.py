@@ -12,6 +12,11 @@
 - ``set_precision`` (bf16/fp16 base weights, float32 LoRA; bf16: the whole pipeline), ``load_dtypes`` (the
   same policy as ``from_pretrained(torch_dtype=...)``, so big weights never exist in float32) and
   ``set_gradient_checkpointing``.
+- two-expert pipelines (Wan2.2 A14B: ``transformer`` + ``transformer_2``): every helper acts on all of the adapter's
+  ``denoisers``; ``add_lora`` puts the LoRA on its ``lora_denoisers`` (``WanAdapter(lora_experts=...)``) and
+  ``save_lora`` writes ``transformer_2``'s to ``<out_dir>/transformer_2/`` (load it with
+  ``pipe.load_lora_weights(f"{out_dir}/transformer_2", load_into_transformer_2=True)``; :func:`load_lora_weights`
+  does both).
 LoRA output: ``W x + (alpha / rank) B A x``.
 """
 
@@ -29,6 +34,7 @@ from .models.registry import ADAPTERS
 # family -> default LoRA targets, from each adapter's ``lora_target_modules`` (flowalign.models.registry)
 LORA_TARGET_MODULES: dict[str, list[str]] = {f: list(cls.lora_target_modules) for f, cls in ADAPTERS.items()}
 _SAVE_PREFIX = {"transformer": "transformer", "unet": "unet"}  # <prefix>_lora_layers in save_lora_weights
+_SECOND_EXPERTS = ("transformer_2.",)  # lora_state_dict key prefix of a second expert (Wan2.2's low-noise one)
 
 
 def lora_layers(module: torch.nn.Module) -> list:
@@ -38,8 +44,22 @@ def lora_layers(module: torch.nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _named_denoisers(adapter: PipelineAdapter) -> list[tuple[str, torch.nn.Module]]:
+    """(pipeline attribute, module) of every denoiser of the adapter: one, or a two-expert pipeline's two."""
+    return [(n, getattr(adapter.pipe, n)) for n in adapter.denoiser_names]
+
+
+def _denoisers(adapter: PipelineAdapter) -> list[torch.nn.Module]:
+    return [d for _, d in _named_denoisers(adapter)]
+
+
 def _lora_modules(adapter: PipelineAdapter):
-    return lora_layers(adapter.denoiser)
+    return [m for d in _denoisers(adapter) for m in lora_layers(d)]
+
+
+def _with_adapter(adapter: PipelineAdapter, adapter_name: str) -> list[tuple[str, torch.nn.Module]]:
+    """The denoisers that carry LoRA adapter ``adapter_name``."""
+    return [(n, d) for n, d in _named_denoisers(adapter) if adapter_name in (getattr(d, "peft_config", {}) or {})]
 
 
 @contextmanager
@@ -69,8 +89,8 @@ def layers_disabled(layers) -> Iterator[None]:
 
 
 def adapter_names(adapter: PipelineAdapter) -> list[str]:
-    """Names of the LoRA adapters on the denoiser."""
-    return list(getattr(adapter.denoiser, "peft_config", {}) or {})
+    """Names of the LoRA adapters on the denoiser(s)."""
+    return list(dict.fromkeys(n for d in _denoisers(adapter) for n in (getattr(d, "peft_config", {}) or {})))
 
 
 def _require(adapter: PipelineAdapter, name: str) -> None:
@@ -82,7 +102,8 @@ def _require(adapter: PipelineAdapter, name: str) -> None:
 def lora_parameters(adapter: PipelineAdapter, adapter_name: str = "default") -> list[torch.nn.Parameter]:
     """The LoRA parameters of one adapter (for the optimizer)."""
     _require(adapter, adapter_name)
-    return [p for n, p in adapter.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+    return [p for d in _denoisers(adapter) for n, p in d.named_parameters()
+            if "lora_" in n and f".{adapter_name}." in n]
 
 
 def add_lora(
@@ -95,7 +116,8 @@ def add_lora(
     trainable: bool = True,
     init_lora_weights=True,
 ) -> list[torch.nn.Parameter]:
-    """Inject a LoRA adapter into the denoiser, make it active and return its (float32) parameters.
+    """Inject a LoRA adapter into the denoiser (each of the adapter's ``lora_denoisers`` for two-expert pipelines),
+    make it active and return its (float32) parameters.
 
     alpha defaults to 2 * rank (Flow-GRPO's r32/alpha64); target_modules default to
     ``LORA_TARGET_MODULES[family]``. Other adapters stay on the model (inactive).
@@ -107,11 +129,12 @@ def add_lora(
     if adapter_name in adapter_names(adapter):
         raise ValueError(f"LoRA adapter {adapter_name!r} already exists; pick another adapter_name")
     flags = _grad_flags(adapter)
-    config = LoraConfig(
-        r=rank, lora_alpha=float(2 * rank if alpha is None else alpha), lora_dropout=dropout,
-        target_modules=list(target_modules or adapter.lora_target_modules), init_lora_weights=init_lora_weights,
-    )
-    adapter.denoiser.add_adapter(config, adapter_name=adapter_name)
+    for den in adapter.lora_denoisers:
+        config = LoraConfig(  # one config per expert: peft keeps (and may edit) the object it is given
+            r=rank, lora_alpha=float(2 * rank if alpha is None else alpha), lora_dropout=dropout,
+            target_modules=list(target_modules or adapter.lora_target_modules), init_lora_weights=init_lora_weights,
+        )
+        den.add_adapter(config, adapter_name=adapter_name)
     _restore_grad_flags(flags)
     params = lora_parameters(adapter, adapter_name)
     for p in params:
@@ -121,7 +144,7 @@ def add_lora(
 
 
 def _grad_flags(adapter: PipelineAdapter) -> dict[torch.nn.Parameter, bool]:
-    return {p: p.requires_grad for n, p in adapter.denoiser.named_parameters() if "lora_" in n}
+    return {p: p.requires_grad for d in _denoisers(adapter) for n, p in d.named_parameters() if "lora_" in n}
 
 
 def _restore_grad_flags(flags: dict[torch.nn.Parameter, bool]) -> None:
@@ -142,7 +165,8 @@ def set_active_adapter(adapter: PipelineAdapter, adapter_name: str) -> None:
     """Make ``adapter_name`` the only active LoRA; every adapter keeps its requires_grad flags."""
     _require(adapter, adapter_name)
     flags = _grad_flags(adapter)
-    adapter.denoiser.set_adapter(adapter_name)
+    for _, den in _with_adapter(adapter, adapter_name):
+        den.set_adapter(adapter_name)
     _restore_grad_flags(flags)
 
 
@@ -168,14 +192,18 @@ def adapter_disabled(adapter: PipelineAdapter) -> Iterator[None]:
 
 def lora_state_dict(adapter: PipelineAdapter, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """One adapter's weights {peft key: float32 tensor}, whole: a sharded (FSDP) denoiser's shards are gathered,
-    a collective that every process must call."""
+    a collective that every process must call. A second expert's keys start with ``transformer_2.``."""
     from peft import get_peft_model_state_dict
 
     from .runtime.fsdp import full
 
     _require(adapter, adapter_name)
-    state = get_peft_model_state_dict(adapter.denoiser, adapter_name=adapter_name)
-    return {k: full(v.detach()).float().contiguous() for k, v in state.items()}
+    out = {}
+    for name, den in _with_adapter(adapter, adapter_name):
+        prefix = "" if name == adapter.denoiser_name else f"{name}."
+        state = get_peft_model_state_dict(den, adapter_name=adapter_name)
+        out.update({prefix + k: full(v.detach()).float().contiguous() for k, v in state.items()})
+    return out
 
 
 def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "default", write: bool = True,
@@ -188,14 +216,19 @@ def save_lora(adapter: PipelineAdapter, out_dir: str, adapter_name: str = "defau
     state = lora_state_dict(adapter, adapter_name) if state is None else state
     if not write:
         return out_dir
-    den = adapter.denoiser
-    if adapter.denoiser_name == "unet":
-        state = convert_state_dict_to_diffusers(state)
-    prefix = _SAVE_PREFIX[adapter.denoiser_name]
-    meta = den.peft_config[adapter_name].to_dict()
-    type(adapter.pipe).save_lora_weights(
-        out_dir, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": meta}
-    )
+    for name, den in _with_adapter(adapter, adapter_name):
+        if name == adapter.denoiser_name:
+            part, folder = {k: v for k, v in state.items() if not k.startswith(_SECOND_EXPERTS)}, out_dir
+        else:  # diffusers saves one transformer per file: the second expert's goes to its own folder
+            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")}
+            folder = os.path.join(out_dir, name)
+        if adapter.denoiser_name == "unet":
+            part = convert_state_dict_to_diffusers(part)
+        prefix = _SAVE_PREFIX[adapter.denoiser_name]
+        meta = den.peft_config[adapter_name].to_dict()
+        type(adapter.pipe).save_lora_weights(
+            folder, **{f"{prefix}_lora_layers": part, f"{prefix}_lora_adapter_metadata": meta}
+        )
     return out_dir
 
 
@@ -205,12 +238,22 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def load_lora_weights(pipe, path: str, adapter_name: Optional[str] = None) -> None:
     """``pipe.load_lora_weights(path)`` for a diffusers-format LoRA folder or ``.safetensors`` file, safetensors
     only: a pickled file (.bin, .pt, ...) can run code when loaded and is refused. Every failure is one line
-    (FileNotFoundError, or ValueError for a pickle, a damaged file or one that is not a LoRA of this pipeline)."""
+    (FileNotFoundError, or ValueError for a pickle, a damaged file or one that is not a LoRA of this pipeline).
+    A folder's ``transformer_2/`` LoRA (a two-expert Wan2.2's low-noise expert, :func:`save_lora`) is loaded into
+    ``pipe.transformer_2`` (``load_into_transformer_2=True``)."""
     name = os.path.basename(os.path.normpath(path)) or path
     if not os.path.exists(path):
         raise FileNotFoundError(f"LoRA {path!r} not found: pass a folder written by flowalign train/demo")
     files = os.listdir(path) if os.path.isdir(path) else [os.path.basename(path)]
-    if not any(f.endswith(".safetensors") for f in files):
+    second = os.path.join(path, "transformer_2")
+    second = second if os.path.isdir(second) and any(f.endswith(".safetensors") for f in os.listdir(second)) else None
+    if second is not None and getattr(pipe, "transformer_2", None) is None:
+        raise ValueError(f"LoRA {name} holds a transformer_2 (low-noise expert) LoRA but {type(pipe).__name__} has "
+                         "no transformer_2: load it into a two-expert Wan2.2 pipeline")
+    top = any(f.endswith(".safetensors") for f in files)
+    loads = ([(path, {})] if top or second is None else []) + \
+        ([] if second is None else [(second, {"load_into_transformer_2": True})])  # the low-noise expert's
+    if not top and second is None:
         pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
         what = f"holds pickled weights ({pickled[0]}), which can run code when loaded" if pickled else \
             "holds no .safetensors file"
@@ -220,7 +263,8 @@ def load_lora_weights(pipe, path: str, adapter_name: Optional[str] = None) -> No
 
     kwargs = {} if adapter_name is None else {"adapter_name": adapter_name}
     try:
-        pipe.load_lora_weights(path, use_safetensors=True, **kwargs)
+        for where, extra in loads:
+            pipe.load_lora_weights(where, use_safetensors=True, **kwargs, **extra)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
         short = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise ValueError(f"LoRA {name} could not be loaded ({type(err).__name__}: {short}): the file is damaged "
@@ -276,12 +320,12 @@ def set_precision(adapter: PipelineAdapter, dtype: torch.dtype = torch.bfloat16)
     for name, component in adapter.pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in _DENOISERS:
             _to(component, rest)
-    den = adapter.denoiser
-    _to(den, dtype)
-    for n, p in den.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()
-    set_cast_hooks(den, dtype)
+    for den in _denoisers(adapter):  # every expert of a two-expert pipeline
+        _to(den, dtype)
+        for n, p in den.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+        set_cast_hooks(den, dtype)
 
 
 def set_cast_hooks(denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -336,9 +380,10 @@ def _cast_outputs_back(module, args, output):
 
 
 def set_gradient_checkpointing(adapter: PipelineAdapter, enabled: bool = True) -> None:
-    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
-    den = adapter.denoiser
-    if enabled:
-        den.enable_gradient_checkpointing()
-    else:
-        den.disable_gradient_checkpointing()
+    """Recompute activations in the backward pass (less memory, ~30% more compute); every expert of a two-expert
+    pipeline."""
+    for den in _denoisers(adapter):
+        if enabled:
+            den.enable_gradient_checkpointing()
+        else:
+            den.disable_gradient_checkpointing()

@@ -28,17 +28,21 @@ call the denoiser once per branch (FLUX true CFG, Wan) are both covered.
 Cost. w = 0 and w = 1 run ONE network evaluation per denoiser call (the other branch is skipped), so they
 reproduce the base and fine-tuned outputs bit for bit; any other w runs two.
 
-zero_init_step = N: for the first N denoising steps only the fine-tuned model is used (out = out_theta).
-Steps are counted from the timesteps the denoiser receives: within one sampling run the timestep strictly
-decreases, all calls of one step (e.g. separate CFG branches) share it, and a timestep larger than the
-previous one starts a new run at step 0. (Limit: a run whose first timestep equals the previous run's last
-one is counted as its continuation; only 1-step runs at the same timestep do that, and there step 0 is right.)
+zero_init_step = N: for the first N denoising steps only the fine-tuned model is used (out = out_theta). Steps are
+counted from the timesteps the denoiser receives: within one sampling run the timestep strictly decreases
+(Z-Image's transformer receives ``(1000 - t) / 1000``, which rises: counted negated), all calls of one step (e.g.
+separate CFG branches) share it, and a timestep larger than the previous one starts a new run at step 0. (Limit: a
+run whose first timestep equals the previous run's last one is counted as its continuation; only 1-step runs at the
+same timestep do that, and there step 0 is right.)
 
-Implementation: a forward pre-hook and a forward hook on the denoiser (``pipe.transformer``,
-``pipe.transformer_2`` when it carries LoRA, or ``pipe.unet``). The reference branch is a nested call of
-the same module inside the hook with the peft LoRA layers switched off (``BaseTunerLayer.enable_adapters``)
-and restored afterwards (also on error); the nested call bypasses the hooks (re-entrancy guard). Not for
-concurrent calls of one pipeline from several threads.
+Implementation: a forward pre-hook and a forward hook on the denoiser (``pipe.transformer``, ``pipe.transformer_2``
+when it carries LoRA, or ``pipe.unet``). Two-expert pipelines (Wan2.2 A14B: ``transformer`` for high noise,
+``transformer_2`` for low noise) are mixed on both experts, with one step count shared by the two; an expert
+without LoRA (``lora_experts="high"`` / ``"low"``) runs as is (there ref = theta) and only counts steps. A denoiser
+that returns a list of tensors (Z-Image: one per row) is mixed per tensor. The reference branch is a nested call of
+the same module inside the hook with the peft LoRA layers switched off (``BaseTunerLayer.enable_adapters``) and
+restored afterwards (also on error); the nested call bypasses the hooks (re-entrancy guard). Not for concurrent
+calls of one pipeline from several threads.
 
 Fused / unloaded adapters. RLG needs the adapter as separate LoRA layers: ``pipe.fuse_lora()`` merges it into
 the base weights (the reference branch would contain it, and peft silently un-merges a disabled layer), and
@@ -93,11 +97,24 @@ def _only_adapter(layers, name: Optional[str]) -> Iterator[None]:
                 m.set_adapter(prev)
 
 
-def _timestep(args: tuple, kwargs: dict) -> Optional[float]:
+# denoisers whose timestep input RISES during sampling (Z-Image passes (1000 - t) / 1000): counted negated
+RISING_TIMESTEP = ("ZImageTransformer2DModel",)
+
+
+def _timestep(mod: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[float]:
+    """The denoiser call's timestep as a number that decreases within one sampling run."""
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if t is None:
         return None
-    return float(torch.as_tensor(t).detach().float().max())
+    t = torch.as_tensor(t).detach().float()
+    return -float(t.min()) if type(mod).__name__ in RISING_TIMESTEP else float(t.max())
+
+
+def _mix_outputs(ref, theta, scale: float):
+    """``rlg_mix`` of a denoiser's output, a tensor or a list of them (Z-Image returns one tensor per row)."""
+    if isinstance(theta, (list, tuple)):
+        return type(theta)(rlg_mix(r, o, scale) for r, o in zip(ref, theta))
+    return rlg_mix(ref, theta, scale)
 
 
 def _first_tensor(output):
@@ -108,7 +125,7 @@ def _first_tensor(output):
     return output[0]  # diffusers BaseOutput (Transformer2DModelOutput / UNet2DConditionOutput): .sample first
 
 
-def _replace_first(output, value: torch.Tensor):
+def _replace_first(output, value):
     if isinstance(output, torch.Tensor):
         return value
     if isinstance(output, tuple):
@@ -184,7 +201,7 @@ def _make_hooks(state: _RLGState, layers: list):
         if state.inside:
             return None
         _check_layers(mod, layers)  # raises before any state changes
-        step = state.count_step(_timestep(args, kwargs))
+        step = state.count_step(_timestep(mod, args, kwargs))
         if step < state.zero_init_step or state.scale == 1:
             mode = "theta"  # fine-tuned model only: one evaluation
         elif state.scale == 0:
@@ -209,14 +226,29 @@ def _make_hooks(state: _RLGState, layers: list):
                 ref = mod(*args, **kwargs)
         finally:
             state.inside = False
-        return _replace_first(output, rlg_mix(_first_tensor(ref), _first_tensor(output), state.scale))
+        return _replace_first(output, _mix_outputs(_first_tensor(ref), _first_tensor(output), state.scale))
 
     return pre_hook, post_hook
 
 
-def _denoisers(pipe) -> list[torch.nn.Module]:
+def _present(pipe) -> list[torch.nn.Module]:
     found = [getattr(pipe, n, None) for n in DENOISER_NAMES]
-    return [d for d in found if isinstance(d, torch.nn.Module) and lora_layers(d)]
+    return [d for d in found if isinstance(d, torch.nn.Module)]
+
+
+def _denoisers(pipe) -> list[torch.nn.Module]:
+    return [d for d in _present(pipe) if lora_layers(d)]
+
+
+def _counting_hook(state: _RLGState):
+    """Pre-hook of a denoiser without LoRA (one expert of two): its calls only advance the shared step count."""
+
+    def pre_hook(mod, args, kwargs):
+        if not state.inside:
+            state.count_step(_timestep(mod, args, kwargs))
+        return None
+
+    return pre_hook
 
 
 def enable_rlg(pipe, scale: float, adapter_name: Optional[str] = None, zero_init_step: int = 0):
@@ -253,6 +285,9 @@ def enable_rlg(pipe, scale: float, adapter_name: Optional[str] = None, zero_init
         state.handles.append(den.register_forward_pre_hook(pre, with_kwargs=True))
         # always_call: the hook also runs when forward raises, so the adapters are switched back on
         state.handles.append(den.register_forward_hook(post, with_kwargs=True, always_call=True))
+    for den in _present(pipe):
+        if not any(den is d for d in dens):  # an expert without LoRA: counted, so zero_init_step sees every step
+            state.handles.append(den.register_forward_pre_hook(_counting_hook(state), with_kwargs=True))
     setattr(pipe, _ATTR, state)
     return pipe
 

@@ -88,8 +88,8 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             lora.set_gradient_checkpointing(self.adapter, True)
         if self.dist.fsdp:  # train.shard=fsdp: base and LoRA weights sharded per block (flowalign.runtime.fsdp)
-            fsdp.shard_denoiser(self.adapter.denoiser, self.adapter.device, self.dist.world_size,
-                                self.adapter.fsdp_blocks)
+            for den in self.adapter.denoisers:  # each expert of a two-expert pipeline is sharded on its own
+                fsdp.shard_denoiser(den, self.adapter.device, self.dist.world_size, self.adapter.fsdp_blocks)
             self.params = lora.lora_parameters(self.adapter)  # the sharded parameters that replaced them
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -150,7 +150,8 @@ class Trainer:
         if t.eval_prompts is not None:
             train_rewards[t.eval_prompts] = self.reward
         guidance = s.eval_guidance_scale if s.eval_guidance_scale is not None else s.guidance_scale
-        return HeldoutEval(sources, t.eval_per_task, s.eval_num_steps, guidance, train_rewards, t.eval_rewards)
+        return HeldoutEval(sources, t.eval_per_task, s.eval_num_steps, guidance, train_rewards, t.eval_rewards,
+                           resolution=s.resolution)
 
     def evaluate(self, base: bool = False) -> Optional[dict]:
         """Held-out scores of the adapter-disabled base (``base``) or of the evaluation weights (EMA when on),
@@ -162,7 +163,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.callbacks.on_phase_begin(self, "eval")
         with (lora.adapter_disabled(self.adapter) if base else self.evaluation_weights()):
-            scores, images = self.heldout(self.adapter.pipe)
+            scores, images = self.heldout(self.adapter.pipe, self.adapter)
         self.callbacks.on_phase_end(self, "eval")
         row = {"iteration": self.iteration, "samples": self.samples_seen, "weights": "base" if base else "lora",
                **scores, "time_eval": time.perf_counter() - t0}

@@ -50,3 +50,19 @@ def tiny_pipe16(tmp_path_factory):
     torch.manual_seed(0)
     tiny_sd3_pipeline(image_size=16).save_pretrained(str(path))
     return str(path)
+
+
+def tiny_dinov2(path, seed=0):
+    """Save a random Dinov2Model (patch 8, hidden 32, 1 layer) to ``path``."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    cfg = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2)
+    Dinov2Model(cfg).eval().save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def dino_dir(tmp_path_factory):
+    return tiny_dinov2(tmp_path_factory.mktemp("tiny_dino"))

@@ -14,7 +14,7 @@ from flowalign.models import ADAPTERS, adapter_for
 from flowalign.resources import shipped_config
 from flowalign.rewards import Reward
 from flowalign.rollout import SAMPLERS, rollout
-from flowalign.toy.pipelines import TINY_BUILDERS
+from flowalign.toy.tiny_families import TINY_BUILDERS, TINY_SETTINGS, tiny_condition_images
 
 # every recipe shrunk to a tiny run: the contract checks the plumbing, not the learning
 SMALL = {"sampling.num_steps": 6, "sampling.eval_num_steps": 2, "train.prompts_per_iter": 2, "train.group_size": 2,
@@ -75,7 +75,6 @@ def test_update_rule_contract(name, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
 
 
-SIZE = {"flux": dict(height=16, width=16), "wan": dict(height=32, width=32, num_frames=5)}  # tiny latents
 # LoRA targets a tiny pipeline cannot have: its single SD3 block ends the context stream (context_pre_only)
 ABSENT_IN_TINY = {"sd3": {"attn.to_add_out"}}
 
@@ -86,7 +85,7 @@ def test_model_family_contract(family):
     pipe = TINY_BUILDERS[family]()
     cls = ADAPTERS[family]
     assert cls.family == family and type(pipe).__name__ == cls.pipeline_class
-    ad = adapter_for(pipe)
+    ad = adapter_for(pipe, **TINY_SETTINGS[family]["adapter"])
     assert type(ad) is cls
     names = [n for n, _ in ad.denoiser.named_modules()]
     for target in set(cls.lora_target_modules) - ABSENT_IN_TINY.get(family, set()):  # peft matches path ends
@@ -97,9 +96,12 @@ def test_model_family_contract(family):
     params = lora.add_lora(ad, rank=2)
     assert params and all(p.requires_grad for p in params)
     g = torch.Generator().manual_seed(0)
-    x = ad.prepare_latents(1, generator=g, **SIZE.get(family, {}))
+    size = TINY_SETTINGS[family]["size"]  # tiny latents
+    x = ad.prepare_latents(1, generator=g, **size)
     grid = ad.sampling_grid(2, x)
-    out = ad.predict(x, grid.timesteps[:1].expand(1), ad.encode_prompts(["a red circle"], 1.0), 1.0)
+    images = tiny_condition_images(1, size=size.get("height", 32)) if cls.condition_image else None
+    cond = ad.encode_prompts(["a red circle"], 1.0, images=images, **size)
+    out = ad.predict(x, grid.timesteps[:1].expand(1), cond, 1.0)
     assert out.dtype == torch.float32 and out.shape == x.shape and torch.isfinite(out).all()
     images = ad.decode(x)
     assert images.shape[0] == 1 and images.shape[-3] == 3 and 0 <= float(images.min()) <= float(images.max()) <= 1

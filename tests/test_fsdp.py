@@ -161,7 +161,7 @@ BLOCKS = {"flux": 2, "wan": 1, "sd": 4, "sdxl": 4}  # the tiny pipelines' FSDP u
 def _family_run(family: str, out_dir: str) -> dict:
     """Two GRPO iterations on the tiny ``family`` pipeline with train.shard=fsdp -> whole LoRA, grad norms, units,
     and the share of the first LoRA layer's base weight this process holds."""
-    from flowalign.toy.pipelines import TINY_BUILDERS
+    from flowalign.toy.tiny_families import TINY_BUILDERS
 
     torch.manual_seed(0)
     cfg = Config(train=TrainConfig(algorithm="grpo", prompts_per_iter=2, group_size=2, minibatch=2, lr=LR,

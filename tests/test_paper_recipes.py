@@ -8,7 +8,7 @@ import torch
 
 from flowalign.config import load_config
 from flowalign.models import adapter_for
-from flowalign.toy.pipelines import TINY_BUILDERS
+from flowalign.toy.tiny_families import TINY_BUILDERS
 from flowalign.rewards import Reward
 from flowalign.trainer import Trainer
 

@@ -6,28 +6,32 @@ import pytest
 import torch
 
 from flowalign import lora
-from flowalign.models import adapter_for
-from flowalign.toy.pipelines import TINY_BUILDERS
+from flowalign.models import ADAPTERS, adapter_for
+from flowalign.toy.tiny_families import TINY_BUILDERS, TINY_SETTINGS, tiny_condition_images
 from flowalign.rlg import disable_rlg, enable_rlg, rlg_mix, rlg_scale
 from flowalign.samplers import flow_ode_step, flow_sde_step
 
 
 PROMPT = ["a red circle"]
-CALL_KW = {
-    "sd3": dict(max_sequence_length=16),
+RLG_KW = {  # on top of each family's tiny pipe(...) keywords (TINY_SETTINGS)
     # true CFG: FLUX calls the transformer once per CFG branch, each call is mixed
-    "flux": dict(height=16, width=16, max_sequence_length=16, negative_prompt="", true_cfg_scale=2.0),
+    "flux": dict(negative_prompt="", true_cfg_scale=2.0),
+    "flux_kontext": dict(negative_prompt="", true_cfg_scale=2.0),
     "sd": dict(height=16, width=16),
     "sdxl": dict(height=16, width=16),
-    "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16),
 }
-CALLS_PER_STEP = {"sd3": 1, "flux": 2, "sd": 1, "sdxl": 1, "wan": 2}
+CALL_KW = {f: {**s["call"], **RLG_KW.get(f, {})} for f, s in TINY_SETTINGS.items()}
+# denoiser calls per step at guidance 3: one batched CFG call, or one per branch (Wan, true CFG, FLUX.2 [klein]);
+# FLUX.2 [dev] and Kontext without true CFG embed the guidance (one call); Z-Image batches [2B] rows in one
+CALLS_PER_STEP = {"sd3": 1, "flux": 2, "sd": 1, "sdxl": 1, "wan": 2, "flux_kontext": 2, "flux2": 1,
+                  "flux2_klein": 2, "zimage": 1, "wan_i2v": 2}
+VIDEO = ("wan", "wan_i2v")
 
 
 def _saved_lora(family, path, seed=1):
     """Save a random nonzero LoRA (add_lora, B randomised) of a tiny ``family`` pipeline to ``path``."""
     pipe = TINY_BUILDERS[family]()
-    adapter = adapter_for(pipe, **({"max_sequence_length": 16} if family in ("sd3", "flux", "wan") else {}))
+    adapter = adapter_for(pipe, **TINY_SETTINGS[family]["adapter"])
     params = lora.add_lora(adapter, rank=4)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -38,9 +42,13 @@ def _saved_lora(family, path, seed=1):
 
 
 def _sample(pipe, family, steps, **kw):
-    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-               output_type="latent", **CALL_KW[family], **kw)
-    return out.frames if family == "wan" else out.images
+    if ADAPTERS[family].condition_image:  # edit / image-to-video: one condition image
+        kw["image"] = tiny_condition_images(1, size=CALL_KW[family]["height"])[0]
+    # prompt= by name: FLUX.2's first positional argument is a reference image
+    # a copy: ZImagePipeline writes the chat-templated prompts back into the list it is given
+    out = pipe(prompt=list(PROMPT), num_inference_steps=steps, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(0), output_type="latent", **CALL_KW[family], **kw)
+    return out.frames if family in VIDEO else out.images
 
 
 class CallCounter:

@@ -108,7 +108,7 @@ def check_gradients(adapter, params, probe: Probe, seed: int = 2) -> Check:
     direction = torch.randn(probe.base_out.shape, generator=torch.Generator().manual_seed(seed))
     out = probe.predict(adapter)
     (out * direction.to(out)).mean().backward()
-    named = [(n, p) for n, p in adapter.denoiser.named_parameters() if p.requires_grad and "lora_" in n]
+    named = [(n, p) for den in adapter.denoisers for n, p in den.named_parameters() if p.requires_grad and "lora_" in n]
     kinds = {"lora_A": [0, 0], "lora_B": [0, 0]}
     finite, total_sq, dead = True, 0.0, []
     for n, p in named:

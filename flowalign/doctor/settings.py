@@ -140,20 +140,23 @@ def denoiser_precision(adapter, dtype: torch.dtype) -> Iterator[None]:
     if dtype == before:
         yield
         return
-    den = adapter.denoiser
-    tensors = [*den.named_parameters(), *den.named_buffers()]
-    saved = {name: t.detach().to("cpu", copy=True) for name, t in tensors if t.is_floating_point()}
+    dens = adapter.denoisers  # both experts of a two-expert pipeline
+    tensors = [(i, name, t) for i, den in enumerate(dens)
+               for name, t in [*den.named_parameters(), *den.named_buffers()]]
+    saved = {(i, name): t.detach().to("cpu", copy=True) for i, name, t in tensors if t.is_floating_point()}
     try:
-        for name, t in tensors:
+        for _, name, t in tensors:
             if t.is_floating_point() and "lora_" not in name:
                 t.data = t.data.to(dtype)
-        lora.set_cast_hooks(den, dtype)
+        for den in dens:
+            lora.set_cast_hooks(den, dtype)
         yield
     finally:
-        for name, t in tensors:
-            if name in saved:
-                t.data = saved[name].to(t.device)
-        lora.set_cast_hooks(den, before)
+        for i, name, t in tensors:
+            if (i, name) in saved:
+                t.data = saved[(i, name)].to(t.device)
+        for den in dens:
+            lora.set_cast_hooks(den, before)
 
 
 @contextmanager

@@ -63,17 +63,19 @@ class HeldoutEval:
 
     def __init__(self, sources: Sequence[str], per_task: int, steps: int, guidance_scale: float,
                  train_rewards: Optional[dict] = None, extra: Sequence[str] = (), seed: int = EVAL_SEED,
-                 batch_size: int = 32):
+                 batch_size: int = 32, resolution: Optional[int] = None):
         self.rows, self.source_of, self.image_rows = [], {}, []
         for spec in dict.fromkeys(sources):
             rows = heldout_rows(spec, per_task)
             self.rows += rows
-            self.image_rows += read_image_rows(spec) if toy_tasks(spec) is None and is_image_rows(spec) else [None] * len(rows)
+            with_images = toy_tasks(spec) is None and is_image_rows(spec)
+            self.image_rows += read_image_rows(spec) if with_images else [None] * len(rows)
             for _, task in rows:
                 self.source_of.setdefault(task, spec)
         self.prompts = [p for p, _ in self.rows]
         self.tasks = [t for _, t in self.rows]
         self.steps, self.guidance_scale, self.seed, self.batch_size = steps, guidance_scale, seed, batch_size
+        self.resolution = resolution  # sampled at (None: the pipeline's default / the condition image's size)
         self.train_rewards = train_rewards or {}
         self.extra = tuple(extra)
         self._cache = {}
@@ -91,10 +93,12 @@ class HeldoutEval:
         self._cache[name] = reward
 
     @torch.no_grad()
-    def __call__(self, pipe) -> tuple[dict, torch.Tensor]:
+    def __call__(self, pipe, adapter=None) -> tuple[dict, torch.Tensor]:
+        """Sample the held-out rows with ``pipe`` (as ``adapter`` samples when given: see ``sample_images``) and
+        score them -> (scores, images [N, 3, H, W])."""
         conditions = self._conditions()
         images = sample_images(pipe, self.prompts, self.seed, self.steps, self.guidance_scale, self.batch_size,
-                               desc="held-out eval", images=conditions)
+                               desc="held-out eval", images=conditions, adapter=adapter, resolution=self.resolution)
         return self.score(images), images
 
     def _conditions(self) -> Optional[list]:

@@ -28,8 +28,13 @@ def heldout_prompts(per_task: int = 16, tasks: Sequence[str] = GENEVAL_TASKS) ->
 
 @torch.no_grad()
 def sample_images(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 10, guidance_scale: float = 4.5,
-                  batch_size: int = 32, desc: str = "sampling", images: Optional[Sequence] = None) -> torch.Tensor:
+                  batch_size: int = 32, desc: str = "sampling", images: Optional[Sequence] = None,
+                  adapter=None, resolution: Optional[int] = None) -> torch.Tensor:
     """Images [N,3,H,W] in [0,1] from ``pipe(prompt)``; image i uses ``torch.Generator().manual_seed(seed+i)``.
+
+    adapter: the flowalign adapter of ``pipe``: the call then samples as it does (``adapter.call_kwargs``: the
+    family's guidance scale, prompt length, negative prompt and options); None: ``guidance_scale`` as given.
+    resolution: height = width in pixels (None: the pipeline's default, or each condition image's size).
 
     images: one condition image per prompt ([3, H, W] in [0, 1]) for editing pipelines: row i is
     ``pipe(image=images[i], prompt=prompts[i], height=H, width=W)`` (one row a call: each row has its own image;
@@ -38,23 +43,39 @@ def sample_images(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 10, 
     pipe.set_progress_bar_config(disable=True)  # our own bar below; diffusers' would nest inside it
     if images is not None:
         try:
-            return _sample_edits(pipe, prompts, images, seed, steps, guidance_scale, desc)
+            return _sample_edits(pipe, prompts, images, seed, steps, guidance_scale, desc, adapter, resolution)
         finally:
             pipe._progress_bar_config = previous
+    kwargs = _call_kwargs(pipe, guidance_scale, adapter, resolution, resolution)
+    if resolution:
+        kwargs.update(height=resolution, width=resolution)
     images = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             chunk = list(prompts[start : start + batch_size])
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                       output_type="pt", **pipeline_call_kwargs(pipe))
+            out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="pt",
+                       **_per_row(kwargs, len(chunk)))
             images.append(out.images.float().clamp(0, 1).cpu())
     finally:
         pipe._progress_bar_config = previous  # the caller's pipeline keeps its own progress-bar setting
     return torch.cat(images)
 
 
-def _sample_edits(pipe, prompts, conditions, seed, steps, guidance_scale, desc) -> torch.Tensor:
+def _call_kwargs(pipe, guidance_scale, adapter, height=None, width=None) -> dict:
+    if adapter is not None:
+        return adapter.call_kwargs(guidance_scale, height, width)
+    return {"guidance_scale": guidance_scale, **pipeline_call_kwargs(pipe)}
+
+
+def _per_row(kwargs: dict, n: int) -> dict:
+    """A negative prompt repeated for each of the call's ``n`` prompts (ZImagePipeline takes no single one)."""
+    if isinstance(kwargs.get("negative_prompt"), str):
+        kwargs = {**kwargs, "negative_prompt": [kwargs["negative_prompt"]] * n}
+    return kwargs
+
+
+def _sample_edits(pipe, prompts, conditions, seed, steps, guidance_scale, desc, adapter, resolution) -> torch.Tensor:
     import inspect
 
     accepted = inspect.signature(pipe.__call__).parameters
@@ -64,12 +85,13 @@ def _sample_edits(pipe, prompts, conditions, seed, steps, guidance_scale, desc) 
     out = []
     for i in tqdm(range(len(prompts)), desc=desc, leave=False):
         cond = conditions[i]
-        h, w = int(cond.shape[-2]), int(cond.shape[-1])
+        h, w = (resolution, resolution) if resolution else (int(cond.shape[-2]), int(cond.shape[-1]))
         # as PIL, the type every pipeline's processors take (lossless for images read from 8-bit files)
         pil = Image.fromarray((cond.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-        result = pipe(image=pil, prompt=[prompts[i]], num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=torch.Generator().manual_seed(seed + i), height=h, width=w, output_type="pt",
-                      **pipeline_call_kwargs(pipe), **extra)
+        kwargs = _per_row({**extra, **_call_kwargs(pipe, guidance_scale, adapter, h, w)}, 1)
+        gen = torch.Generator().manual_seed(seed + i)
+        result = pipe(image=pil, prompt=[prompts[i]], num_inference_steps=steps, generator=gen, height=h, width=w,
+                      output_type="pt", **kwargs)
         out.append(result.images.float().clamp(0, 1).cpu())
     return torch.cat(out)
 

@@ -185,6 +185,21 @@ class PipelineAdapter:
         return getattr(self.pipe, self.denoiser_name)
 
     @property
+    def denoiser_names(self) -> tuple:
+        """Pipeline attributes of every denoiser (one; two-expert Wan 2.2 has two, high-noise first)."""
+        return (self.denoiser_name,)
+
+    @property
+    def denoisers(self) -> tuple:
+        """Every denoiser (``denoiser`` = the first): FSDP, precision casts and meters act on all of them."""
+        return tuple(getattr(self.pipe, n) for n in self.denoiser_names)
+
+    @property
+    def lora_denoisers(self) -> tuple:
+        """The denoisers ``lora.add_lora`` puts the LoRA on (all, unless a family lets the user choose)."""
+        return self.denoisers
+
+    @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
@@ -196,6 +211,23 @@ class PipelineAdapter:
     @property
     def prediction_type(self) -> str:
         return "flow" if self.is_flow else self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    # ---- the pipeline's own __call__ ---------------------------------------------------------------
+    def call_kwargs(self, guidance_scale: float, height: Optional[int] = None, width: Optional[int] = None) -> dict:
+        """Keywords of ``pipe(...)`` that make the pipeline's own ``__call__`` sample as this adapter does at
+        flowalign's ``guidance_scale`` (held-out evaluation and the sample app call the pipeline): the guidance,
+        and the adapter's prompt length and negative prompt where the pipeline takes them. A family whose
+        pipeline has another scale or further options (Z-Image, FLUX true CFG, Kontext's area) extends it.
+        height / width: the size asked for (families that rescale it need it)."""
+        import inspect
+
+        accepted = inspect.signature(self.pipe.__call__).parameters
+        kw = {"guidance_scale": float(guidance_scale)}
+        if "max_sequence_length" in accepted:
+            kw["max_sequence_length"] = self.max_sequence_length
+        if self.negative_prompt and "negative_prompt" in accepted:
+            kw["negative_prompt"] = self.negative_prompt
+        return kw
 
     # ---- prompts ------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -31,6 +31,12 @@ class FluxAdapter(FlowAdapter):
     def _uses_uncond(self, guidance_scale):
         return self.true_cfg_scale > 1.0
 
+    def call_kwargs(self, guidance_scale, height=None, width=None):
+        kw = super().call_kwargs(guidance_scale, height, width)
+        if self.true_cfg_scale > 1.0:  # FluxPipeline runs true CFG only when it is given a negative prompt
+            kw.update(true_cfg_scale=self.true_cfg_scale, negative_prompt=self.negative_prompt)
+        return kw
+
     def _cfg_scale(self, guidance_scale):
         return self.true_cfg_scale
 
@@ -41,16 +47,22 @@ class FluxAdapter(FlowAdapter):
         )
         return {"encoder_hidden_states": pe, "pooled_projections": pooled}
 
+    def _text_inputs(self, emb, b, device, guidance_scale):
+        """The transformer's text side: ``encoder_hidden_states`` [B, L, D], ``txt_ids`` zeros [L, 3], and the
+        embedded ``guidance`` [B] float32 (None for a model without a guidance embedding, e.g. FLUX.1 [schnell])."""
+        txt = emb["encoder_hidden_states"].to(self.dtype)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=device, dtype=self.dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full([b], float(guidance_scale), device=device, dtype=torch.float32)
+        return txt, txt_ids, guidance
+
     def _forward(self, x, timestep, emb, guidance_scale):
         pipe, dt = self.pipe, self.dtype
         b, c, h, w = x.shape
         packed = pipe._pack_latents(x.to(dt), b, c, h, w)
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dt)
-        txt = emb["encoder_hidden_states"].to(dt)
-        txt_ids = torch.zeros(txt.shape[1], 3, device=x.device, dtype=dt)
-        guidance = None
-        if self.denoiser.config.guidance_embeds:
-            guidance = torch.full([b], float(guidance_scale), device=x.device, dtype=torch.float32)
+        txt, txt_ids, guidance = self._text_inputs(emb, b, x.device, guidance_scale)
         out = self.denoiser(
             hidden_states=packed, timestep=timestep.to(dt) / 1000, guidance=guidance,
             pooled_projections=emb["pooled_projections"].to(dt), encoder_hidden_states=txt, txt_ids=txt_ids,

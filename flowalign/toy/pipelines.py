@@ -115,6 +115,17 @@ QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|visi
                        "<|video_pad|>")
 
 
+# Qwen3's chat template for user turns (Z-Image, FLUX.2 [klein]): the assistant prompt gets an empty thinking
+# block only when enable_thinking=False, as the real template does (ZImagePipeline passes True: none)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
 def bpe_vocab(words: Iterable[str] = DEFAULT_WORDS, prefix: str = "\u0120") -> tuple[dict[str, int], list[tuple]]:
     """GPT-2-style byte-level BPE vocabulary in which every listed word, preceded by a space (``prefix``: "Ġ"),
     is ONE token: every byte character, then the merges learned by BPE training on the words (as ``clip_vocab``,
@@ -325,10 +336,4 @@ def tiny_wan_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, max_t
                        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0)))
 
 
-TINY_BUILDERS = {
-    "sd3": tiny_sd3_pipeline,
-    "flux": tiny_flux_pipeline,
-    "sd": tiny_sd_pipeline,
-    "sdxl": tiny_sdxl_pipeline,
-    "wan": tiny_wan_pipeline,
-}
+# the builders of the other families build on the helpers above

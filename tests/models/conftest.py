@@ -7,27 +7,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from flowalign.models import adapter_for
-from flowalign.toy.pipelines import TINY_BUILDERS
+from flowalign.models import ADAPTERS, adapter_for
+from flowalign.toy.tiny_families import TINY_BUILDERS, TINY_SETTINGS, tiny_condition_images
 
 PROMPTS = ["a red circle", "two blue squares above"]
-# pipeline-call kwargs per family: small sizes, short text
-CALL_KW = {
-    "sd3": dict(max_sequence_length=16),
-    "flux": dict(height=16, width=16, max_sequence_length=16),
-    "sd": {},
-    "sdxl": {},
-    "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16),
-}
-SIZE_KW = {"flux": dict(height=16, width=16), "wan": dict(height=32, width=32, num_frames=5)}
+# pipeline-call kwargs per family (small sizes, short text), the latent sizes, the adapter options
+CALL_KW = {f: dict(s["call"]) for f, s in TINY_SETTINGS.items()}
+SIZE_KW = {f: dict(s["size"]) for f, s in TINY_SETTINGS.items() if s["size"]}
 FAMILIES = list(TINY_BUILDERS)
 
 
 def make_adapter(family, **builder_kw):
     """(pipe, adapter) for a fresh tiny pipeline of ``family``."""
     pipe = TINY_BUILDERS[family](**builder_kw)
-    kw = {"max_sequence_length": 16} if family in ("sd3", "flux", "wan") else {}
-    return pipe, adapter_for(pipe, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, adapter_for(pipe, **TINY_SETTINGS[family]["adapter"])
+
+
+def condition(family, n, seed=0):
+    """``encode_prompts`` keywords for ``n`` rows: the latent size and, for image-conditioned families, one random
+    condition image a row."""
+    kw = dict(TINY_SETTINGS[family]["size"])
+    if ADAPTERS[family].condition_image:
+        kw["images"] = tiny_condition_images(n, size=kw.get("height", 32), seed=seed)
+    return kw
 
 
 def nonzero_lora(params, seed=1, scale=0.3):
@@ -49,4 +52,4 @@ def h():
     from types import SimpleNamespace
 
     return SimpleNamespace(PROMPTS=PROMPTS, CALL_KW=CALL_KW, SIZE_KW=SIZE_KW, make_adapter=make_adapter,
-                           nonzero_lora=nonzero_lora)
+                           condition=condition, nonzero_lora=nonzero_lora)

@@ -29,10 +29,22 @@ def test_flux_true_cfg_and_negative_prompt_from_yaml(tmp_path):
 
 
 def test_adapter_options_are_checked():
-    with pytest.raises(ValueError, match="model.true_cfg_scale is FLUX's"):
+    with pytest.raises(ValueError, match="model.true_cfg_scale is for flux, flux_kontext; the sd3 family"):
         config_from_dict({"model": {"family": "sd3", "true_cfg_scale": 2.0}})
     with pytest.raises(ValueError, match="model.max_sequence_length must be > 0"):
         config_from_dict({"model": {"max_sequence_length": 0}})
     with pytest.raises(ValueError, match="true_cfg_scale is not an option of the sd3 adapter .*remove model.true_cfg"):
         adapter_for(tiny_sd3_pipeline(), true_cfg_scale=2.0)
     assert config_from_dict({}).model.adapter_kwargs() == {}
+
+
+def test_config_knows_every_family_and_which_take_true_cfg():
+    """config.py cannot import the adapters (torch, diffusers): its family lists must follow the registry."""
+    import inspect
+
+    from flowalign.config import FAMILIES, TRUE_CFG_FAMILIES
+    from flowalign.models import ADAPTERS
+
+    assert sorted(FAMILIES) == sorted(ADAPTERS)
+    takes = [f for f, cls in ADAPTERS.items() if "true_cfg_scale" in inspect.signature(cls.__init__).parameters]
+    assert sorted(TRUE_CFG_FAMILIES) == sorted(takes)

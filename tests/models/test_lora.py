@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from flowalign import lora
-from flowalign.toy.pipelines import TINY_BUILDERS
+from flowalign.evaluation.sampling import sample_images
+from flowalign.models import ADAPTERS
+from flowalign.models.base import image_tensor
+from flowalign.toy.tiny_families import TINY_BUILDERS
 from flowalign.rollout import rollout
 
 
@@ -12,44 +15,54 @@ from flowalign.rollout import rollout
 PROMPTS = ["a red circle", "two blue squares above"]
 
 
-def _predict(adapter, x, g=3.0):
+def _predict(adapter, x, g=3.0, **condition):
     t = adapter.sampling_grid(3, x).timesteps[1]
-    return adapter.predict(x, t, adapter.encode_prompts(PROMPTS, g), g)
+    return adapter.predict(x, t, adapter.encode_prompts(PROMPTS, g, **condition), g)
 
 
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_save_load_round_trip_and_disable(family, gen, tmp_path, h):
     pipe, adapter = h.make_adapter(family)
+    cond = h.condition(family, len(PROMPTS))  # sizes, and condition images for edit / image-to-video families
     x = adapter.prepare_latents(2, generator=gen(0), **h.SIZE_KW.get(family, {}))
-    base = _predict(adapter, x)
+    base = _predict(adapter, x, **cond)
     params = lora.add_lora(adapter, rank=4, alpha=8)  # alpha != rank: the saved metadata must carry it
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
-    torch.testing.assert_close(_predict(adapter, x), base)  # B = 0 at init
+    torch.testing.assert_close(_predict(adapter, x, **cond), base)  # B = 0 at init
     h.nonzero_lora(params)
-    tuned = _predict(adapter, x)
+    tuned = _predict(adapter, x, **cond)
     assert (tuned - base).abs().max() > 1e-2
     with lora.adapter_disabled(adapter):
-        torch.testing.assert_close(_predict(adapter, x), base, atol=0, rtol=0)
-    torch.testing.assert_close(_predict(adapter, x), tuned, atol=0, rtol=0)  # re-enabled
+        torch.testing.assert_close(_predict(adapter, x, **cond), base, atol=0, rtol=0)
+    torch.testing.assert_close(_predict(adapter, x, **cond), tuned, atol=0, rtol=0)  # re-enabled
 
     lora.save_lora(adapter, str(tmp_path))
-    fresh, _ = h.make_adapter(family)
+    fresh, fresh_adapter = h.make_adapter(family)
     fresh.load_lora_weights(str(tmp_path))
-    fresh_adapter = type(adapter)(fresh, **({"max_sequence_length": 16} if adapter.is_flow else {}))
-    torch.testing.assert_close(_predict(fresh_adapter, x), tuned, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_predict(fresh_adapter, x, **cond), tuned, atol=1e-5, rtol=1e-5)
 
 
-def test_pipeline_output_after_round_trip(gen, tmp_path, h):
-    """The fresh pipeline's own __call__ reproduces our LoRA rollout."""
-    pipe, adapter = h.make_adapter("sd3")
+@pytest.mark.parametrize("family", [f for f in TINY_BUILDERS if not ADAPTERS[f].video])
+def test_pipeline_output_after_round_trip(family, gen, tmp_path, h):
+    """A fresh pipeline with the saved LoRA, called as the adapter samples (``call_kwargs``), reproduces our LoRA
+    ODE rollout, decoded."""
+    pipe, adapter = h.make_adapter(family)
     h.nonzero_lora(lora.add_lora(adapter, rank=4))
-    traj = rollout(adapter, h.PROMPTS, num_steps=3, guidance_scale=3.0, sampler="flow_ode", generator=gen(0))
+    cond = h.condition(family, len(h.PROMPTS))
+    images = cond.pop("images", None)
+    traj = rollout(adapter, h.PROMPTS, num_steps=3, guidance_scale=3.0, sampler="flow_ode" if adapter.is_flow
+                   else "ddim", noise_level=0.0, generator=[gen(i) for i in range(2)], images=images, **cond)
     lora.save_lora(adapter, str(tmp_path))
-    fresh, _ = h.make_adapter("sd3")
+    fresh, fresh_adapter = h.make_adapter(family)
     fresh.load_lora_weights(str(tmp_path))
-    out = fresh(h.PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=gen(0), output_type="latent",
-                max_sequence_length=16).images
-    torch.testing.assert_close(traj.final, out, atol=1e-5, rtol=1e-5)
+    tensors = None if images is None else [image_tensor(im) for im in images]
+    out = sample_images(fresh, h.PROMPTS, seed=0, steps=3, guidance_scale=3.0, images=tensors, adapter=fresh_adapter,
+                        resolution=cond.get("height"))
+    torch.testing.assert_close(out, adapter.decode(traj.final).float(), atol=1e-4, rtol=1e-4)
+    fresh.disable_lora()  # and the loaded LoRA is what makes it so
+    base = sample_images(fresh, h.PROMPTS, seed=0, steps=3, guidance_scale=3.0, images=tensors, adapter=fresh_adapter,
+                         resolution=cond.get("height"))
+    assert (base - out).abs().max() > 1e-3
 
 
 def test_named_adapters_switch_and_load(gen, tmp_path, h):

@@ -8,14 +8,17 @@ from flowalign.rollout import rescore, rollout, stochastic_mask
 
 
 
+# every family: the rarer samplers on one family each (the sampler math is family-independent)
 @pytest.mark.parametrize("family,sampler", [("sd3", "flow_sde"), ("sd3", "flow_cps"), ("flux", "flow_constant_noise"),
-                                            ("sd", "ddim"), ("wan", "flow_sde")])
+                                            ("sd", "ddim"), ("wan", "flow_sde"), ("flux2", "flow_sde"),
+                                            ("flux2_klein", "flow_sde"), ("zimage", "flow_sde"),
+                                            ("flux_kontext", "flow_sde"), ("wan_i2v", "flow_sde")])
 def test_rescore_reproduces_logprobs(family, sampler, gen, h):
     _, adapter = h.make_adapter(family)
     params = lora.add_lora(adapter, rank=2)
     h.nonzero_lora(params)
     traj = rollout(adapter, h.PROMPTS, num_steps=3, guidance_scale=2.0, sampler=sampler, generator=gen(0),
-                   record_means=True, **h.SIZE_KW.get(family, {}))
+                   record_means=True, **h.condition(family, 2))
     n = traj.num_steps
     assert traj.latents.shape[:2] == (2, n + 1) and traj.log_probs.shape == (2, n)
     assert traj.means.shape == traj.latents[:, 1:].shape

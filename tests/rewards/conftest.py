@@ -32,25 +32,9 @@ def tiny_clip(path, seed=0, image_size=32, proj=16):
     return str(path)
 
 
-def tiny_dinov2(path, seed=0):
-    """Save a random Dinov2Model (patch 8, hidden 32, 1 layer) to ``path``."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(seed)
-    cfg = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2)
-    Dinov2Model(cfg).eval().save_pretrained(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
     return tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
-
-
-@pytest.fixture(scope="session")
-def dino_dir(tmp_path_factory):
-    return tiny_dinov2(tmp_path_factory.mktemp("tiny_dino"))
 
 
 def toy_images(prompts, size=32, seed=0):

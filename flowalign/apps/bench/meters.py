@@ -124,7 +124,7 @@ class NetworkMeter:
     def __enter__(self) -> "NetworkMeter":
         pipe = self.adapter.pipe
         vae = getattr(pipe, "vae", None)
-        modules = [("denoiser", self.adapter.denoiser)]
+        modules = [("denoiser", den) for den in self.adapter.denoisers]  # both experts of Wan 2.2 count
         if vae is not None:
             modules.append(("vae", getattr(vae, "decoder", vae)))
         for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
