@@ -639,6 +639,9 @@ class OPDConfig:
     train_window: Optional[tuple] = _help("[first, last, length]: train `length` consecutive steps placed at random "
                                           "inside steps first..last each iteration [uncertain]; None = all steps",
                                           None)
+    extrapolation: float = _help("ExOPD's reward extrapolation lambda (G-OPD, arXiv 2602.12125): distil toward "
+                                 "mu_ref + lambda (mu_T - mu_ref), mu_ref the base model's mean at the teacher's "
+                                 "CFG; 1 = plain OPD, > 1 extrapolates past the teacher", 1.0)
 
     def __post_init__(self):
         if not isinstance(self.teachers, dict):
@@ -682,6 +685,7 @@ class OPDConfig:
                 raise ValueError(f"opd.train_window={list(w)} must be [first, last, length] with "
                                  "0 <= first, length >= 1 and length <= last - first + 1")
             object.__setattr__(self, "train_window", w)
+        _range("opd", "extrapolation", self.extrapolation, "a finite number > 0 (1 = plain OPD)", lambda v: v > 0)
         _check_finite(self, "opd")
 
 

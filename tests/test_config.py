@@ -40,6 +40,7 @@ def test_defaults_are_valid_and_frozen():
         ({"model": {"device": "gpu"}}, "model.device='gpu' is not a torch device"),
         ({"opd": {"teachers": {"a": {"lora": "x", "guidance_scale": float("nan")}}}},
          "opd.teachers.a.guidance_scale must be a finite number > 0, got nan"),
+        ({"opd": {"extrapolation": 0}}, "opd.extrapolation must be a finite number > 0 (1 = plain OPD), got 0"),
     ],
 )
 def test_bad_values_name_the_key(data, needle):

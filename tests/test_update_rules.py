@@ -1,6 +1,7 @@
 """Every algorithm's update rule driven by the one trainer, on a tiny in-process SD3 pipeline: on-policy /
 neutral values at step 0, snapshot decays, and OPD's per-prompt teachers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,21 @@ def test_opd_each_prompt_uses_its_tasks_teacher(tmp_path):
     assert m["loss_other"] > 0 and m["reward_mean"] is None and m["update_samples"] == 8
     assert all(torch.equal(a, b) for a, b in zip(frozen, lora.lora_parameters(tr.adapter, "teacher_other")))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.params)
+
+
+def test_exopd_loss_scales_by_lambda_squared_at_the_start(tmp_path):
+    """Before the first update the student IS the base (LoRA B = 0), so mu_S = mu_ref and the ExOPD loss
+    |mu_S - mu_ref - lambda (mu_T - mu_ref)|^2 / (2 std^2) is lambda^2 times plain OPD's, on the same rollout."""
+    other = _save_teacher(tmp_path / "other", perturb=True)
+    losses = {}
+    for lam in (1.0, 1.5):
+        opd = OPDConfig(teachers={"other": {"lora": other, "guidance_scale": 1.0, "prompts": "toy:colors"}},
+                        extrapolation=lam)
+        cfg = _cfg(tmp_path / f"run{lam}", "opd", opd=opd, train=dict(group_size=2),
+                   sampling=SamplingConfig(num_steps=3, guidance_scale=1.0, sampler="flow_sde"))
+        losses[lam] = Trainer(cfg, adapter=_tiny()).step()["per_step"]
+    assert min(losses[1.0]) > 0
+    np.testing.assert_allclose(losses[1.5], [2.25 * v for v in losses[1.0]], rtol=1e-4)
 
 
 def test_opd_train_window():

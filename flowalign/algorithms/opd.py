@@ -14,6 +14,11 @@ Per step (``opd_step_loss``), between the student's and the teacher's Gaussian t
 
 Teachers are frozen LoRA adapters on the student's base, each with its own CFG scale, evaluated at the student's
 states by switching adapters (no extra model copies): ``teacher_for_task`` and ``opd_rescore_step``.
+ExOPD (G-OPD, "Learning beyond Teacher", arXiv 2602.12125): with ``extrapolation`` lambda != 1 the target is
+``pi* ∝ pi_ref (pi_T / pi_ref)^lambda`` (reward extrapolation, pi_ref = the base: every adapter off). For per-step
+Gaussians with one shared std it is the Gaussian of mean ``mu* = mu_ref + lambda (mu_T - mu_ref)`` [derived], the
+teacher under RL Guidance at scale lambda; the loss above is taken against it (``extrapolated_step``). The
+reference runs at the teacher's CFG. lambda = 1 is plain OPD (no reference call).
 Optional f-divergence hook: ``divergence=`` multiplies the per-sample loss by the detached, batch-normalised
 ``h(r)`` of the exact transition density ratio r = p_T(x') / p_S(x') (``fdistill.transition_weights``); the
 default (None / "reverse_kl") is the plain objective above.
@@ -111,6 +116,19 @@ def opd_step_loss(
     return loss
 
 
+def extrapolated_step(teacher: GaussianStep, reference: GaussianStep, extrapolation: float) -> GaussianStep:
+    """ExOPD's target transition: mean ``mu_ref + lambda (mu_T - mu_ref)`` [B, ...], the teacher's std,
+    prev_sample and other fields (the optimum of ``pi_ref (pi_T / pi_ref)^lambda`` for a shared std).
+    lambda = 1 returns ``teacher`` itself."""
+    lam = float(extrapolation)
+    if not np.isfinite(lam):
+        raise ValueError(f"extrapolation must be a finite number (1 = plain OPD), got {extrapolation!r}")
+    if lam == 1.0:
+        return teacher
+    mean = reference.mean.float() + lam * (teacher.mean.float() - reference.mean.float())
+    return dataclasses.replace(teacher, mean=mean)
+
+
 def _check_tasks(tasks: Sequence[str], n: int) -> list[str]:
     tasks = [tasks] * n if isinstance(tasks, str) else list(tasks)
     if len(tasks) != n:
@@ -140,31 +158,43 @@ def teacher_step(
     tasks: Sequence[str],
     teachers: Mapping[str, TeacherLike] = DEFAULT_TEACHERS,
     like: Optional[GaussianStep] = None,
+    extrapolation: float = 1.0,
 ) -> GaussianStep:
     """The teachers' transition at step k for every row (no grad): rows of each task are re-scored with that
     task's LoRA adapter active (``lora.using_adapter``) and its own CFG (``rescore(guidance_scale=g,
     index=rows)``). Prompts are re-encoded when the teacher's CFG needs unconditional embeddings the rollout
-    did not record. ``like``: a step of the batch's layout (default: re-scored from the first task's rows)."""
+    did not record. ``like``: a step of the batch's layout (default: re-scored from the first task's rows).
+    ``extrapolation`` lambda != 1: ExOPD's target (``extrapolated_step``) instead of the teacher."""
     tasks = _check_tasks(tasks, traj.batch_size)
     parts = []
     for task in dict.fromkeys(tasks):
         rows = torch.tensor([i for i, x in enumerate(tasks) if x == task], dtype=torch.long)
-        parts.append((rows, teacher_rescore(adapter, traj, step_index, rows, teacher_for_task(task, teachers))))
+        parts.append((rows, teacher_rescore(adapter, traj, step_index, rows, teacher_for_task(task, teachers),
+                                            extrapolation)))
     if like is None:
         like = _expand_layout(parts[0][1], traj.batch_size)
     return _combine(parts, like)
 
 
 def teacher_rescore(adapter: PipelineAdapter, traj: Trajectory, step_index: int, rows: torch.Tensor,
-                    teacher: Teacher) -> GaussianStep:
+                    teacher: Teacher, extrapolation: float = 1.0) -> GaussianStep:
     """One teacher's transition at step k for rows ``rows`` (no grad): its LoRA adapter active, its own CFG
-    (prompts re-encoded when that CFG needs unconditional embeddings the rollout did not record)."""
+    (prompts re-encoded when that CFG needs unconditional embeddings the rollout did not record). With
+    ``extrapolation`` lambda != 1, ExOPD's target: the base (every adapter off) re-scored at the same CFG gives
+    mu_ref, and the mean is ``mu_ref + lambda (mu_T - mu_ref)``."""
     with torch.no_grad():
         cond = traj.cond.select(rows)
         if cond.uncond is None:
             cond = adapter.encode_prompts(cond.prompts, teacher.guidance_scale)
+        kw = dict(index=rows, guidance_scale=teacher.guidance_scale, cond=cond)
         with lora.using_adapter(adapter, teacher.adapter_name):
-            return rescore(adapter, traj, step_index, index=rows, guidance_scale=teacher.guidance_scale, cond=cond)
+            step = rescore(adapter, traj, step_index, **kw)
+        if float(extrapolation) == 1.0:
+            return step
+        with lora.adapter_disabled(adapter):
+            reference = rescore(adapter, traj, step_index, **kw)
+        return extrapolated_step(step, reference, extrapolation)
+
 
 
 def _expand_layout(step: GaussianStep, n: int) -> GaussianStep:
@@ -193,12 +223,14 @@ def opd_rescore_loss(
     divergence: Optional[str] = None,
     alpha: Optional[float] = None,
     mask: Optional[torch.Tensor] = None,
+    extrapolation: float = 1.0,
 ) -> OPDLoss:
     """OPD loss of a student trajectory (rolled out without grad): ``sum_{k in steps} mean_i loss_k,i``.
 
     The student (the active adapter) re-scores each step with grad at its recorded states and CFG; each row's
     teacher re-scores it without grad. Call it with one step at a time (``steps=[k]``) and backward each to
-    accumulate gradients when memory is tight. steps default: all steps of the trajectory.
+    accumulate gradients when memory is tight. steps default: all steps of the trajectory. ``extrapolation``
+    lambda: ExOPD's target (module docstring); 1 = plain OPD.
     """
     tasks = _check_tasks(tasks, traj.batch_size)
     steps = list(range(traj.num_steps)) if steps is None else [int(k) for k in steps]
@@ -208,7 +240,7 @@ def opd_rescore_loss(
     total, per_sample, per_step = 0.0, 0.0, []
     for k in steps:
         student = rescore(adapter, traj, k)
-        teacher = teacher_step(adapter, traj, k, tasks, teachers, like=student)
+        teacher = teacher_step(adapter, traj, k, tasks, teachers, like=student, extrapolation=extrapolation)
         loss_k = opd_step_loss(student, teacher, scaling, reduction, divergence, alpha)
         w = weights.to(loss_k.device)
         mean_k = (loss_k * w).sum() / w.sum().clamp_min(1.0)
@@ -264,6 +296,7 @@ class OPDUpdate(UpdateRule):
     step k and every task-homogeneous minibatch the student re-scores the step with grad, the teacher without,
     and ``opd_step_loss`` (exact KL / reference scaling; mean matching on deterministic steps) is summed over
     steps and averaged over the batch; ONE optimizer step per iteration (a full cycle over the tasks).
+    ``opd.extrapolation`` lambda != 1 distils toward ExOPD's extrapolated target instead (module docstring).
     Rewards are not used (they are only logged when a task names one). Metrics: loss, ``loss_<task>``,
     ``per_step`` (list), steps, grad_norm, update_samples.
     """
@@ -310,8 +343,8 @@ class OPDUpdate(UpdateRule):
                     if not part.size:
                         continue
                     student = rescore(self.adapter, traj, k, index=part.local)
-                    loss = opd_step_loss(student, teacher_rescore(self.adapter, traj, k, part.local, teacher),
-                                         c.scaling, c.reduction, c.divergence, c.alpha)
+                    target = teacher_rescore(self.adapter, traj, k, part.local, teacher, c.extrapolation)
+                    loss = opd_step_loss(student, target, c.scaling, c.reduction, c.divergence, c.alpha)
                     (loss.sum() * (0.0 if part.placeholder else 1.0) / n).backward()
                     if part.placeholder:  # FSDP: a zero-weight row that only keeps the collectives in step
                         continue

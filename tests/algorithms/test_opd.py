@@ -10,7 +10,7 @@ import torch
 from flowalign import lora
 from flowalign.algorithms.fdistill import transition_log_ratio
 from flowalign.algorithms.opd import Teacher, opd_rescore_loss, opd_step_loss, teacher_for_task
-from flowalign.samplers import flow_cps_step, flow_ode_step, flow_sde_step
+from flowalign.samplers import GaussianStep, flow_cps_step, flow_ode_step, flow_sde_step
 
 
 def _velocities(seed=0):
@@ -138,3 +138,70 @@ def test_multi_teacher_rescoring(sd3_with_teachers, sampler, cfg):
         assert all(p.grad is None for p in params[name])
     with pytest.raises(ValueError, match="task ids"):
         opd_rescore_loss(adapter, traj, ["ocr"], teachers)
+
+
+# ---- ExOPD (G-OPD, arXiv 2602.12125): reward extrapolation -------------------------------------------------
+
+
+def test_extrapolated_target_mean_and_lambda_one():
+    from flowalign.algorithms.opd import extrapolated_step
+
+    g, x, v_r, v_t = _velocities(0)
+    t = flow_sde_step(v_t, x, 0.8, 0.6, 0.7, generator=g)
+    r = flow_sde_step(v_r.detach(), x, 0.8, 0.6, 0.7, prev_sample=t.prev_sample)
+    for lam in (0.5, 1.25, 1.5, 2.0):
+        ext = extrapolated_step(t, r, lam)
+        # mu* = mu_ref + lambda (mu_T - mu_ref): the optimum of pi_ref (pi_T / pi_ref)^lambda for a shared std
+        torch.testing.assert_close(ext.mean, r.mean + lam * (t.mean - r.mean))
+        assert torch.equal(ext.std, t.std) and torch.equal(ext.prev_sample, t.prev_sample)
+    assert torch.equal(extrapolated_step(t, r, 1.0).mean, t.mean)  # lambda = 1: the teacher itself
+    assert torch.equal(extrapolated_step(t, t, 1.7).mean, t.mean)  # a teacher equal to the reference: no push
+    with pytest.raises(ValueError, match="extrapolation"):
+        extrapolated_step(t, r, float("nan"))
+
+
+def test_extrapolated_target_is_the_density_optimum():
+    """For one Gaussian step, pi_ref (pi_T / pi_ref)^lambda renormalised is the Gaussian of mean mu*: its
+    log-density minus that of N(mu*, std^2) is constant in x' (checked at random x')."""
+    from flowalign.algorithms.opd import extrapolated_step
+
+    g = torch.Generator().manual_seed(3)
+    mu_t, mu_r, std, lam = torch.randn(4, generator=g), torch.randn(4, generator=g), 0.3, 1.5
+    xs = torch.randn(16, 4, generator=g)
+    logp = lambda x, mu: -((x - mu) ** 2).sum(-1) / (2 * std ** 2)  # noqa: E731
+    target = logp(xs, mu_r) + lam * (logp(xs, mu_t) - logp(xs, mu_r))
+    one = lambda mu: GaussianStep(mu[None], mu[None], torch.full((1, 1), std))  # noqa: E731
+    mu_star = extrapolated_step(one(mu_t), one(mu_r), lam).mean[0]
+    diff = target - logp(xs, mu_star)
+    torch.testing.assert_close(diff, diff[:1].expand_as(diff), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["flow_ode", "flow_sde"])
+def test_exopd_loss_on_rescored_steps(sd3_with_teachers, sampler):
+    from flowalign.rollout import rescore, rollout
+
+    adapter, _ = sd3_with_teachers
+    prompts, tasks = ["a red circle", "two blue squares"], ["ocr", "geneval"]
+    teachers = {"ocr": Teacher("t_ocr", 2.0), "geneval": Teacher("t_gen", 1.0)}
+    traj = rollout(adapter, prompts, num_steps=3, guidance_scale=1.0, sampler=sampler,
+                   generator=torch.Generator().manual_seed(2))
+    plain = opd_rescore_loss(adapter, traj, tasks, teachers, steps=[1])
+    same = opd_rescore_loss(adapter, traj, tasks, teachers, steps=[1], extrapolation=1.0)
+    assert torch.equal(plain.per_sample, same.per_sample)  # lambda = 1 is today's OPD, bit for bit
+    ext = opd_rescore_loss(adapter, traj, tasks, teachers, steps=[1], extrapolation=1.5)
+    with torch.no_grad():  # manual: the base (adapters off) at the teacher's CFG, extrapolated by 1.5
+        student = rescore(adapter, traj, 1)
+        expected = []
+        for i, task in enumerate(tasks):
+            t = teachers[task]
+            cond = adapter.encode_prompts([prompts[i]], t.guidance_scale)
+            with lora.using_adapter(adapter, t.adapter_name):
+                mu_t = rescore(adapter, traj, 1, index=[i], guidance_scale=t.guidance_scale, cond=cond)
+            with lora.adapter_disabled(adapter):
+                mu_r = rescore(adapter, traj, 1, index=[i], guidance_scale=t.guidance_scale, cond=cond)
+            row = type(student)(student.prev_sample[i:i + 1], student.mean[i:i + 1], student.std[i:i + 1],
+                                None if student.dt is None else student.dt[i:i + 1])
+            target = type(mu_t)(mu_t.prev_sample, mu_r.mean + 1.5 * (mu_t.mean - mu_r.mean), mu_t.std, mu_t.dt)
+            expected.append(opd_step_loss(row, target))
+    torch.testing.assert_close(ext.per_sample, torch.cat(expected), rtol=1e-4, atol=1e-7)
+    assert (ext.per_sample - plain.per_sample).abs().max() > 1e-6
