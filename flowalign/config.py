@@ -15,7 +15,7 @@ import math
 import numbers
 import os
 import reprlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from .resources import asset
@@ -560,6 +560,21 @@ class NFTConfig:
 
 
 @dataclass(frozen=True)
+class AdvGRPOConfig:
+    """Adv-GRPO (arXiv 2511.20256): the reward's discriminator head is trained during RL (a reward with
+    head: true, e.g. dino_similarity; docs/algorithms/adv_grpo.md)."""
+
+    head_every: int = _help("train the reward's head after every k-th iteration (reference images positive, the "
+                            "generations scored since the last head step negative)", 1)
+    head_steps: int = _help("hinge-loss steps of the head each time", 1)
+
+    def __post_init__(self):
+        _check_fields(self, "adv_grpo")
+        _positive("adv_grpo", "head_every", self.head_every)
+        _positive("adv_grpo", "head_steps", self.head_steps)
+
+
+@dataclass(frozen=True)
 class CRDConfig:
     """Centered Reward Distillation (docs/math.md §5)."""
 
@@ -808,6 +823,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
+    adv_grpo: AdvGRPOConfig = field(default_factory=AdvGRPOConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
     backprop: BackpropConfig = field(default_factory=BackpropConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -843,10 +859,8 @@ class Config:
                              f"(got {s.sampler}) and backprop.grad_steps <= sampling.num_steps={s.num_steps}")
 
 
-_SECTION_CLASSES = {"model": ModelConfig, "sampling": SamplingConfig, "advantage": AdvantageConfig,
-                    "grpo": GRPOConfig, "train": TrainConfig,
-                    "nft": NFTConfig, "crd": CRDConfig, "opd": OPDConfig, "backprop": BackpropConfig,
-                    "distill": DistillConfig, "diagnostics": DiagnosticsConfig}
+# section name -> its dataclass, read from Config's fields (a new section is one field there)
+_SECTION_CLASSES = {f.name: globals()[f.type] if isinstance(f.type, str) else f.type for f in fields(Config)}
 
 
 # old key -> where it went (a config naming an old key fails with this hint)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .runtime import checkpoint, distributed, fsdp
 from . import lora
 from .algorithms import ALGORITHMS
+from .algorithms.adv_grpo import AdversarialHead
 from .algorithms.advantages import advantages_for
 from .callbacks import CallbackList, TrainerCallback
 from .config import Config, config_to_dict
@@ -124,6 +125,22 @@ class Trainer:
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="flowalign-reward") if self._overlap else None
         # a batch with no valid reward is skipped when the rule learns from the scores (not OPD, not backprop)
         self._rewarded = self.algorithm.uses_rewards and any(r is not None for r in self.rewards.values())
+        self.adversary = self._adversary()  # Adv-GRPO: a reward head trained on the generations it scores
+
+    def _adversary(self) -> Optional[AdversarialHead]:
+        """The Adv-GRPO schedule of the (one) reward with a trainable head, or None."""
+        heads = [task for task, r in self.rewards.items() if r is not None and AdversarialHead.wanted(r)]
+        if not heads:
+            return None
+        if len(heads) > 1 or self.dist.world_size > 1:
+            raise ValueError("Adv-GRPO trains one reward head in one process: use one task whose reward has "
+                             "head: true, and a single process (the head is not synchronised across processes)")
+        self._adversary_task = heads[0]
+        reward, a = self.rewards[heads[0]], self.cfg.adv_grpo
+        if self.heldout is not None and reward.name not in self.heldout.extra:  # the head's score beside toy GenEval
+            self.heldout.use_reward(reward.name, reward)
+            self.heldout.extra += (reward.name,)
+        return AdversarialHead(reward, a.head_every, a.head_steps)
 
     def _tasks(self, reward) -> tuple[dict, dict]:
         """({task: Reward or None}, {task: PromptSource}) from the rule's ``task_specs`` (one task, None, except
@@ -236,16 +253,21 @@ class Trainer:
             return {}
         return self.hacking.values(images, prompts, self.reward if len(self.rewards) == 1 else None)
 
-    def _score(self, traj, tasks: list, rows: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _score(self, traj, tasks: list, rows: Optional[list] = None, observe: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Rewards [B], a validity mask [B] and the batch's hacking statistics: NaN/inf scores, images the reward
         raised on, and rows of a task without a reward are left out of the advantages (bad scores warned about and
         counted in ``bad_rewards``). Rows of (prompt, image) sources give the reward metadata: each row's
-        ``condition_image`` and, when the row has one, its identity pool ``references`` (image paths)."""
+        ``condition_image`` and, when the row has one, its identity pool ``references`` (image paths).
+        ``observe``: a training batch, whose images become the negatives of Adv-GRPO's next head step."""
         if all(r is None for r in self.rewards.values()):
             n = traj.batch_size
             return torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), {}
         with torch.no_grad():
             images = self.adapter.decode(traj.output(self.cfg.sampling.decode))
+        if observe and self.adversary is not None:
+            mine = [i for i, x in enumerate(tasks) if x == self._adversary_task]
+            self.adversary.observe(images[mine])
         values = self._hacking_values(images, traj.prompts)
         meta = traj.cond.metadata()  # condition images of edit / image-to-video rows
         if meta is not None and rows is not None:
@@ -280,7 +302,7 @@ class Trainer:
 
         def score(traj, rows_tasks, part_rows):
             t = time.perf_counter()
-            rewards, valid, values = self._score(traj, rows_tasks, part_rows)
+            rewards, valid, values = self._score(traj, rows_tasks, part_rows, observe=True)
             return rewards, valid, values, time.perf_counter() - t
 
         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -383,6 +405,8 @@ class Trainer:
             for task in self.rewards:
                 m = valid & torch.tensor([x == task for x in tasks])
                 metrics[f"reward_{task}"] = rewards[m].mean().item() if m.any() else None
+        if self.adversary is not None:  # Adv-GRPO: the head learns from the generations the update just used
+            metrics.update(self.adversary.step(self.iteration))
         if hacking:  # this process's rows (distributed: rank 0's are logged, as every diagnostic)
             groups = len(traj.prompts) // self.cfg.train.group_size  # rows of a group share their initial noise
             metrics.update(self.hacking.observe(hacking, metrics["reward_mean"], max(1, groups)))
@@ -454,6 +478,7 @@ class Trainer:
             "base_images": None if base is None else (base.detach().float().clamp(0, 1) * 255).round().to(torch.uint8),
             "hacking": None if self.hacking is None else self.hacking.state_dict(),
             "base_eval_values": self._base_eval_values,
+            "adversary": None if self.adversary is None else self.adversary.state_dict(),
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -489,6 +514,11 @@ class Trainer:
         self._base_images = None if base is None else base.float() / 255
         if self.hacking is not None and state.get("hacking") is not None:
             self.hacking.load_state_dict(state["hacking"])
+        if self.adversary is not None:
+            if state.get("adversary") is None:
+                raise ValueError("checkpoint has no Adv-GRPO reward head: it was written by a run without "
+                                 "head: true; resume with the run's own config")
+            self.adversary.load_state_dict(state["adversary"])
         values = state.get("base_eval_values")
         self._base_eval_values = None if values is None else {k: torch.as_tensor(v, dtype=torch.float64)
                                                                for k, v in values.items()}

@@ -30,13 +30,26 @@ POOLS = ("references", "condition_image", "row_references")
 
 
 def load_images(folder: str) -> list:
-    """Every image in ``folder`` (sorted by name), as RGB PIL."""
+    """Every image in ``folder`` (sorted by name), as RGB PIL; ``"toy"`` / ``"toy:N"``: N (default 64) renders of
+    the toy world's scenes (flowalign.toy, seeds 0..N-1, 64 px), the offline stand-in for a reference photo set."""
     from PIL import Image
 
+    spec = str(folder)
+    if spec == "toy" or spec.startswith("toy:"):
+        return _toy_references(spec)
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXT)
     if not files:
         raise FileNotFoundError(f"dino_similarity: no images ({', '.join(IMAGE_EXT)}) in reference folder {folder!r}")
     return [Image.open(p).convert("RGB") for p in files]
+
+
+def _toy_references(spec: str) -> list:
+    from ..toy import render, sample
+
+    count = spec.partition(":")[2] or "64"
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"dino_similarity: references={spec!r}: write toy:N with N >= 1 renders, e.g. toy:64")
+    return [render(sample(seed)[1], size=64, seed=seed)[0].convert("RGB") for seed in range(int(count))]
 
 
 class Backbone:
@@ -212,6 +225,22 @@ class DinoSimilarityReward(Reward):
         self.opt.step()
         self.head.eval()
         return {"loss": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
+
+    def state_dict(self) -> dict:
+        """The head's weights and its optimizer state (Adv-GRPO trains them during RL: checkpoints keep them)."""
+        if self.head is None:
+            raise RuntimeError("dino_similarity: state_dict is the trainable head's; build it with head=True")
+        return {"head": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
+                "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """``state_dict`` output, also after a checkpoint's JSON round trip (string state keys, lists for tuples)."""
+        self.head.load_state_dict({k: torch.as_tensor(v) for k, v in state["head"].items()})
+        opt = state["optimizer"]
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in opt["param_groups"]]
+        moments = {int(k): {n: torch.as_tensor(v) if n != "step" or isinstance(v, torch.Tensor) else v
+                            for n, v in st.items()} for k, st in opt["state"].items()}
+        self.opt.load_state_dict({"state": moments, "param_groups": groups})
 
     def save_head(self, path: str) -> None:
         """Save the head's weights (safetensors); reload with head=True, head_path=path."""

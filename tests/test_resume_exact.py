@@ -28,24 +28,31 @@ class FinalState(TrainerCallback):
         self.tensors = split_tensors(trainer.state_dict())[1]
 
 
-def _run(name, model, out, resume=False) -> dict:
+def _run(name, model, out, resume=False, extra=None) -> dict:
     cfg = load_config(os.path.join(ROOT, "configs", name),
-                      {**SMALL, "model.path": model, "train.out_dir": str(out), "train.resume": resume})
+                      {**SMALL, "model.path": model, "train.out_dir": str(out), "train.resume": resume, **(extra or {})})
     final = FinalState()
     run_training(cfg, progress=False, callbacks=[final])
     return final.tensors
 
 
-@pytest.mark.parametrize("name", ["toy_grpo.yaml", "toy_crd.yaml"])
-def test_resume_from_every_checkpoint_ends_in_the_same_state(tmp_path, tiny_pipe_dir, name):
-    ref = _run(name, tiny_pipe_dir, tmp_path / "ref")
+@pytest.mark.parametrize("name", ["toy_grpo.yaml", "toy_crd.yaml", "toy_adv_grpo.yaml"])
+def test_resume_from_every_checkpoint_ends_in_the_same_state(tmp_path, tiny_pipe_dir, name, request):
+    extra = None
+    if name == "toy_adv_grpo.yaml":  # the reward head trained during RL (and its optimizer) resumes too
+        dino = request.getfixturevalue("dino_dir")
+        extra = {"train.reward": "dino_similarity", "train.reward_options": {
+            "model": dino, "head": True, "references": "toy:4", "head_hidden": 8, "n_patches": 4, "lr": 1e-2}}
+    ref = _run(name, tiny_pipe_dir, tmp_path / "ref", extra=extra)
+    if extra:
+        assert any(key.startswith("adversary/") for key in ref), "the head's tensors are in the checkpoint state"
     for k in (1, 2, 3):
         run = tmp_path / f"from{k}"
         shutil.copytree(tmp_path / "ref", run)
         for it, path in checkpoint.list_checkpoints(str(run)):
             if it > k:
                 shutil.rmtree(path)
-        got = _run(name, tiny_pipe_dir, run, resume=True)
+        got = _run(name, tiny_pipe_dir, run, resume=True, extra=extra)
         assert got.keys() == ref.keys()
         diff = [key for key in ref if not torch.equal(ref[key], got[key])]
         assert not diff, f"resumed from ckpt-{k}: {len(diff)} tensors differ, e.g. {diff[:3]}"
