@@ -196,8 +196,9 @@ def _check_finite(obj: Any, section: str) -> None:
 
 
 # the model families (flowalign.models.ADAPTERS; a test keeps the two in step) and those with a true_cfg_scale
-FAMILIES = ("sd3", "flux", "sd", "sdxl", "wan", "flux_kontext", "flux2", "flux2_klein", "zimage", "wan_i2v")
-TRUE_CFG_FAMILIES = ("flux", "flux_kontext")
+FAMILIES = ("sd3", "flux", "sd", "sdxl", "wan", "flux_kontext", "flux2", "flux2_klein", "zimage", "wan_i2v", "qwenimage",
+            "qwenimage_edit", "qwenimage_edit_plus")
+TRUE_CFG_FAMILIES = ("flux", "flux_kontext", "qwenimage", "qwenimage_edit", "qwenimage_edit_plus")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 
 from flowalign.cli import main
 from flowalign.toy.pipelines_kontext import tiny_flux_kontext_pipeline
+from flowalign.toy.pipelines_qwen import tiny_qwenimage_pipeline
 from flowalign.toy.pipelines_wan import tiny_wan22_pipeline, tiny_wan_i2v_pipeline
 from flowalign.toy.tiny_families import tiny_condition_images
 
@@ -22,6 +23,8 @@ SMALL = ["model.dtype=float32", "model.gradient_checkpointing=false", "model.lor
 RECIPES = {
     "flux_kontext_edit_grpo.yaml": (tiny_flux_kontext_pipeline, 16, True, [
         "train.reward=dino_similarity", "train.reward_options={{model: {dino}, pool: condition_image, device: cpu}}"]),
+    "qwenimage_ocr_grpo.yaml": (tiny_qwenimage_pipeline, 32, False, [
+        "train.reward=jpeg_compressibility", "train.reward_options={{}}"]),
     "wan22_t2v_grpo.yaml": (tiny_wan22_pipeline, 32, False, [
         "sampling.num_frames=5", "sampling.sde_window=[0, 1]", "train.reward=jpeg_compressibility",
         "train.reward_options={{}}"]),

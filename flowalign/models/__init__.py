@@ -22,6 +22,7 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .flux_kontext import FluxKontextAdapter
 from .loading import DTYPES, INFERENCE_DTYPES, ModelNotFoundError, inference_dtype, load_for_inference, load_pipeline
+from .qwenimage import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .registry import ADAPTERS, FAMILY_BY_PIPELINE, PIPELINE_BY_FAMILY, detect_family
 from .sd import SDAdapter, SDXLAdapter
 from .sd3 import SD3Adapter
@@ -54,7 +55,8 @@ def load_adapter(id_or_path: str, family: str | None = None, torch_dtype=None, d
 
 __all__ = [
     "ADAPTERS", "FAMILY_BY_PIPELINE", "PIPELINE_BY_FAMILY", "Conditioning", "DDIMAdapter", "FlowAdapter", "Flux2Adapter", "Flux2KleinAdapter", "FluxAdapter",
-    "FluxKontextAdapter", "ModelNotFoundError", "PipelineAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter",
+    "FluxKontextAdapter", "ModelNotFoundError", "PipelineAdapter", "QwenImageAdapter", "QwenImageEditAdapter",
+    "QwenImageEditPlusAdapter", "SD3Adapter", "SDAdapter", "SDXLAdapter",
     "SamplingGrid", "WanAdapter", "WanI2VAdapter", "ZImageAdapter", "adapter_for", "detect_family",
     "DTYPES", "INFERENCE_DTYPES", "inference_dtype", "load_adapter", "load_for_inference", "load_pipeline",
     "pipeline_call_kwargs", "t5_sequence_length",

@@ -12,6 +12,7 @@ from .base import PipelineAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .flux_kontext import FluxKontextAdapter
+from .qwenimage import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .sd import SDAdapter, SDXLAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
@@ -20,7 +21,8 @@ from .zimage import ZImageAdapter
 
 ADAPTERS: dict[str, type[PipelineAdapter]] = {
     cls.family: cls for cls in (SD3Adapter, FluxAdapter, SDAdapter, SDXLAdapter, WanAdapter, FluxKontextAdapter,
-                                Flux2Adapter, Flux2KleinAdapter, ZImageAdapter, WanI2VAdapter)
+                                Flux2Adapter, Flux2KleinAdapter, ZImageAdapter, WanI2VAdapter, QwenImageAdapter,
+                                QwenImageEditAdapter, QwenImageEditPlusAdapter)
 }
 FAMILY_BY_PIPELINE = {cls.pipeline_class: family for family, cls in ADAPTERS.items()}  # diffusers class -> family
 PIPELINE_BY_FAMILY = {family: cls.pipeline_class for family, cls in ADAPTERS.items()}

@@ -12,9 +12,11 @@ import numpy as np
 from .pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_wan_pipeline
 from .pipelines_flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline
 from .pipelines_kontext import tiny_flux_kontext_pipeline
+from .pipelines_qwen import tiny_qwenimage_edit_pipeline, tiny_qwenimage_pipeline
 from .pipelines_wan import tiny_wan_i2v_pipeline
 from .pipelines_zimage import tiny_zimage_pipeline
 
+QWEN_AREA, QWEN_VL_AREA = 64 * 64, 32 * 32  # the tiny edit pipelines' condition areas (pixels)
 TINY_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
@@ -26,6 +28,11 @@ TINY_BUILDERS = {
     "flux2_klein": tiny_flux2_klein_pipeline,
     "zimage": tiny_zimage_pipeline,
     "wan_i2v": tiny_wan_i2v_pipeline,
+    "qwenimage": tiny_qwenimage_pipeline,
+    # the edit pipelines at small condition areas (their own 1024**2 px make a CPU call take seconds)
+    "qwenimage_edit": lambda seed=0: tiny_qwenimage_edit_pipeline(seed=seed, condition_area=QWEN_AREA),
+    "qwenimage_edit_plus": lambda seed=0: tiny_qwenimage_edit_pipeline(plus=True, seed=seed, condition_area=QWEN_AREA,
+                                                                       vl_area=QWEN_VL_AREA),
 }
 
 # How to drive each family's tiny pipeline: ``size`` = the latent size flowalign samples at (height, width,
@@ -51,6 +58,13 @@ TINY_SETTINGS: dict[str, dict[str, dict]] = {
                    call=dict(height=16, width=16, max_sequence_length=32)),
     "wan_i2v": dict(size=dict(height=32, width=32, num_frames=5), adapter=_T5,
                     call=dict(height=32, width=32, num_frames=5, **_T5)),
+    # Qwen-Image: 2 x 2 packed tokens; the edit adapters told the tiny pipelines' condition areas
+    "qwenimage": dict(size=dict(height=32, width=32), adapter={}, call=dict(height=32, width=32)),
+    "qwenimage_edit": dict(size=dict(height=32, width=32), adapter=dict(condition_area=QWEN_AREA),
+                           call=dict(height=32, width=32)),
+    "qwenimage_edit_plus": dict(size=dict(height=32, width=32),
+                                adapter=dict(condition_area=QWEN_AREA, vl_area=QWEN_VL_AREA),
+                                call=dict(height=32, width=32)),
 }
 
 

@@ -29,7 +29,8 @@ def test_flux_true_cfg_and_negative_prompt_from_yaml(tmp_path):
 
 
 def test_adapter_options_are_checked():
-    with pytest.raises(ValueError, match="model.true_cfg_scale is for flux, flux_kontext; the sd3 family"):
+    with pytest.raises(ValueError, match="model.true_cfg_scale is for flux, flux_kontext, qwenimage, qwenimage_edit, "
+                                         "qwenimage_edit_plus; the sd3 family"):
         config_from_dict({"model": {"family": "sd3", "true_cfg_scale": 2.0}})
     with pytest.raises(ValueError, match="model.max_sequence_length must be > 0"):
         config_from_dict({"model": {"max_sequence_length": 0}})
