@@ -727,6 +727,77 @@ class BackpropConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Flow-DPO (arXiv 2501.13918; docs/algorithms/dpo.md): preference pairs on the forward process, the reference is
+    the adapter-disabled model, no CFG in training."""
+
+    beta: float = _help("DPO strength beta in -log sigmoid(-(beta_t / 2) [(e_w - e_ref_w) - (e_l - e_ref_l)]) on "
+                        "mean-reduced velocity errors ([assumed] value)", 500.0)
+    weighting: str = _help("beta_t: constant (beta, the paper's choice) | eps (beta (1 - t)^2: Diffusion-DPO's loss "
+                           "on epsilon predictions)", "constant")
+    pairs: str = _help("online (each prompt group's best vs worst rollout sample by reward) | offline "
+                       "(preference_file)", "online")
+    preference_file: Optional[str] = _help("offline pairs: a JSONL file, one {prompt, chosen, rejected} a line, image "
+                                           "paths relative to its folder", None)
+    pairs_per_iter: int = _help("offline: pairs per iteration (each pair once per pass over the file)", 16)
+    min_reward_gap: float = _help("online: a group whose best - worst reward is <= this gives no pair (0: only "
+                                  "ties are skipped)", 0.0)
+    timesteps_per_pair: int = _help("forward-process draws per pair and minibatch, each one t and one eps shared by "
+                                    "both members", 1)
+    timestep_grid: int = _help("t is drawn uniformly from the pipeline scheduler's grid of this many steps (its "
+                               "shift included)", 1000)
+    reduction: str = _help("mean | sum of the squared velocity errors over elements", "mean")
+    inner_epochs: int = _help("passes over each iteration's pairs", 1)
+
+    def __post_init__(self):
+        _check_fields(self, "dpo")
+        from .algorithms.dpo import PAIR_SOURCES, REDUCTIONS, WEIGHTINGS
+
+        _positive("dpo", "beta", self.beta)
+        _choice("dpo", "weighting", self.weighting, WEIGHTINGS)
+        _choice("dpo", "pairs", self.pairs, PAIR_SOURCES)
+        if self.preference_file is not None:
+            _path("dpo", "preference_file", self.preference_file, "a JSONL file path")
+        if self.pairs == "offline" and self.preference_file is None:
+            raise ValueError("dpo.pairs=offline needs dpo.preference_file: a JSONL file, one "
+                             '{"prompt", "chosen", "rejected"} object a line')
+        _positive("dpo", "pairs_per_iter", self.pairs_per_iter)
+        _positive("dpo", "min_reward_gap", self.min_reward_gap, allow_zero=True)
+        _positive("dpo", "timesteps_per_pair", self.timesteps_per_pair)
+        _positive("dpo", "timestep_grid", self.timestep_grid)
+        _choice("dpo", "reduction", self.reduction, REDUCTIONS)
+        _positive("dpo", "inner_epochs", self.inner_epochs)
+        _check_finite(self, "dpo")
+
+
+@dataclass(frozen=True)
+class RWRConfig:
+    """Flow-RWR (arXiv 2501.13918; docs/algorithms/rwr.md): flow matching on the policy's own samples weighted by
+    softmax(R / tau) over the batch, no CFG in training."""
+
+    tau: float = _help("temperature of the weights softmax(R / tau) (large: uniform, plain flow matching; small: the "
+                       "best sample only)", 1.0)
+    weights_from: str = _help("reward (the raw rewards R) | advantage (the group advantages of the advantage section)",
+                              "reward")
+    num_timesteps: int = _help("stratified forward-process timesteps per minibatch", 10)
+    timestep_fraction: float = _help("draw from the first (noisiest) fraction of the rollout grid", 0.99)
+    reduction: str = _help("mean | sum of the squared velocity errors over elements", "mean")
+    inner_epochs: int = _help("passes over each rollout batch (one optimizer step each)", 1)
+
+    def __post_init__(self):
+        _check_fields(self, "rwr")
+        from .algorithms.rwr import WEIGHT_SOURCES
+
+        _positive("rwr", "tau", self.tau)
+        _choice("rwr", "weights_from", self.weights_from, WEIGHT_SOURCES)
+        _positive("rwr", "num_timesteps", self.num_timesteps)
+        _fraction("rwr", "timestep_fraction", self.timestep_fraction)
+        _choice("rwr", "reduction", self.reduction, ("mean", "sum"))
+        _positive("rwr", "inner_epochs", self.inner_epochs)
+        _check_finite(self, "rwr")
+
+
+@dataclass(frozen=True)
 class DiagnosticsConfig:
     """Reward-hacking diagnostics (docs/doctor.md#drift-during-training): cheap statistics of every rollout batch's
     images (flowalign.evaluation.image_stats; the reward's own, e.g. the toy world's extra objects), their
@@ -816,6 +887,30 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """InfAlign-CTRL (arXiv 2412.19792): train on a transform of the reward calibrated per prompt to the base
+    model's rewards, C = P_base[R(x') <= R(x)] from base_samples adapter-disabled samples of the same prompt
+    (docs/algorithms/calibration.md). Off unless transform is set."""
+
+    transform: Optional[str] = _help("None = off | identity (C) | log (log C, smoothed) | exp (exp(t C): best-of-N "
+                                     "sampling) | neg_exp (-exp(-t C): best-of-N jailbreaking)", None)
+    t: float = _help("temperature of exp / neg_exp, in (0, 50] (4.0 is flowalign's [assumed] default)", 4.0)
+    base_samples: int = _help("M base samples (and reward queries) per distinct prompt, drawn once, >= 1", 8)
+    seed: int = _help("seed of the base samples' own generator (the run's draws are unchanged), in [0, 2**63)", 0)
+
+    def __post_init__(self):
+        _check_fields(self, "calibration")
+        if self.transform is not None:
+            _choice("calibration", "transform", self.transform, ("identity", "log", "exp", "neg_exp"))
+        _range("calibration", "t", self.t, "in (0, 50]", lambda v: 0 < v <= 50)
+        if self.base_samples < 1:
+            raise ValueError(f"calibration.base_samples must be >= 1, got {self.base_samples}")
+        if self.seed < 0:
+            raise ValueError(f"calibration.seed must be in [0, 2**63), got {self.seed}")
+        _check_finite(self, "calibration")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -827,8 +922,11 @@ class Config:
     adv_grpo: AdvGRPOConfig = field(default_factory=AdvGRPOConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
     backprop: BackpropConfig = field(default_factory=BackpropConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rwr: RWRConfig = field(default_factory=RWRConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self):
         """Checks across sections (the ones that only matter for the chosen algorithm)."""

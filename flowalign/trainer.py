@@ -32,6 +32,7 @@ from .callbacks import CallbackList, TrainerCallback
 from .config import Config, config_to_dict
 from .errors import FlowalignError
 from .runtime.ema import EMA
+from .evaluation.calibration import RewardCalibrator, base_score_fn
 from .evaluation.hacking import HackingMeter, progress_note
 from .evaluation.heldout import HeldoutEval
 from .runtime.kernels import avoid_cudnn_attention
@@ -126,6 +127,7 @@ class Trainer:
         # a batch with no valid reward is skipped when the rule learns from the scores (not OPD, not backprop)
         self._rewarded = self.algorithm.uses_rewards and any(r is not None for r in self.rewards.values())
         self.adversary = self._adversary()  # Adv-GRPO: a reward head trained on the generations it scores
+        self.calibrator = self._calibrator()  # InfAlign-CTRL: rewards calibrated to the base, per prompt
 
     def _adversary(self) -> Optional[AdversarialHead]:
         """The Adv-GRPO schedule of the (one) reward with a trainable head, or None."""
@@ -141,6 +143,29 @@ class Trainer:
             self.heldout.use_reward(reward.name, reward)
             self.heldout.extra += (reward.name,)
         return AdversarialHead(reward, a.head_every, a.head_steps)
+
+    def _calibrator(self) -> Optional[RewardCalibrator]:
+        """InfAlign-CTRL's per-prompt calibration to the base model (``calibration.transform`` set), or None."""
+        c = self.cfg.calibration
+        if c.transform is None:
+            return None
+        if self.dist.world_size > 1:
+            raise ValueError("calibration (InfAlign-CTRL) runs in a single process: its base-score cache is not "
+                             "synchronised across processes; unset calibration.transform or run one process")
+        if len(self.rewards) > 1 or self.reward is None or self.prompts.has_images or not self.algorithm.uses_rewards:
+            raise ValueError("calibration (InfAlign-CTRL) needs one task with a reward, text prompts and a rule that "
+                             "learns from rewards; unset calibration.transform")
+        return RewardCalibrator(c, base_score_fn(self.adapter, self.cfg, self.reward))
+
+    def _calibrate(self, rewards: torch.Tensor, valid: torch.Tensor, prompts: list) -> tuple:
+        """(transformed calibrated rewards [B] (0 where invalid), valid [B], metrics) of the raw ``rewards``; a row
+        whose prompt has no finite base score becomes invalid."""
+        nan = torch.tensor(float("nan"))
+        cal = self.calibrator(torch.where(valid, rewards.float(), nan), prompts)
+        ok = valid & torch.isfinite(cal)
+        metrics = {"reward_calibrated_mean": cal[ok].mean().item() if ok.any() else None,
+                   "calibration_base_queries": self.calibrator.base_queries}
+        return torch.where(ok, cal, torch.zeros(())), ok, metrics
 
     def _tasks(self, reward) -> tuple[dict, dict]:
         """({task: Reward or None}, {task: PromptSource}) from the rule's ``task_specs`` (one task, None, except
@@ -375,6 +400,9 @@ class Trainer:
         rewards, valid = torch.cat([r for r, *_ in scored]), torch.cat([v for _, v, *_ in scored])
         hacking = HackingMeter.concat([h for _, _, h, _ in scored])
         rewards, valid = self.dist.gather(rewards), self.dist.gather(valid)  # global [B]
+        raw_rewards, calibration = rewards, {}
+        if self.calibrator is not None:  # InfAlign-CTRL: the update learns from Phi(C), metrics keep the raw mean
+            rewards, valid, calibration = self._calibrate(rewards, valid, prompts)
         adv = advantages_for(rewards, self._group_keys(prompts, rows), self.cfg, valid=valid)
         adv, valid = adv.to(self.adapter.device), valid.to(self.adapter.device)  # rewards come back on the CPU
         cb.on_phase_end(self, "reward")
@@ -394,7 +422,7 @@ class Trainer:
         self.iteration += 1
         self.samples_seen += len(prompts)
         valid = valid.cpu()
-        ok = rewards[valid]
+        ok = raw_rewards[valid]
         metrics.update(iteration=self.iteration, samples=self.samples_seen,
                        reward_mean=ok.mean().item() if ok.numel() else None,
                        reward_std=ok.std().item() if ok.numel() else None, invalid_rewards=int((~valid).sum()),
@@ -405,6 +433,7 @@ class Trainer:
             for task in self.rewards:
                 m = valid & torch.tensor([x == task for x in tasks])
                 metrics[f"reward_{task}"] = rewards[m].mean().item() if m.any() else None
+        metrics.update(calibration)
         if self.adversary is not None:  # Adv-GRPO: the head learns from the generations the update just used
             metrics.update(self.adversary.step(self.iteration))
         if hacking:  # this process's rows (distributed: rank 0's are logged, as every diagnostic)
@@ -479,6 +508,7 @@ class Trainer:
             "hacking": None if self.hacking is None else self.hacking.state_dict(),
             "base_eval_values": self._base_eval_values,
             "adversary": None if self.adversary is None else self.adversary.state_dict(),
+            "calibration": None if self.calibrator is None else self.calibrator.state_dict(),
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -519,6 +549,11 @@ class Trainer:
                 raise ValueError("checkpoint has no Adv-GRPO reward head: it was written by a run without "
                                  "head: true; resume with the run's own config")
             self.adversary.load_state_dict(state["adversary"])
+        if self.calibrator is not None:
+            if state.get("calibration") is None:
+                raise ValueError("checkpoint has no calibration state: it was written by a run without "
+                                 "calibration.transform; resume with the run's own config")
+            self.calibrator.load_state_dict(state["calibration"])
         values = state.get("base_eval_values")
         self._base_eval_values = None if values is None else {k: torch.as_tensor(v, dtype=torch.float64)
                                                                for k, v in values.items()}

@@ -41,7 +41,7 @@ def _clone(params):
 
 
 def test_table_and_alias():
-    assert set(ALGORITHMS) == {"grpo", "nft", "crd", "opd", "backprop"}
+    assert set(ALGORITHMS) == {"grpo", "nft", "crd", "opd", "backprop", "dpo", "rwr"}
     for name in ALGORITHMS:  # the config's choices are the table's names
         assert TrainConfig(algorithm=name).algorithm == name
     with pytest.raises(ValueError, match="train.algorithm"):

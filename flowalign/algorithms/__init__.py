@@ -12,12 +12,16 @@ from __future__ import annotations
 from .backprop import BackpropUpdate
 from .base import UpdateRule
 from .crd import CRDUpdate
+from .dpo import FlowDPOUpdate
 from .grpo import GRPOUpdate
 from .nft import NFTUpdate
 from .opd import OPDUpdate
+from .rwr import FlowRWRUpdate
 
 ALGORITHMS: dict[str, type[UpdateRule]] = {
-    rule.name: rule for rule in (GRPOUpdate, NFTUpdate, CRDUpdate, OPDUpdate, BackpropUpdate)
+    rule.name: rule for rule in (GRPOUpdate, NFTUpdate, CRDUpdate, OPDUpdate, BackpropUpdate, FlowDPOUpdate,
+                                 FlowRWRUpdate)
 }
 
-__all__ = ["ALGORITHMS", "BackpropUpdate", "CRDUpdate", "GRPOUpdate", "NFTUpdate", "OPDUpdate", "UpdateRule"]
+__all__ = ["ALGORITHMS", "BackpropUpdate", "CRDUpdate", "FlowDPOUpdate", "FlowRWRUpdate", "GRPOUpdate", "NFTUpdate",
+           "OPDUpdate", "UpdateRule"]
