@@ -7,6 +7,7 @@ The names most users need are here (imported on first use, so ``import flowalign
     cfg = flowalign.load_config("configs/toy_grpo.yaml", ["train.iterations=2"])
     flowalign.Trainer(cfg).train()
     flowalign.enable_rlg(pipe, 1.5)                                 # RL Guidance on any supported pipeline
+    flowalign.enable_nrg(pipe, {"clip_score": 2.0})                 # Flow-NRG reward guidance (SD3 pipelines)
     reward = flowalign.rewards.get("toy_geneval")
 
 Subpackages: ``flowalign.samplers`` (per-step Gaussian transitions, torch only), ``flowalign.rewards`` (reward
@@ -30,6 +31,8 @@ _API = {
     "load_pipeline": ("flowalign.models", "load_pipeline"),
     "enable_rlg": ("flowalign.rlg", "enable_rlg"),
     "disable_rlg": ("flowalign.rlg", "disable_rlg"),
+    "enable_nrg": ("flowalign.nrg", "enable_nrg"),
+    "disable_nrg": ("flowalign.nrg", "disable_nrg"),
     "Trainer": ("flowalign.trainer", "Trainer"),
     "TrainerCallback": ("flowalign.callbacks", "TrainerCallback"),
     "run_training": ("flowalign.trainer", "run_training"),

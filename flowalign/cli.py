@@ -40,9 +40,13 @@ def _resolve(args: argparse.Namespace, recipe: dict, **builtin) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .apps.sample import DEFAULT_LORA, check_lora_dir, parse_scales, rlg_sweep, sample_png
+    from .apps.sample import (DEFAULT_LORA, check_lora_dir, nrg_terms, parse_nrg, parse_nrg_options, parse_scales,
+                              rlg_sweep, sample_png)
     from .config import DEFAULT_MODEL
 
+    nrg, nrg_options = parse_nrg(args.nrg), parse_nrg_options(args.nrg_option)
+    if nrg_options and not nrg:
+        nrg_terms(nrg, nrg_options)  # the one-line error: options without a weight
     recipe = _recipe(args)
     _resolve(args, recipe, model=DEFAULT_MODEL, steps=20, guidance_scale=4.5)
     lora, note = args.lora, None
@@ -62,6 +66,8 @@ def _sample(args: argparse.Namespace) -> int:
                          "--rlg-scale to sample the base model")
     kw = dict(model=args.model, lora_dir=lora, seed=args.seed, steps=args.steps,
               guidance_scale=args.guidance_scale, device=args.device, dtype=args.dtype)
+    if nrg:
+        kw.update(nrg=nrg, nrg_options=nrg_options)
     if len(scales) > 1 or args.reward:
         if not args.reward:
             raise ValueError("several --rlg-scale values make a sweep: add --reward NAME to score them")
@@ -259,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe_help = ("recipe YAML or shipped name (e.g. toy_grpo.yaml): defaults from it (model.path, "
                    "train.out_dir/lora, sampling.eval_num_steps, eval CFG%s); flags override")
-    sample = sub.add_parser("sample", help="sample with RL guidance (one scale -> PNG; several -> reward sweep)")
+    sample = sub.add_parser("sample", help="sample with RL guidance (one scale -> PNG; several -> reward sweep) and "
+                                           "Flow-NRG reward guidance")
     sample.add_argument("--config", default=None, metavar="RECIPE", help=recipe_help % "")
     sample.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
     sample.add_argument("--lora", default=None, help="LoRA folder, or none for the base model (default: the "
@@ -279,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flags(sample)
     sample.add_argument("--num-images", type=int, default=None, help="images (single: default 1; sweep: per "
                                                                      "scale, default 24)")
+    sample.add_argument("--nrg", action="append", default=[], metavar="REWARD=WEIGHT",
+                        help="Flow-NRG reward guidance with a differentiable reward (repeatable, e.g. --nrg "
+                             "clip_score=2.0 --nrg aesthetic=1.0; weight 0 = off; docs/nrg.md)")
+    sample.add_argument("--nrg-option", action="append", default=[], metavar="REWARD.KEY=VALUE",
+                        help="build option of an --nrg reward (repeatable, e.g. clip_score.model=tiny for the shipped "
+                             "tiny CLIP)")
     sample.set_defaults(func=_sample)
 
     ev = sub.add_parser("eval", help="held-out scores of the base and LoRA folders on the same prompts and seeds")

@@ -17,6 +17,15 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage", "--window-size=1280,1600"]
 
 
+def _chrome(webdriver, binary: str, driver_path: str, tmp_path):
+    """A headless Chromium driven by selenium, with a profile folder of its own under tmp_path."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+
+
 def _browser():
     """(chromium binary, chromedriver) or pytest.skip with the reason."""
     binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -57,11 +66,7 @@ def test_generate_in_browser(app_url, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    driver = _chrome(webdriver, binary, driver_path, tmp_path)
     try:
         wait = WebDriverWait(driver, 40)
         driver.get(app_url)
@@ -133,3 +138,48 @@ def test_ui_sliders_start_at_the_given_defaults():
     ui = build_ui(stub, default_steps=7, default_cfg=2.5)
     values = {b.elem_id: b.value for b in ui.blocks.values() if getattr(b, "elem_id", None)}
     assert values["steps"] == 7 and values["cfg"] == 2.5
+
+
+def test_nrg_slider_guides_the_aligned_image_in_browser(app_url, tmp_path):
+    # the app offers a Flow-NRG slider for clip_score (the shipped tiny CLIP) next to the RLG slider; moving it to
+    # its maximum guides the aligned image (a new image) and leaves the base image as it was (same seed, no guidance)
+    binary, driver_path = _browser()
+    webdriver = pytest.importorskip("selenium.webdriver", reason='selenium not installed: pip install -e ".[dev]"')
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from flowalign.apps.gradio_app import NRG_MAX_WEIGHT
+
+    driver = _chrome(webdriver, binary, driver_path, tmp_path)
+    info = lambda d: d.find_element(By.CSS_SELECTOR, "#info textarea, #info input").get_attribute("value")  # noqa
+
+    def generate(wait, expect):
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: expect in (info(d) or ""))
+        srcs = []
+        for elem_id in ("base_image", "aligned_image"):
+            img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} img"))
+            wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+            srcs.append(img.get_attribute("src"))
+        return srcs
+
+    try:
+        wait = WebDriverWait(driver, 40)
+        driver.get(app_url)
+        slider = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#nrg_clip_score input[type=range]"))
+        number = driver.find_element(By.CSS_SELECTOR, "#nrg_clip_score input[type=number]")
+        assert float(number.get_attribute("value")) == 0.0  # off by default
+        base0, aligned0 = generate(wait, "RLG w=1 |")  # no NRG in the summary at weight 0
+        slider.click()
+        slider.send_keys(Keys.END)  # -> the maximum weight
+        wait.until(lambda d: abs(float(number.get_attribute("value")) - NRG_MAX_WEIGHT) < 1e-6)
+        base1, aligned1 = generate(wait, f"NRG clip_score={NRG_MAX_WEIGHT:g}")
+        assert base1 == base0, "the base image changed with the NRG weight"
+        assert aligned1 != aligned0, "the NRG weight did not change the aligned image"
+    except Exception:
+        driver.save_screenshot(str(tmp_path / "failure.png"))
+        print(f"screenshot: {tmp_path / 'failure.png'}")
+        raise
+    finally:
+        driver.quit()
