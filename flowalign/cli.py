@@ -201,6 +201,8 @@ def _eval(args: argparse.Namespace) -> int:
     _resolve(args, recipe, model=DEFAULT_MODEL, prompts="toy", reward=None, per_task=24, steps=10,
              guidance_scale=1.0)
     loras = args.lora or ([recipe["lora"]] if recipe and os.path.exists(recipe["lora"]) else [])
+    if args.best_of is not None:
+        return _eval_best_of(args, loras, options)
     result = evaluate_loras(loras, args.model, prompts=args.prompts, per_task=args.per_task, steps=args.steps,
                             guidance_scale=args.guidance_scale, out=args.out, reward=args.reward,
                             reward_options=options, device=args.device, dtype=args.dtype)
@@ -213,6 +215,24 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"| {name} | {s.get('n', '')} | " + " | ".join(f"{s[k]:.3f}" if k in s else "" for k in keys) + " |")
     print(f"wrote {args.out} (with the per-task scores)" if args.out else
           "per-task scores: add --out FILE.json")
+    return 0
+
+
+def _eval_best_of(args: argparse.Namespace, loras: list, options: dict) -> int:
+    """``flowalign eval --best-of N``: each LoRA's best-of-N win rate against the base's best-of-N."""
+    from .apps.eval import best_of_n_loras
+
+    result = best_of_n_loras(loras, args.model, args.best_of, prompts=args.prompts, per_task=args.per_task,
+                             steps=args.steps, guidance_scale=args.guidance_scale, out=args.out, reward=args.reward,
+                             reward_options=options, device=args.device, dtype=args.dtype)
+    reward, n = result["settings"]["reward"], args.best_of
+    print(f"| weights | prompts | mean {reward} | best-of-{n} {reward} | best-of-{n} win rate vs base |")
+    print("|---|---|---|---|---|")
+    for name, s in result["scores"].items():
+        print(f"| {name} | {s['prompts']} | {s['mean']:.3f} | {s['best_of_n_mean']:.3f} | "
+              f"{s['win_rate']:.3f} +- {s['win_rate_se']:.3f} |")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -313,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flags(ev)
     ev.add_argument("--out", default=None, help="JSON file for the scores, per task too (the table shows the "
                                                 "overall ones)")
+    ev.add_argument("--best-of", type=int, default=None, metavar="N",
+                    help="InfAlign's best-of-N evaluation: N samples per prompt from each model, the win rate of "
+                         "each LoRA's best against the base's best under --reward (default toy_geneval)")
     ev.set_defaults(func=_eval)
 
     train = sub.add_parser("train", help="train a LoRA with any algorithm from a YAML config (see configs/)")
