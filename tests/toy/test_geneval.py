@@ -94,7 +94,7 @@ def test_no_extra_check_counts_unrequested_objects():
 
 
 def test_toy_geneval_reward_no_extra_option():
-    from rewards.toy import ToyGenEvalReward
+    from flowalign.rewards.toy import ToyGenEvalReward  # not `rewards.toy`: tests/rewards shadows that name
 
     img = render("two green squares", 64, seed=0)[0]
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
