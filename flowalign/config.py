@@ -444,6 +444,8 @@ class TrainConfig:
                                         "toy training prompts; a training prompt file has none)", None)
     eval_rewards: tuple = _help("extra rewards scored at held-out evaluation, e.g. [clip_score] (one not trained on "
                                "shows reward hacking)", ())
+    eval_reward_options: dict = _help("keyword options of train.eval_rewards by name, e.g. {clip_score: {model: "
+                                      "tiny}} (the shipped tiny CLIP)", {})
     algorithm: str = _help("update rule: grpo (Flow-GRPO) | nft (DiffusionNFT) | crd (Centered Reward Distillation) "
                            "| opd (DiffusionOPD) | backprop (reward backprop); its section of the same name "
                            "configures it",
@@ -478,6 +480,10 @@ class TrainConfig:
             _path("train", "eval_prompts", self.eval_prompts, "a toy spec or a prompt file path")
         for name in self.eval_rewards:
             _text("train", "eval_rewards", name, MAX_NAME_CHARS, "a list of reward names, each")
+        for name, options in self.eval_reward_options.items():
+            if name not in self.eval_rewards or not isinstance(options, dict):
+                raise ValueError(f"train.eval_reward_options maps a name of train.eval_rewards to its options "
+                                 f"(e.g. {{clip_score: {{model: tiny}}}}); got {_short(name)}: {_short(options)}")
         bad = [k for k in self.reward_options if not isinstance(k, str) or not k]
         if bad:
             raise ValueError(f"train.reward_options keys must be option names (strings), got {_short(bad[0])}")

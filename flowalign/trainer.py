@@ -193,7 +193,7 @@ class Trainer:
             train_rewards[t.eval_prompts] = self.reward
         guidance = s.eval_guidance_scale if s.eval_guidance_scale is not None else s.guidance_scale
         return HeldoutEval(sources, t.eval_per_task, s.eval_num_steps, guidance, train_rewards, t.eval_rewards,
-                           resolution=s.resolution)
+                           resolution=s.resolution, reward_options=t.eval_reward_options)
 
     def evaluate(self, base: bool = False) -> Optional[dict]:
         """Held-out scores of the adapter-disabled base (``base``) or of the evaluation weights (EMA when on),
@@ -212,6 +212,7 @@ class Trainer:
         if self.hacking is not None:
             row.update(self._eval_drift(images, row, base))
         self.evals.append(row)
+        self.last_eval_images = images  # [N, 3, H, W] in the held-out prompt order, for callbacks (the demo's grid)
         cols = _grid_columns(self.heldout.tasks)
         if base:
             self._base_images = images[cols]

@@ -88,3 +88,18 @@ def test_sections_from_python_check_types_too():
             build()
     assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
     assert SamplingConfig(guidance_scale=0).guidance_scale == 0.0  # 0..1: no CFG (diffusers applies it above 1)
+
+
+def test_eval_reward_options_name_an_eval_reward_and_reach_the_held_out_rewards():
+    from flowalign.config import load_config
+    from flowalign.evaluation.heldout import HeldoutEval
+
+    with pytest.raises(ValueError, match="train.eval_reward_options maps a name of train.eval_rewards"):
+        config_from_dict({"train": {"eval_reward_options": {"clip_score": {"model": "tiny"}}}})
+    with pytest.raises(ValueError, match="train.eval_reward_options"):
+        config_from_dict({"train": {"eval_rewards": ["clip_score"], "eval_reward_options": {"clip_score": 3}}})
+    cfg = load_config("configs/toy_demo.yaml")
+    assert cfg.train.eval_reward_options == {"clip_score": {"model": "tiny"}}
+    ev = HeldoutEval(["toy:colors"], per_task=1, steps=1, guidance_scale=1.0, extra=["clip_score"],
+                     reward_options=cfg.train.eval_reward_options)
+    assert ev._reward("clip_score").name == "clip_score"  # the tiny CLIP: offline, no hub download

@@ -36,7 +36,17 @@ def test_quick_demo_writes_the_report(tmp_path):
             assert im.width > 200 and im.height > 100
     report = (out / "report.md").read_text()
     assert "reward_curve.png" in report and "grid.png" in report
-    assert "on the reward `toy_geneval`." in report  # the training reward, with its options when it has any
+    # the training reward, with its options: the demo trains on the exact check
+    assert "on the reward `toy_geneval` with strict=True, no_extra=True" in report
+    for side in ("base", "aligned"):  # the headline: exact, lenient, strict, extras and the unseen CLIP score
+        h = metrics[side]["headline"]
+        assert list(h) == ["exact", "lenient", "strict", "extra objects", "clip_score (not trained)"]
+        assert h["exact"]["mean"] == metrics[side]["exact"] <= metrics[side]["strict"]
+        assert h["lenient"]["mean"] == metrics[side]["toy_geneval"] and h["exact"]["se"] >= 0.0
+    counts = metrics["grid_counts"]  # the verdict grid's classes cover every held-out image
+    assert sum(counts.values()) == 12 and counts["fixed"] - counts["broken"] == round(metrics["delta_exact"] * 12)
+    assert metrics["delta_exact"] == pytest.approx(metrics["aligned"]["exact"] - metrics["base"]["exact"])
+    assert f"| exact | {metrics['base']['exact']:.3f} +- {metrics['base']['headline']['exact']['se']:.3f} |" in report
     assert f"{metrics['base']['toy_geneval']:.3f} -> {metrics['aligned']['toy_geneval']:.3f}" in report
     assert f"{metrics['base']['extra_objects']:.3f} -> {metrics['aligned']['extra_objects']:.3f}" in report
     assert (f"| position | relation | {metrics['base']['checks']['position']['relation']:.3f} | "

@@ -95,7 +95,7 @@ def test_eval_table_is_compact_and_the_json_has_the_tasks(tmp_path, tiny_model, 
     assert main(["eval", lora_dir, "--model", model, "--prompts", "toy:counting,colors", "--per-task", "1",
                  "--steps", "1", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "| weights | n | toy_geneval | toy_geneval_strict | toy_extra_objects |"
+    assert lines[0] == "| weights | n | toy_geneval | toy_geneval_strict | toy_geneval_exact | toy_extra_objects |"
     assert lines[2].startswith("| base | 2 | ") and lines[3].startswith(f"| {lora_dir} | 2 | ")
     assert lines[-1] == f"wrote {out} (with the per-task scores)" and len(lines) == 5
     assert "toy_geneval/counting" in json.loads(out.read_text())["scores"]["base"]

@@ -69,3 +69,25 @@ def test_extra_and_training_rewards_are_scored(tmp_path):
     s = ev.score(images)
     assert s["brightness"] == pytest.approx(0.5) and s["brightness/file"] == pytest.approx(0.5)
     assert "jpeg_compressibility" in s and s["n"] == 2
+
+
+def test_exact_score_is_strict_without_extras_and_every_total_has_its_standard_error():
+    """toy_geneval_exact = 1 iff every check passes AND the image holds no object the prompt did not ask for
+    (the no_extra reward's strict score); se/<name> = sample std / sqrt(n) over the images."""
+    from flowalign.toy import toy_geneval
+
+    ev = HeldoutEval(["toy"], per_task=4, steps=1, guidance_scale=1.0)
+    shifted = ev.prompts[4:] + ev.prompts[:4]  # renders of other prompts: some pass, some hold extras
+    images = _rendered(shifted)
+    s = ev.score(images)
+    _, exact, _ = toy_geneval(images, ev.prompts, no_extra=True)
+    _, strict, _ = toy_geneval(images, ev.prompts)
+    assert s["toy_geneval_exact"] == pytest.approx(exact.mean().item())
+    assert s["toy_geneval_strict"] == pytest.approx(strict.mean().item())
+    assert s["toy_geneval_exact"] <= s["toy_geneval_strict"]
+    assert s["toy_extra_objects/colors"] == 1.0 and s["toy_geneval_exact/colors"] == 0.0
+    assert s["se/toy_geneval_strict"] == pytest.approx((strict.std() / 24 ** 0.5).item(), rel=1e-5)
+    assert s["se/toy_geneval_exact"] == pytest.approx((exact.std() / 24 ** 0.5).item(), rel=1e-5)
+    good = ev.score(_rendered(ev.prompts))
+    assert good["toy_geneval_exact"] == good["toy_geneval_strict"]  # renders draw no extras
+    assert good["se/toy_extra_objects"] == 0.0

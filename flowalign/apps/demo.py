@@ -75,9 +75,11 @@ class DemoReport(TrainerCallback):
         self.cfg, self.quick = cfg, quick
         self.t0 = time.time()
         self.result: dict = {}
+        self.images: dict = {}  # "base" / "aligned" -> the held-out images [N, 3, H, W]
 
     def on_evaluate(self, trainer, row: dict) -> None:
         side = "base" if row["weights"] == "base" else "aligned"
+        self.images[side] = getattr(trainer, "last_eval_images", None)  # the final evaluation's stays
         if side == "aligned" and trainer.iteration < self.cfg.train.iterations:
             return  # a periodic evaluation during training
         cfg = f", n={row['n']}, CFG {trainer.heldout.guidance_scale:g}" if side == "base" else ""
@@ -96,12 +98,13 @@ class DemoReport(TrainerCallback):
         base, aligned = scores(summary["base"]), scores(summary["aligned"])
         base_by_cfg = _base_guidance_sweep(trainer, () if self.quick else BASE_GUIDANCE_SWEEP, key)
         best_cfg = max(base_by_cfg, key=lambda g: base_by_cfg[g]) if base_by_cfg else None
-        os.replace(os.path.join(out_dir, "eval_grid.png"), os.path.join(out_dir, "grid.png"))
+        grid_counts = self._write_grid(trainer, key)
         plot_reward_curve(trainer.metrics_log.rows, os.path.join(out_dir, "reward_curve.png"),
                           evals=[(e["iteration"], e[key]) for e in trainer.evals],
                           title=f"{name} on the shipped pipeline: {key}", evals_label=f"held-out {key}")
         self.result = {
             "headline": key, "base": base, "aligned": aligned, "delta": aligned[key] - base[key],
+            "delta_exact": (aligned["exact"] - base["exact"]) if "exact" in base and "exact" in aligned else None,
             "eval_guidance_scale": trainer.heldout.guidance_scale,
             "base_by_guidance_scale": {f"{g:g}": v for g, v in base_by_cfg.items()},
             "delta_vs_best_base": (aligned[key] - base_by_cfg[best_cfg]) if best_cfg is not None else None,
@@ -111,6 +114,8 @@ class DemoReport(TrainerCallback):
             "config": {k: {f: (list(v) if isinstance(v, tuple) else v) for f, v in vars(sec).items()}
                        for k, sec in vars(cfg).items()},
         }
+        if grid_counts is not None:
+            self.result["grid_counts"] = grid_counts  # held-out images fixed / kept / failing / broken (exact)
         a = summary["aligned"] or {}
         self.result["drift"] = {"flag": bool(a.get("drift")), "flagged": [x for x in a.get("drift_stats", "").split(",")
                                                                         if x],
@@ -120,6 +125,24 @@ class DemoReport(TrainerCallback):
             json.dump(self.result, f, indent=2)
         self.result["drift_markdown"] = drift_markdown(summary["base"] or {}, a)
         (_write_report if key == "toy_geneval" else _write_plain_report)(out_dir, self.result, name)
+
+
+    def _write_grid(self, trainer, key: str):
+        """grid.png: on toy GenEval prompts, the verdict grid (evaluation.verdict_grid: every image's checks, the
+        prompts the adapter fixed first, the broken last) -> its class counts; otherwise the trainer's base-vs-
+        aligned eval grid (-> None)."""
+        from ..evaluation.verdict_grid import verdict_grid
+        from ..toy import GENEVAL_TASKS
+
+        out_dir, ev = self.cfg.train.out_dir, trainer.heldout
+        base, aligned = self.images.get("base"), self.images.get("aligned")
+        rows = [i for i, t in enumerate(ev.tasks) if t in GENEVAL_TASKS]
+        if key != "toy_geneval" or base is None or aligned is None or not rows:
+            os.replace(os.path.join(out_dir, "eval_grid.png"), os.path.join(out_dir, "grid.png"))
+            return None
+        out = verdict_grid(base[rows], aligned[rows], [ev.prompts[i] for i in rows], os.path.join(out_dir, "grid.png"),
+                           tasks=[ev.tasks[i] for i in rows], aligned_label=f"aligned (it {trainer.iteration})")
+        return out["counts"]
 
 
 def _plain_scores(row: dict, key: str) -> dict:
@@ -170,8 +193,49 @@ def _toy_scores(row: dict) -> dict:
         if key.startswith("toy_check/"):
             _, task, kind = key.split("/")
             checks.setdefault(task, {})[kind] = rate
-    return {"toy_geneval": row["toy_geneval"], "strict": row["toy_geneval_strict"],
-            "extra_objects": row["toy_extra_objects"], "n": row["n"], "per_task": per_task, "checks": checks}
+    for t, scores in per_task.items():
+        if f"toy_geneval_exact/{t}" in row:
+            scores["exact"] = row[f"toy_geneval_exact/{t}"]
+    out = {"toy_geneval": row["toy_geneval"], "strict": row["toy_geneval_strict"],
+           "extra_objects": row["toy_extra_objects"], "n": row["n"], "per_task": per_task, "checks": checks}
+    if "toy_geneval_exact" in row:
+        out["exact"] = row["toy_geneval_exact"]
+    # the headline scores with their standard errors over the held-out images (evaluation.heldout: se/<name>)
+    out["headline"] = {label: {"mean": row[key], "se": row.get(f"se/{key}")}
+                       for label, key in _headline_keys(row)}
+    return out
+
+
+HEADLINE_SCORES = (("exact", "toy_geneval_exact"), ("lenient", "toy_geneval"), ("strict", "toy_geneval_strict"),
+                   ("extra objects", "toy_extra_objects"))
+
+
+def _headline_keys(row: dict) -> list[tuple[str, str]]:
+    """(label, held-out key) of the report's headline table: the toy GenEval scores, then every other reward the
+    evaluation scored (e.g. the unseen tiny CLIP score of train.eval_rewards)."""
+    known = {key for _, key in HEADLINE_SCORES} | {"ocr"}
+    others = sorted(k for k, v in row.items() if isinstance(v, float) and f"se/{k}" in row and k not in known)
+    return [(label, key) for label, key in HEADLINE_SCORES if key in row] + [(f"{k} (not trained)", k) for k in others]
+
+
+def _pm(score: dict) -> str:
+    """``mean +- se`` (the mean alone when no standard error was recorded)."""
+    return f"{score['mean']:.3f}" + (f" +- {score['se']:.3f}" if score.get("se") is not None else "")
+
+
+def headline_table(base: dict, aligned: dict) -> str:
+    """Markdown: each headline score base -> aligned with its standard error over the held-out images, and the
+    change with the unpaired standard error sqrt(se_b^2 + se_a^2) (conservative: both sides share prompts and
+    seeds, which makes the paired error smaller)."""
+    rows = []
+    for label, b in base.get("headline", {}).items():
+        a = aligned.get("headline", {}).get(label)
+        if a is None:
+            continue
+        se = ((b["se"] ** 2 + a["se"] ** 2) ** 0.5) if b.get("se") is not None and a.get("se") is not None else None
+        change = f"{a['mean'] - b['mean']:+.3f}" + (f" +- {se:.3f}" if se is not None else "")
+        rows.append(f"| {label} | {_pm(b)} | {_pm(a)} | {change} |")
+    return "| held-out score | base | aligned | change |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
 def _base_guidance_sweep(trainer, scales, key: str = "toy_geneval") -> dict:
@@ -220,10 +284,16 @@ def _write_report(out_dir: str, r: dict, name: str) -> None:
     trained_on = training_reward(r["config"]["train"])
     best = (f"\nThe base at other CFG scales (same prompts and seeds): {sweep}; the aligned model is "
             f"{r['delta_vs_best_base']:+.3f} over the base at its best CFG.\n") if sweep else ""
+    exact = (f"Held-out exact score (every constraint of the prompt met and no object it did not ask for: \"a circle\" "
+             f"means one circle): **{r['base']['exact']:.3f} -> {r['aligned']['exact']:.3f}**.\n\n"
+             if "exact" in r["base"] and "exact" in r["aligned"] else "")
     text = f"""# flowalign demo: {name} on the shipped toy pipeline
 
-Held-out toy_geneval (fraction of the prompt's constraints met), {r['heldout_images']} held-out images, same seeds
-before and after, CFG {r['eval_guidance_scale']:g}: **{r['base']['toy_geneval']:.3f} -> {r['aligned']['toy_geneval']:.3f}**
+{exact}{headline_table(r['base'], r['aligned'])}
+{r['heldout_images']} held-out images, the same seeds before and after, CFG {r['eval_guidance_scale']:g}; +- is the
+standard error over the images.
+
+Held-out toy_geneval (lenient: the fraction of the prompt's constraints met): **{r['base']['toy_geneval']:.3f} -> {r['aligned']['toy_geneval']:.3f}**
 (strict all-met: {r['base']['strict']:.3f} -> {r['aligned']['strict']:.3f}).
 Images with more objects than the prompt asks for (GenEval's checks ignore them; a rise is reward hacking):
 {r['base']['extra_objects']:.3f} -> {r['aligned']['extra_objects']:.3f}.

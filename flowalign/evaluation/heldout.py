@@ -7,8 +7,10 @@ held-out split, so it is only evaluated when ``train.eval_prompts`` names one. A
 rows (editing families) is sampled with each row's condition image (``pipe(image=..., prompt=...)``) and its
 rewards get ``metadata[i]["condition_image"]``.
 
-Scores (one dict per evaluation, keys ``<reward>`` and ``<reward>/<task>``):
-  * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met), ``toy_geneval_strict``,
+Scores (one dict per evaluation, keys ``<reward>``, ``<reward>/<task>`` and ``se/<reward>``, the standard error
+of ``<reward>`` over the images, std / sqrt(n)):
+  * toy GenEval prompts -> ``toy_geneval`` (fraction of constraints met), ``toy_geneval_strict`` (1 iff all are
+    met), ``toy_geneval_exact`` (strict and no object the prompt did not ask for: "a circle" means one circle),
     ``toy_extra_objects`` (share of images with more objects than asked: GenEval's checks do not see them,
     so a rising share is reward hacking) and ``toy_check/<task>/<kind>`` (pass rate of each kind of check:
     shape, colour+shape, count, relation; and "count, object drawn" / "relation, objects drawn", the count
@@ -63,7 +65,7 @@ class HeldoutEval:
 
     def __init__(self, sources: Sequence[str], per_task: int, steps: int, guidance_scale: float,
                  train_rewards: Optional[dict] = None, extra: Sequence[str] = (), seed: int = EVAL_SEED,
-                 batch_size: int = 32, resolution: Optional[int] = None):
+                 batch_size: int = 32, resolution: Optional[int] = None, reward_options: Optional[dict] = None):
         self.rows, self.source_of, self.image_rows = [], {}, []
         for spec in dict.fromkeys(sources):
             rows = heldout_rows(spec, per_task)
@@ -78,6 +80,7 @@ class HeldoutEval:
         self.resolution = resolution  # sampled at (None: the pipeline's default / the condition image's size)
         self.train_rewards = train_rewards or {}
         self.extra = tuple(extra)
+        self.reward_options = dict(reward_options or {})  # {extra reward name: its keyword options}
         self._cache = {}
         self._images: dict = {}  # condition image path -> [3, H, W]
 
@@ -85,7 +88,7 @@ class HeldoutEval:
         from ..rewards import get as get_reward
 
         if name not in self._cache:
-            self._cache[name] = get_reward(name)
+            self._cache[name] = get_reward(name, **self.reward_options.get(name, {}))
         return self._cache[name]
 
     def use_reward(self, name: str, reward) -> None:
@@ -129,7 +132,8 @@ class HeldoutEval:
 
     def score(self, images: torch.Tensor) -> dict:
         """Scores of images [N,3,H,W] (in the order of ``self.prompts``) -> {key: mean}."""
-        from ..toy import GENEVAL_TASKS, TEXT_TASK, toy_geneval
+        from ..toy import GENEVAL_TASKS, TEXT_TASK
+        from ..toy.geneval import score_batch, summarize
 
         by_task = defaultdict(list)
         for i, task in enumerate(self.tasks):
@@ -143,10 +147,13 @@ class HeldoutEval:
         for task, idx in by_task.items():
             prompts = [self.prompts[i] for i in idx]
             if task in GENEVAL_TASKS:
-                frac, strict, per_task = toy_geneval(images[idx], prompts)
-                record("toy_geneval", task, torch.as_tensor(frac))
-                record("toy_geneval_strict", task, torch.as_tensor(strict))
-                record("toy_extra_objects", task, torch.full((len(idx),), per_task[task]["extra_objects"]))
+                results = score_batch(images[idx], prompts)
+                frac, strict, per_task = summarize(results)
+                extra = torch.tensor([r["extra_objects"] for r in results])
+                record("toy_geneval", task, frac)
+                record("toy_geneval_strict", task, strict)
+                record("toy_geneval_exact", task, strict * (1 - extra))  # = the no_extra reward's strict score
+                record("toy_extra_objects", task, extra)
                 for kind, rate in per_task[task]["checks"].items():  # where the scores are lost
                     out[f"toy_check/{task}/{kind}"] = rate
             elif task == TEXT_TASK:
@@ -159,6 +166,9 @@ class HeldoutEval:
                 if not (name == "toy_geneval" and task in GENEVAL_TASKS) and not (name == "ocr" and task == TEXT_TASK):
                     record(name, task, self._call(self._reward(name), images[idx], prompts, idx))
         for name, parts in totals.items():
-            out[name] = torch.cat(parts).mean().item()
+            values = torch.cat(parts).double()
+            out[name] = values.mean().item()
+            # the standard error of that mean over the images: sample std / sqrt(n) (0 for one image)
+            out[f"se/{name}"] = (values.std() / len(values) ** 0.5).item() if len(values) > 1 else 0.0
         out["n"] = len(self.prompts)
         return out

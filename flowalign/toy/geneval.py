@@ -134,9 +134,19 @@ def toy_geneval(images, prompts: Sequence[str | SceneSpec], no_extra: bool = Fal
     "checks"}}), the per-task entries being means over the batch items of that task, and "checks" the pass
     rate of each check kind (:func:`check_kind`), where the scores are lost.
     """
+    return summarize(score_batch(images, prompts, no_extra, partial, **detect_kwargs))
+
+
+def score_batch(images, prompts: Sequence[str | SceneSpec], no_extra: bool = False, partial: bool = False,
+                **detect_kwargs) -> list[dict]:
+    """:func:`score` of each image (images as in :func:`toy_geneval`) -> one dict per image, in order."""
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    results = [score(p, detect(im, **detect_kwargs), no_extra, partial) for im, p in zip(images, prompts)]
+    return [score(p, detect(im, **detect_kwargs), no_extra, partial) for im, p in zip(images, prompts)]
+
+
+def summarize(results: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, float]]]:
+    """Per-image :func:`score` dicts -> :func:`toy_geneval`'s (fraction [B], strict [B], per-task means)."""
     frac = torch.tensor([r["fraction"] for r in results], dtype=torch.float32)
     strict = torch.tensor([r["strict"] for r in results], dtype=torch.float32)
     groups: dict[str, list[dict]] = defaultdict(list)
