@@ -189,7 +189,8 @@ def _options(items: list[str]) -> dict:
     return out
 
 
-HEADLINE = ("toy_geneval", "toy_geneval_strict", "toy_geneval_exact", "toy_extra_objects", "ocr")  # eval's table columns, first
+# eval's table columns, first
+HEADLINE = ("toy_geneval", "toy_geneval_strict", "toy_geneval_exact", "toy_extra_objects", "ocr")
 
 
 def _eval(args: argparse.Namespace) -> int:

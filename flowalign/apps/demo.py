@@ -79,7 +79,7 @@ class DemoReport(TrainerCallback):
 
     def on_evaluate(self, trainer, row: dict) -> None:
         side = "base" if row["weights"] == "base" else "aligned"
-        self.images[side] = getattr(trainer, "last_eval_images", None)  # the final evaluation's stays
+        self.images[side] = trainer.last_eval_images  # the final evaluation's stays
         if side == "aligned" and trainer.iteration < self.cfg.train.iterations:
             return  # a periodic evaluation during training
         cfg = f", n={row['n']}, CFG {trainer.heldout.guidance_scale:g}" if side == "base" else ""
@@ -125,7 +125,6 @@ class DemoReport(TrainerCallback):
             json.dump(self.result, f, indent=2)
         self.result["drift_markdown"] = drift_markdown(summary["base"] or {}, a)
         (_write_report if key == "toy_geneval" else _write_plain_report)(out_dir, self.result, name)
-
 
     def _write_grid(self, trainer, key: str):
         """grid.png: on toy GenEval prompts, the verdict grid (evaluation.verdict_grid: every image's checks, the
@@ -293,8 +292,8 @@ def _write_report(out_dir: str, r: dict, name: str) -> None:
 {r['heldout_images']} held-out images, the same seeds before and after, CFG {r['eval_guidance_scale']:g}; +- is the
 standard error over the images.
 
-Held-out toy_geneval (lenient: the fraction of the prompt's constraints met): **{r['base']['toy_geneval']:.3f} -> {r['aligned']['toy_geneval']:.3f}**
-(strict all-met: {r['base']['strict']:.3f} -> {r['aligned']['strict']:.3f}).
+Held-out toy_geneval (lenient: the fraction of the prompt's constraints met):
+**{r['base']['toy_geneval']:.3f} -> {r['aligned']['toy_geneval']:.3f}** (strict all-met: {r['base']['strict']:.3f} -> {r['aligned']['strict']:.3f}).
 Images with more objects than the prompt asks for (GenEval's checks ignore them; a rise is reward hacking):
 {r['base']['extra_objects']:.3f} -> {r['aligned']['extra_objects']:.3f}.
 {best}

@@ -51,6 +51,11 @@ def order_rows(base_exact: Sequence[float], aligned_exact: Sequence[float], task
     rows = []
     for c in CLASSES:
         rows += [(i, c) for i in sorted(by_class[c], key=lambda i: (rank[i], i))]
+    return _cap(rows, max_rows)
+
+
+def _cap(rows: list[tuple[int, str]], max_rows: Optional[int]) -> list[tuple[int, str]]:
+    """The first ``max_rows`` of an ordered row list, keeping up to a third of them for the broken rows."""
     if max_rows is None or len(rows) <= max_rows:
         return rows
     broken = [r for r in rows if r[1] == "broken"]
@@ -68,9 +73,9 @@ def verdict_grid(base_images: torch.Tensor, aligned_images: torch.Tensor, prompt
         raise ValueError(f"base {tuple(base_images.shape)} and aligned {tuple(aligned_images.shape)} images must "
                          f"match each other and the {len(prompts)} prompts")
     vb, va = verdicts(base_images, prompts), verdicts(aligned_images, prompts)
-    rows = order_rows([v["exact"] for v in vb], [v["exact"] for v in va], tasks, max_rows)
-    every = order_rows([v["exact"] for v in vb], [v["exact"] for v in va])
+    every = order_rows([v["exact"] for v in vb], [v["exact"] for v in va], tasks)
     counts = {c: sum(1 for _, k in every if k == c) for c in CLASSES}
+    rows = _cap(every, max_rows)
 
     font = ImageFont.load_default(size=11)
     h, w = base_images.shape[2] * scale, base_images.shape[3] * scale
