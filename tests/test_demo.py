@@ -57,6 +57,16 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert len(lines) == metrics["iterations"]
     assert all("stat/bright_fraction" in json.loads(line) for line in lines)
     assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
+    sweep = metrics["rlg_sweep"]  # --quick samples every scale, the endpoints too: they must be the run's own scores
+    assert [r["scale"] for r in sweep] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    for w, side in ((0.0, "base"), (1.0, "aligned")):
+        row = next(r for r in sweep if r["scale"] == w)
+        assert row["exact"]["mean"] == metrics[side]["exact"] and row["lenient"]["mean"] == metrics[side]["toy_geneval"]
+        assert row["extra objects"]["mean"] == metrics[side]["extra_objects"]
+    assert "## RL guidance" in report and "rlg_sweep.png" in report
+    assert f"| 2 | {sweep[-1]['exact']['mean']:.3f} +- {sweep[-1]['exact']['se']:.3f} |" in report
+    with Image.open(out / "rlg_sweep.png") as im:
+        assert im.width > 200 and im.height > 100
 
 
 def test_demo_with_a_missing_model_fails_in_one_line(tmp_path, capsys):
@@ -122,3 +132,17 @@ def test_demo_refuses_a_distill_recipe_in_one_line(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--config", "toy_fdistill.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "flowalign distill toy_fdistill.yaml" in err[0]
+
+
+def test_demo_overrides_reach_the_recipe_and_the_demo_settings_win(tmp_path):
+    from flowalign.apps.demo import demo_config
+
+    cfg = demo_config(str(tmp_path / "d"), seed=3, steps=7, config="toy_nft.yaml",
+                      overrides=["train.reward_options={strict: true, no_extra: true}", "train.eval_per_task=96",
+                                 "train.iterations=99", "train.seed=5"])
+    assert cfg.train.algorithm == "nft" and cfg.train.eval_per_task == 96
+    assert cfg.train.reward_options == {"strict": True, "no_extra": True}
+    # --steps, --seed and --out are the demo's own flags: they win over an override of the same key
+    assert (cfg.train.iterations, cfg.train.seed, cfg.train.out_dir) == (7, 3, str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="section.key=value"):
+        demo_config(str(tmp_path / "d"), overrides=["lr=1"])
