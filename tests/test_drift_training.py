@@ -1,9 +1,9 @@
 """The drift flag in training: a reward that pays for dark pixels raises it, the toy reward at its recipe's lr does
 not; both on the shipped pipeline (its white backgrounds are what the planted hack greys out).
 
-Both outcomes hold with a wide margin (the hack moves the bright-pixel share by > 4 base standard deviations, and
-> 4 standard errors, by the last iteration; the clean run stays under 1.5 sd, 0.98 at most on an AMD EPYC), so float
-differences between CPUs cannot flip them.
+Both outcomes hold with a margin (the hack moves the bright-pixel share by about 3-4 base standard deviations by the
+last iterations, past the 2 the flag needs; the clean run stays under 1.5 sd, 0.98 at most on an AMD EPYC), so
+float differences between CPUs and package versions do not flip them.
 """
 
 
@@ -33,9 +33,13 @@ def _trainer(tmp_path, lr, reward=None):
 def test_a_reward_that_pays_for_dark_pixels_raises_the_drift_flag(tmp_path):
     trainer = _trainer(tmp_path, 3e-2, Darkness())
     history = trainer.train(8, progress=False)
-    last = history[-1]
-    assert last["drift"] == 1 and "bright_fraction" in last["drift_stats"].split(",")
-    assert last["drift_z/bright_fraction"] < -2.0  # the white backgrounds turned grey
+    # The flag needs the statistic to move AND the batch reward to be up on the base's; the last batch's reward is
+    # noisy (one venv here ended at 0.096 after 0.111, flag down for that batch while bright_fraction stayed
+    # flagged at -3.4 sd), so the test asks for the flag during the run, not at one fixed iteration.
+    raised = [m for m in history if m["drift"] == 1]
+    assert raised and all("bright_fraction" in m["drift_stats"].split(",") for m in raised)
+    assert all(m["drift_z/bright_fraction"] < -2.0 for m in raised)  # the white backgrounds turned grey
+    assert "bright_fraction" in history[-1]["drift_stats"].split(",")  # and they stay grey to the end
     assert history[0]["drift"] == 0  # not before the policy moved
     monitor = trainer.hacking.monitor
     assert monitor.base_units == 8  # two base batches of 4 prompt groups, rolled out before training
