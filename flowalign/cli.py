@@ -12,7 +12,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .apps.demo import DEMO_CONFIG, run_demo
 
     run_demo(args.out, seed=args.seed, steps=args.steps, quick=args.quick, model=args.model or DEFAULT_MODEL,
-             config=args.config or DEMO_CONFIG, resume=args.resume, overwrite=args.overwrite)
+             config=args.config or DEMO_CONFIG, resume=args.resume, overwrite=args.overwrite,
+             overrides=args.overrides)
     return 0
 
 
@@ -29,7 +30,7 @@ def _recipe(args: argparse.Namespace) -> dict:
     return {"model": cfg.model.path, "lora": os.path.join(t.out_dir, "lora"), "steps": s.eval_num_steps,
             "guidance_scale": s.guidance_scale if s.eval_guidance_scale is None else s.eval_guidance_scale,
             "prompts": t.eval_prompts or t.prompts, "reward": t.reward, "reward_options": dict(t.reward_options),
-            "per_task": t.eval_per_task}
+            "per_task": t.eval_per_task or None}  # a recipe with evaluation off: the eval command's default
 
 
 def _resolve(args: argparse.Namespace, recipe: dict, **builtin) -> None:
@@ -248,14 +249,17 @@ def _gradio(args: argparse.Namespace) -> int:
     from .config import DEFAULT_MODEL
 
     recipe = _recipe(args)
-    _resolve(args, recipe, model=DEFAULT_MODEL, lora=DEFAULT_LORA, steps=20, guidance_scale=4.5)
-    if recipe and args.lora == recipe["lora"]:
-        check_lora_dir(args.lora, f"train it with `flowalign train {args.config}` or pass --lora DIR")
+    _resolve(args, recipe, model=DEFAULT_MODEL, steps=20, guidance_scale=4.5)
+    if args.lora is None and not args.runs:  # --runs alone offers only the runs' adapters
+        args.lora = recipe.get("lora") or DEFAULT_LORA
+        if recipe:
+            check_lora_dir(args.lora, f"train it with `flowalign train {args.config}` or pass --lora DIR or "
+                           "--runs DIR")
     warning = bind_warning(args.host)
     if warning:
         print(f"flowalign: warning: {warning}", file=sys.stderr)
     launch(model=args.model, lora_dir=args.lora, host=args.host, port=args.port, device=args.device,
-           dtype=args.dtype, default_steps=args.steps, default_cfg=args.guidance_scale)
+           dtype=args.dtype, default_steps=args.steps, default_cfg=args.guidance_scale, runs=args.runs or ())
     return 0
 
 
@@ -282,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=None, help="recipe YAML, any algorithm (default: configs/toy_demo.yaml)")
     demo.add_argument("--resume", action="store_true", help="continue a killed demo from its newest checkpoint")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's results in --out")
+    demo.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="override recipe values as for train, e.g. train.reward_options={strict: true}")
     demo.set_defaults(func=_demo)
 
     recipe_help = ("recipe YAML or shipped name (e.g. toy_grpo.yaml): defaults from it (model.path, "
@@ -410,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     app = sub.add_parser("gradio", help="web app: base vs RL-guided images side by side")
     app.add_argument("--config", default=None, metavar="RECIPE", help=recipe_help % "")
     app.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped one)")
-    app.add_argument("--lora", default=None, help="LoRA folder (default: the recipe's, else the one `flowalign "
-                                                  "demo` writes, demo_out/lora)")
+    app.add_argument("--lora", default=None, help="LoRA folder (default without --runs: the recipe's, else the one "
+                                                  "`flowalign demo` writes, demo_out/lora)")
+    app.add_argument("--runs", nargs="+", default=None, metavar="DIR",
+                     help="run folders (train.out_dir) whose adapters the app offers in a list: lora/ and each "
+                          "ckpt-<iteration>/; a folder of runs is searched one level down")
     app.add_argument("--steps", type=int, default=None, help="initial steps slider (default 20, or the recipe's)")
     app.add_argument("--guidance-scale", type=float, default=None,
                      help="initial CFG slider (default 4.5, or the recipe's)")

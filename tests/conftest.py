@@ -66,3 +66,28 @@ def tiny_dinov2(path, seed=0):
 @pytest.fixture(scope="session")
 def dino_dir(tmp_path_factory):
     return tiny_dinov2(tmp_path_factory.mktemp("tiny_dino"))
+
+
+def two_adapter_run_dir(tiny_model, tmp_path_factory):
+    """(model, run folder): ``run/lora`` = the tiny LoRA, ``run/ckpt-3/lora`` = its weights times -2 (two adapters
+    of one run that sample different images; the web app's tests)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from flowalign.apps.sample import LORA_FILE
+
+    model, lora_dir = tiny_model
+    run = tmp_path_factory.mktemp("runs") / "run"
+    shutil.copytree(lora_dir, run / "lora")
+    os.makedirs(run / "ckpt-3" / "lora")
+    with safe_open(os.path.join(lora_dir, LORA_FILE), "pt") as f:
+        tensors, meta = {k: -2 * f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(run / "ckpt-3" / "lora" / LORA_FILE), metadata=meta)
+    return model, str(run)
+
+
+@pytest.fixture(scope="module")
+def two_adapter_run(tiny_model, tmp_path_factory):
+    return two_adapter_run_dir(tiny_model, tmp_path_factory)

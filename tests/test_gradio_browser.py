@@ -1,8 +1,11 @@
 """End to end in a real browser: ``flowalign.apps.gradio_app`` on a free 127.0.0.1 port with a tiny pipeline and LoRA,
 driven by headless Chromium (selenium + chromedriver): move the RLG slider, click Generate, check both
-images appear and the run used the slider's value. Skipped (with the reason) only when no browser is found;
-``.ci/install-browser`` installs Debian's chromium + chromium-driver."""
+images appear and the run used the slider's value; the Flow-NRG slider; with ``--runs``, pick a run's second adapter
+in the list (another aligned image, the same base), the toy reward's verdict under both images, and the training
+curves tab. Skipped (with the reason) only when no browser is found; ``.ci/install-browser`` installs Debian's
+chromium + chromium-driver."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -39,6 +42,31 @@ def _browser():
     return binary, driver
 
 
+@contextlib.contextmanager
+def _driven(driver, tmp_path):
+    """The browser session of one test: a screenshot in tmp_path when it fails, the browser closed either way."""
+    try:
+        yield driver
+    except Exception:
+        driver.save_screenshot(str(tmp_path / "failure.png"))
+        print(f"screenshot: {tmp_path / 'failure.png'}")
+        raise
+    finally:
+        driver.quit()
+
+
+def _generate(driver, By, wait, done) -> list:
+    """Click Generate, wait until ``done(driver)``, then for both images until they have loaded -> their srcs."""
+    driver.find_element(By.ID, "generate").click()
+    wait.until(done)
+    srcs = []
+    for elem_id in ("base_image", "aligned_image"):
+        img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} img"))
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+        srcs.append(img.get_attribute("src"))
+    return srcs
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +95,7 @@ def test_generate_in_browser(app_url, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = _chrome(webdriver, binary, driver_path, tmp_path)
-    try:
+    with _driven(driver, tmp_path):
         wait = WebDriverWait(driver, 40)
         driver.get(app_url)
         slider = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#rlg_scale input[type=range]"))
@@ -85,12 +113,6 @@ def test_generate_in_browser(app_url, tmp_path):
             img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} img"))
             assert img.get_attribute("src"), f"{elem_id}: empty img src"
             wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
-    except Exception:
-        driver.save_screenshot(str(tmp_path / "failure.png"))
-        print(f"screenshot: {tmp_path / 'failure.png'}")
-        raise
-    finally:
-        driver.quit()
 
 
 def test_missing_lora_is_one_clear_line(tmp_path, capsys, monkeypatch):
@@ -134,10 +156,12 @@ def test_ui_sliders_start_at_the_given_defaults():
 
     from flowalign.apps.gradio_app import build_ui
 
-    stub = SimpleNamespace(model="m", lora_dir="l", generate=lambda *a: None)
+    stub = SimpleNamespace(model="m", adapter_labels=["run/lora"], adapter="run/lora", run_dir="run",
+                           generate=lambda *a, **kw: None, select_adapter=print, rescan=print, curves=print)
     ui = build_ui(stub, default_steps=7, default_cfg=2.5)
-    values = {b.elem_id: b.value for b in ui.blocks.values() if getattr(b, "elem_id", None)}
+    values = {b.elem_id: getattr(b, "value", None) for b in ui.blocks.values() if getattr(b, "elem_id", None)}
     assert values["steps"] == 7 and values["cfg"] == 2.5
+    assert values["adapter"] == "run/lora" and values["run_dir"] == "run"
 
 
 def test_nrg_slider_guides_the_aligned_image_in_browser(app_url, tmp_path):
@@ -155,16 +179,9 @@ def test_nrg_slider_guides_the_aligned_image_in_browser(app_url, tmp_path):
     info = lambda d: d.find_element(By.CSS_SELECTOR, "#info textarea, #info input").get_attribute("value")  # noqa
 
     def generate(wait, expect):
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: expect in (info(d) or ""))
-        srcs = []
-        for elem_id in ("base_image", "aligned_image"):
-            img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} img"))
-            wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
-            srcs.append(img.get_attribute("src"))
-        return srcs
+        return _generate(driver, By, wait, lambda d: expect in (info(d) or ""))
 
-    try:
+    with _driven(driver, tmp_path):
         wait = WebDriverWait(driver, 40)
         driver.get(app_url)
         slider = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#nrg_clip_score input[type=range]"))
@@ -177,9 +194,101 @@ def test_nrg_slider_guides_the_aligned_image_in_browser(app_url, tmp_path):
         base1, aligned1 = generate(wait, f"NRG clip_score={NRG_MAX_WEIGHT:g}")
         assert base1 == base0, "the base image changed with the NRG weight"
         assert aligned1 != aligned0, "the NRG weight did not change the aligned image"
-    except Exception:
-        driver.save_screenshot(str(tmp_path / "failure.png"))
-        print(f"screenshot: {tmp_path / 'failure.png'}")
-        raise
+
+
+@pytest.fixture(scope="module")
+def runs_url(two_adapter_run):
+    """The app with ``runs=[run]``: run/lora and run/ckpt-3 (two different adapters) and a short metrics.jsonl /
+    evals.jsonl."""
+    pytest.importorskip("gradio", reason='gradio not installed: pip install -e ".[dev]"')
+    import json
+
+    import flowalign.apps.gradio_app as app
+    from flowalign.apps.gradio_app import launch
+
+    model, run = two_adapter_run
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"iteration": i, "reward_mean": 0.1 * i}) + "\n" for i in (1, 2, 3))
+    with open(os.path.join(run, "evals.jsonl"), "w") as f:
+        f.writelines(json.dumps({"iteration": i, "toy_geneval": v}) + "\n" for i, v in ((0, 0.4), (3, 0.6)))
+    port = _free_port()
+    every, app.CURVES_EVERY_S = app.CURVES_EVERY_S, 1.0  # the curves tab's timer: 1 s, not to wait 5 s
+    try:
+        ui = launch(model, runs=[run], host="127.0.0.1", port=port, block=False, default_steps=2, nrg_rewards={})
     finally:
-        driver.quit()
+        app.CURVES_EVERY_S = every
+    try:
+        yield f"http://127.0.0.1:{port}/", run
+    finally:
+        ui.close()
+
+
+def _selenium():
+    webdriver = pytest.importorskip("selenium.webdriver", reason='selenium not installed: pip install -e ".[dev]"')
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return webdriver, By, WebDriverWait
+
+
+def _value(driver, By, elem_id: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input").get_attribute("value") or ""
+
+
+def test_pick_an_adapter_and_read_the_verdicts_in_browser(runs_url, tmp_path):
+    # the run's second adapter (ckpt-3) draws another aligned image from the same seed at w = 1; the base image
+    # stays; each image gets the toy reward's verdict line ("a red circle" is a toy GenEval prompt)
+    binary, driver_path = _browser()
+    webdriver, By, WebDriverWait = _selenium()
+    driver = _chrome(webdriver, binary, driver_path, tmp_path)
+
+    def generate(wait, expect):
+        return _generate(driver, By, wait, lambda d: expect in _value(d, By, "info"))
+
+    with _driven(driver, tmp_path):
+        wait = WebDriverWait(driver, 40)
+        driver.get(runs_url[0])
+        prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea, #prompt input"))
+        prompt.clear()
+        prompt.send_keys("a red circle")
+        assert _value(driver, By, "adapter") == "run/lora"
+        base0, aligned0 = generate(wait, "adapter run/lora |")
+        for elem_id in ("base_verdict", "aligned_verdict"):
+            text = _value(driver, By, elem_id)
+            assert text.startswith("exact ") and "| lenient " in text and "present(red circle)" in text, text
+        driver.find_element(By.CSS_SELECTOR, "#adapter input").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#adapter li[aria-label="run/ckpt-3"]')).click()
+        wait.until(lambda d: "adapter run/ckpt-3:" in _value(d, By, "info"))  # loaded on the switch
+        base1, aligned1 = generate(wait, "adapter run/ckpt-3 |")
+        assert base1 == base0, "the base image changed with the adapter"
+        assert aligned1 != aligned0, "the second adapter drew the same aligned image"
+
+
+def test_training_curves_tab_in_browser(runs_url, tmp_path):
+    # opening the tab plots the run; Refresh re-plots the folder typed in (a missing one: a message); while the tab
+    # is open the timer re-plots a run that is still writing (a new row, a half-written one)
+    url, run = runs_url
+    binary, driver_path = _browser()
+    webdriver, By, WebDriverWait = _selenium()
+    driver = _chrome(webdriver, binary, driver_path, tmp_path)
+    loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+    with _driven(driver, tmp_path):
+        wait = WebDriverWait(driver, 40)
+        driver.get(url)
+        wait.until(lambda d: d.find_element(By.ID, "curves_tab-button")).click()
+        run_dir = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#run_dir textarea, #run_dir input"))
+        assert run_dir.get_attribute("value") == run  # the first --runs folder
+        wait.until(lambda d: "3 iterations (reward_mean" in _value(d, By, "curves_info"))
+        img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#curves img"))
+        assert wait.until(lambda d: d.execute_script(loaded, img)) > 100
+        run_dir.clear()
+        run_dir.send_keys(str(tmp_path / "nope"))
+        driver.find_element(By.ID, "refresh").click()
+        wait.until(lambda d: "not found" in _value(d, By, "curves_info"))  # a message, the app still up
+        run_dir.clear()
+        run_dir.send_keys(run)
+        with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+            f.write('{"iteration": 4, "reward_mean": 0.5}\n{"iteration": 5, "rew')
+        wait.until(lambda d: "4 iterations (reward_mean, last iteration 4)" in _value(d, By, "curves_info"))
+        img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#curves img"))
+        assert wait.until(lambda d: d.execute_script(loaded, img)) > 100
