@@ -98,6 +98,13 @@ def test_report_lists_a_check_kind_that_only_one_side_has(tmp_path):
     _write_report(str(tmp_path), r, "CRD")
     report = (tmp_path / "report.md").read_text()
     assert "| position | relation | 0.000 | 0.500 |" in report
+    # the base's CFG sweep: lenient and exact at each scale, and the aligned model against the best of each
+    r.update(base_by_guidance_scale={"1": 0.25, "2": 0.5}, base_exact_by_guidance_scale={"1": 0.125, "2": 0.25},
+             delta_exact_vs_best_base=0.125, delta_vs_best_base=0.25)
+    _write_report(str(tmp_path), r, "CRD")
+    report = (tmp_path / "report.md").read_text()
+    assert ("0.250 at CFG 1 (exact 0.125), 0.500 at CFG 2 (exact 0.250); the aligned model is +0.250 over the "
+            "base's best lenient score at any of them, and +0.125 over its best exact score") in report
     assert "| position | relation, objects drawn | n/a | 1.000 |" in report  # no base image drew both objects
 
 

@@ -47,7 +47,11 @@ def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bo
     if isinstance(sections, dict) and "distill" in sections:
         raise ValueError(f"{config} is an f-distill recipe (it has a distill section): run it with "
                          f"`flowalign distill {config}`; the demo reports a training run")
-    return load_config(path, {**(parse_overrides(overrides) if overrides else {}), **fixed})
+    cfg = load_config(path, {**(parse_overrides(overrides) if overrides else {}), **fixed})
+    if cfg.train.eval_per_task == 0:
+        raise ValueError(f"{config}: the demo reports held-out scores, but train.eval_per_task=0 switches the "
+                         "evaluation off; drop that override (or use `flowalign train` for a run without evaluation)")
+    return cfg
 
 
 # the base is also reported at these CFG scales (and the aligned model against the best): 2 is the base's best on
@@ -100,9 +104,11 @@ class DemoReport(TrainerCallback):
         key = summary["headline"]  # toy_geneval, or ocr for the text recipes
         scores = _toy_scores if key == "toy_geneval" else (lambda row: _plain_scores(row, key))
         base, aligned = scores(summary["base"]), scores(summary["aligned"])
-        base_by_cfg = _base_guidance_sweep(trainer, () if self.quick else BASE_GUIDANCE_SWEEP, key,
-                                           known=summary["base"])
+        base_rows = _base_guidance_sweep(trainer, () if self.quick else BASE_GUIDANCE_SWEEP, known=summary["base"])
+        base_by_cfg = {g: row[key] for g, row in base_rows.items()}
         best_cfg = max(base_by_cfg, key=lambda g: base_by_cfg[g]) if base_by_cfg else None
+        exact_by_cfg = {g: row["toy_geneval_exact"] for g, row in base_rows.items() if "toy_geneval_exact" in row}
+        best_exact = max(exact_by_cfg, key=lambda g: exact_by_cfg[g]) if exact_by_cfg else None
         grid_counts = self._write_grid(trainer, key)
         sweep = self._rlg_sweep(trainer, summary) if key == "toy_geneval" else None
         plot_reward_curve(trainer.metrics_log.rows, os.path.join(out_dir, "reward_curve.png"),
@@ -114,6 +120,9 @@ class DemoReport(TrainerCallback):
             "eval_guidance_scale": trainer.heldout.guidance_scale,
             "base_by_guidance_scale": {f"{g:g}": v for g, v in base_by_cfg.items()},
             "delta_vs_best_base": (aligned[key] - base_by_cfg[best_cfg]) if best_cfg is not None else None,
+            "base_exact_by_guidance_scale": {f"{g:g}": v for g, v in exact_by_cfg.items()},
+            "delta_exact_vs_best_base": (aligned["exact"] - exact_by_cfg[best_exact]) if best_exact is not None
+            and "exact" in aligned else None,
             "samples": trainer.samples_seen, "iterations": trainer.iteration, "wall_s": time.time() - self.t0,
             "algorithm": cfg.train.algorithm, "model": cfg.model.path, "seed": cfg.train.seed,
             "heldout_images": base["n"],
@@ -258,8 +267,8 @@ def headline_table(base: dict, aligned: dict) -> str:
     return "| held-out score | base | aligned | change |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
-def _base_guidance_sweep(trainer, scales, key: str = "toy_geneval", known: dict | None = None) -> dict:
-    """{CFG scale: held-out ``key`` of the base} on the demo's held-out prompts and seeds; ``known``: the base's
+def _base_guidance_sweep(trainer, scales, known: dict | None = None) -> dict:
+    """{CFG scale: held-out row of the base} on the demo's held-out prompts and seeds; ``known``: the base's
     held-out row at the evaluation CFG, used for that scale instead of sampling it again."""
     out, ev = {}, trainer.heldout
     keep = ev.guidance_scale
@@ -267,10 +276,10 @@ def _base_guidance_sweep(trainer, scales, key: str = "toy_geneval", known: dict 
         with lora.adapter_disabled(trainer.adapter):
             for g in scales:
                 if known is not None and g == keep:
-                    out[g] = known[key]
+                    out[g] = known
                     continue
                 ev.guidance_scale = g
-                out[g] = ev(trainer.adapter.pipe)[0][key]
+                out[g] = ev(trainer.adapter.pipe)[0]
     finally:
         ev.guidance_scale = keep
     return out
@@ -304,10 +313,15 @@ def _write_report(out_dir: str, r: dict, name: str) -> None:
         f"| {r['base']['per_task'][task]['n']} |" for task in r["base"]["per_task"])
     checks = "\n".join(f"| {task} | {kind} | {_rate(r['base']['checks'], task, kind)} | "
                        f"{_rate(r['aligned']['checks'], task, kind)} |" for task, kind in _check_kinds(r))
-    sweep = ", ".join(f"{v:.3f} at CFG {g}" for g, v in r["base_by_guidance_scale"].items())
+    exact_at = r.get("base_exact_by_guidance_scale") or {}
+    sweep = ", ".join(f"{v:.3f} at CFG {g}" + (f" (exact {exact_at[g]:.3f})" if g in exact_at else "")
+                      for g, v in r["base_by_guidance_scale"].items())
     trained_on = training_reward(r["config"]["train"])
+    vs_exact = (f", and {r['delta_exact_vs_best_base']:+.3f} over its best exact score"
+                if r.get("delta_exact_vs_best_base") is not None else "")
     best = (f"\nThe base at other CFG scales (same prompts and seeds): {sweep}; the aligned model is "
-            f"{r['delta_vs_best_base']:+.3f} over the base at its best CFG.\n") if sweep else ""
+            f"{r['delta_vs_best_base']:+.3f} over the base's best lenient score at any of them{vs_exact}.\n"
+            ) if sweep else ""
     exact = (f"Held-out exact score (every constraint of the prompt met and no object it did not ask for: \"a circle\" "
              f"means one circle): **{r['base']['exact']:.3f} -> {r['aligned']['exact']:.3f}**.\n\n"
              if "exact" in r["base"] and "exact" in r["aligned"] else "")
