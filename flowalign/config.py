@@ -207,6 +207,11 @@ class ModelConfig:
     family: Optional[str] = _help(" | ".join(FAMILIES) + "; None = detect from the pipeline class", None)
     dtype: str = _help("weights: float32 | bfloat16 (the whole pipeline) | float16 (the denoiser only); LoRA "
                        "weights, rollout latents and sampler math stay float32", "float32")
+    autocast: Optional[str] = _help("opt-in: bfloat16 | float16 runs the denoiser's forwards (rollout, re-scoring, "
+                                    "training) under torch.autocast, its output and the sampler math float32; None = "
+                                    "off (docs/results.md measures its speed and on-policy gap)", None)
+    compile: bool = _help("opt-in: torch.compile the denoiser in place (nn.Module.compile) after the LoRA is added; "
+                          "the first calls of each shape compile (minutes on a CPU)", False)
     lora_rank: int = _help("LoRA rank r", 16)
     lora_alpha: Optional[float] = _help("LoRA alpha, > 0 (None = 2 r)", None)
     lora_dropout: float = _help("LoRA dropout probability, in [0, 1)", 0.0)
@@ -240,6 +245,8 @@ class ModelConfig:
         _check_fields(self, "model")
         _path("model", "path", self.path, "a hub id or a local folder")
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.autocast is not None:
+            _choice("model", "autocast", self.autocast, ("bfloat16", "float16"))
         if self.device is not None:
             _text("model", "device", self.device, MAX_NAME_CHARS, "a torch device")
             import torch
@@ -439,7 +446,8 @@ class TrainConfig:
     seed: int = _help("seed of prompts, noise and initialisation, in [0, 2**63)", 0)
     out_dir: str = _help("where metrics, samples and the LoRA are written", "runs/train")
     eval_every: int = _help("held-out evaluation every N iterations (0 = only at the end)", 0)
-    eval_per_task: int = _help("held-out images per toy task at evaluation", 16)
+    eval_per_task: int = _help("held-out images per toy task at evaluation (0 = no held-out evaluation at all: "
+                               "neither before, during nor after training)", 16)
     eval_prompts: Optional[str] = _help("held-out prompts: a toy spec or a text file (None = the held-out split of "
                                         "toy training prompts; a training prompt file has none)", None)
     eval_rewards: tuple = _help("extra rewards scored at held-out evaluation, e.g. [clip_score] (one not trained on "
@@ -499,8 +507,9 @@ class TrainConfig:
         if len(set(self.log_with)) != len(self.log_with):
             raise ValueError(f"train.log_with={_short(list(self.log_with))} names a logger twice")
         object.__setattr__(self, "log_with", tuple(self.log_with))
-        for name in ("iterations", "prompts_per_iter", "group_size", "minibatch", "lr", "eval_per_task"):
+        for name in ("iterations", "prompts_per_iter", "group_size", "minibatch", "lr"):
             _positive("train", name, getattr(self, name))
+        _positive("train", "eval_per_task", self.eval_per_task, allow_zero=True)
         _positive("train", "weight_decay", self.weight_decay, allow_zero=True)
         _positive("train", "grad_clip", self.grad_clip)
         _range("train", "seed", self.seed, "in [0, 2**63)", lambda v: 0 <= v <= MAX_INT)

@@ -54,6 +54,8 @@ def prepare_model(cfg: Config, adapter=None, device=None):
                                torch_dtype=lora.load_dtypes(DTYPES[cfg.model.dtype]),
                                trust_remote_code=cfg.model.trust_remote_code, **cfg.model.adapter_kwargs())
     avoid_cudnn_attention(adapter.device)  # its backward failed on FLUX shapes (flowalign.runtime.kernels)
+    if cfg.model.autocast is not None:
+        adapter.autocast = DTYPES[cfg.model.autocast]  # every predict under torch.autocast (models.base)
     if cfg.model.dtype != "float32":
         lora.set_precision(adapter, DTYPES[cfg.model.dtype])
     return adapter
@@ -62,8 +64,12 @@ def prepare_model(cfg: Config, adapter=None, device=None):
 def add_policy_lora(cfg: Config, adapter) -> list:
     """The trainable LoRA of ``model`` (rank, alpha, dropout, targets) on the adapter -> its float32 parameters."""
     m = cfg.model
-    return lora.add_lora(adapter, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                         target_modules=m.lora_target_modules)
+    params = lora.add_lora(adapter, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                           target_modules=m.lora_target_modules)
+    if m.compile:
+        for den in adapter.denoisers:  # in place: the module, its hooks and its LoRA layers stay the same objects
+            den.compile()
+    return params
 
 
 class Trainer:
@@ -180,8 +186,11 @@ class Trainer:
         return rewards, sources
 
     def _heldout(self) -> Optional[HeldoutEval]:
-        """The held-out evaluator (see flowalign.evaluation.heldout), or None when the prompts have no held-out split."""
+        """The held-out evaluator (see flowalign.evaluation.heldout), or None when evaluation is off
+        (``train.eval_per_task=0``) or the prompts have no held-out split."""
         t, s = self.cfg.train, self.cfg.sampling
+        if t.eval_per_task == 0:
+            return None  # no sampling or scoring of held-out images at all (timing runs, bench of the update)
         if t.eval_prompts is not None:
             sources = [t.eval_prompts]
         else:

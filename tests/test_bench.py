@@ -43,6 +43,8 @@ def test_bench_writes_report(bench_out):
         assert r["settings"]["eval_images"] == 6 and r["heldout_metric"] == "toy_geneval"
         m = r["mean_cost"]
         assert 0 <= m["overhead_frac"] < 1 and m["denoiser_fwd_s_rollout"] > 0
+        # the ratio to the network-only limit is the overhead share seen from the other side: 1 / (1 - share)
+        assert m["network_limit_ratio"] == pytest.approx(1 / (1 - m["overhead_frac"]))
         assert r["peak_memory"]["rss_peak_mb"] > 0
     assert report["algorithms"]["nft"]["settings"]["eval_guidance_scale"] == 1.0  # CFG-free recipe's own
     assert report["algorithms"]["grpo"]["settings"]["eval_guidance_scale"] == 4.5

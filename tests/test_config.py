@@ -22,6 +22,8 @@ def test_defaults_are_valid_and_frozen():
         ({"grpo": {"kl_scaling": "approx"}}, "choose one of exact, reference"),
         ({"sampling": {"sde_window": [8, 5]}}, "sampling.sde_window=[8, 5]"),
         ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not valid"),
+        ({"model": {"autocast": "float32"}}, "model.autocast='float32' is not valid; choose one of bfloat16"),
+        ({"train": {"eval_per_task": -1}}, "train.eval_per_task must be >= 0"),
         ({"opd": {"divergence": "kl"}}, "opd.divergence: unknown divergence 'kl'; choose one of reverse_kl"),
         ({"opd": {"divergence": "alpha"}}, "opd.divergence: divergence 'alpha' needs alpha=a"),
         ({"crd": {"old_decay_max": 1.0}}, "crd.old_decay_max is now crd.old_schedule ('0-0.25-0.005-<max>')"),

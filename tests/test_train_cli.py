@@ -152,6 +152,58 @@ def test_toy_config_runs_end_to_end(tmp_path, tiny_pipe16, name, extra, capsys):
         assert im.width > 6 * 16
 
 
+def test_eval_per_task_zero_switches_the_held_out_evaluation_off(tmp_path, tiny_pipe16, capsys, monkeypatch):
+    from flowalign.evaluation import heldout
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a held-out image was sampled with train.eval_per_task=0")
+
+    monkeypatch.setattr(heldout, "sample_images", no_sampling)
+    out = tmp_path / "run"
+    rc = main(["train", os.path.join(ROOT, "configs", "toy_grpo.yaml"), f"model.path={tiny_pipe16}",
+               f"train.out_dir={out}", *SMALL, "train.eval_per_task=0", "train.eval_every=1", "train.iterations=2"])
+    assert rc == 0, capsys.readouterr().err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # trained, with no evaluation at all
+    assert not (out / "evals.jsonl").exists() and not (out / "eval_grid.png").exists()
+    assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_work_done_once_leaves_the_trained_lora_bit_identical(tmp_path, tiny_pipe16, capsys, monkeypatch):
+    """The CFG embeddings concatenated once per batch (Conditioning.cfg_pair) and the sampling grid built once
+    (FlowAdapter.sampling_grid) only remove repeated work: two GRPO iterations with both undone (a fresh
+    concatenation and a fresh scheduler copy at every call) give the same LoRA bit for bit."""
+    from safetensors.torch import load_file
+
+    from flowalign.models import base
+
+    def run(name):
+        out = tmp_path / name
+        args = ["train", os.path.join(ROOT, "configs", "toy_grpo.yaml"), f"model.path={tiny_pipe16}",
+                f"train.out_dir={out}", *SMALL, "train.iterations=2", "train.eval_per_task=0",
+                "train.reward=jpeg_compressibility"]  # differs between any two images: every row trains
+        assert main(args) == 0, capsys.readouterr().err
+        return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+
+    once = run("once")
+    monkeypatch.setattr(base.Conditioning, "cfg_pair",
+                        lambda self: {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond})
+    grid = base.FlowAdapter._build_grid
+    monkeypatch.setattr(base.FlowAdapter, "sampling_grid", lambda self, n, x: grid(
+        self, n, x, self._shift_mu(x), self._grid_sigmas(n)))
+    every_call = run("every_call")
+    assert once.keys() == every_call.keys() and all(torch.equal(once[k], every_call[k]) for k in once)
+    assert any(v.abs().max() > 0 for k, v in once.items() if "lora_B" in k)  # trained: B left zero
+
+
+def test_model_compile_compiles_each_denoiser_in_place(tmp_path, tiny_pipe16, capsys, monkeypatch):
+    compiled = []  # nn.Module.compile recorded, not run: compiling costs minutes on a CPU (docs/results.md times it)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    rc = main(["train", os.path.join(ROOT, "configs", "toy_grpo.yaml"), f"model.path={tiny_pipe16}",
+               f"train.out_dir={tmp_path / 'run'}", *SMALL, "model.compile=true", "model.autocast=bfloat16"])
+    assert rc == 0, capsys.readouterr().err
+    assert compiled == ["SD3Transformer2DModel"]
+
+
 def test_toy_opd_runs_with_teacher_folders(tmp_path, tiny_pipe16, capsys):
     teachers = []
     for name in ("spatial", "attributes"):

@@ -194,8 +194,9 @@ class GRPOUpdate(UpdateRule):
         rows = torch.nonzero(active).flatten()
         stats = {"kl": [], "loss": []}
         meter = OnPolicyMeter(g.clip_range)  # the on-policy keys every rule with a ratio logs (algorithms.onpolicy)
+        skipped = int((valid & ~active).sum())  # rows with a finite reward but no advantage (and no KL term)
         if rows.numel() == 0 or not pool:
-            return {"update_samples": 0}
+            return {"update_samples": 0, "skipped_rows": skipped}
         n_global = adv.shape[0]
         for _ in range(g.inner_epochs):
             columns = step_columns(pool, g.timestep_fraction, g.timestep_selection, n_global, self.generator)
@@ -229,8 +230,9 @@ class GRPOUpdate(UpdateRule):
             kl = traj.reference_kl[:, traj.stochastic_steps]
             extra["kl_reward_penalty"] = float(g.kl_reward * kl.sum(dim=1).mean())
         if not stats["loss"]:  # distributed: this process held none of the active rows
-            return {"update_samples": int(rows.numel()), "grad_norm": grad_norm, **extra}
-        return {"update_samples": int(rows.numel()), "loss": float(np.mean(stats["loss"])), **meter.metrics(),
+            return {"update_samples": int(rows.numel()), "skipped_rows": skipped, "grad_norm": grad_norm, **extra}
+        return {"update_samples": int(rows.numel()), "skipped_rows": skipped, "loss": float(np.mean(stats["loss"])),
+                **meter.metrics(),
                 "kl": float(np.mean(stats["kl"])), "grad_norm": grad_norm, **extra}
 
     def progress(self, metrics: dict) -> dict:

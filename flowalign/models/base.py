@@ -17,6 +17,7 @@ CFG follows diffusers: guidance is applied only when ``guidance_scale > 1``.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -75,6 +76,18 @@ class Conditioning:
     @property
     def group_keys(self) -> list[str]:
         return list(self.prompts) if self.keys is None else list(self.keys)
+
+    def cfg_pair(self) -> dict[str, torch.Tensor]:
+        """``{key: cat([uncond[key], cond[key]])}`` [2B, ...], the batched CFG call's embeddings, built once per
+        Conditioning (a rollout makes every denoiser call with the same one) and rebuilt if a tensor is replaced."""
+        if any(v.requires_grad for d in (self.cond, self.uncond) for v in d.values()):
+            return {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}  # a graph: never cached
+        ids = tuple((k, id(self.cond[k]), id(self.uncond[k])) for k in self.cond)
+        cached = self.__dict__.get("_cfg_pair")
+        if cached is None or cached[0] != ids:
+            cached = (ids, {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond})
+            self.__dict__["_cfg_pair"] = cached  # not a dataclass field: equality and repr ignore it
+        return cached[1]
 
     def select(self, index: Union[torch.Tensor, Sequence[int], slice]) -> "Conditioning":
         """Rows ``index`` of the batch (for micro-batches)."""
@@ -140,6 +153,24 @@ def pipeline_call_kwargs(pipe, default: int = 256) -> dict:
     return {}
 
 
+def _autocast_predict(predict):
+    """``predict`` under ``torch.autocast(device, adapter.autocast)`` when the adapter has one (model.autocast): the
+    denoiser's matmuls in bf16/fp16, its output cast back to float32, so sampler math, log-probs and losses stay
+    float32. Off (None), or inside an autocast region already (a family's predict calling the base one), the call
+    is unchanged."""
+
+    @functools.wraps(predict)
+    def wrapped(self, *args, **kwargs):
+        dtype = self.autocast
+        if dtype is None or torch.is_autocast_enabled(self.device.type):
+            return predict(self, *args, **kwargs)
+        with torch.autocast(self.device.type, dtype=dtype):
+            out = predict(self, *args, **kwargs)
+        return out.float()
+
+    return wrapped
+
+
 class PipelineAdapter:
     """Base class: one subclass per pipeline family (``sd3``, ``flux``, ``sd``, ``sdxl``, ``wan``).
 
@@ -166,6 +197,13 @@ class PipelineAdapter:
     # needs images=[one per row] and the family implements _encode_image (or _encode_row)
     condition_image: bool = False
     image_cache_size: int = 256  # encoded (prompt, image) rows kept (image latents are large); text rows: all
+
+    autocast: Optional[torch.dtype] = None  # model.autocast: the denoiser's forwards in this dtype (predict)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "predict" in cls.__dict__:  # a family's own predict gets model.autocast too
+            cls.predict = _autocast_predict(cls.__dict__["predict"])
 
     def __init__(self, pipe, negative_prompt: str = "", max_sequence_length: int = 512):
         if type(pipe).__name__ != self.pipeline_class and not any(
@@ -330,6 +368,7 @@ class PipelineAdapter:
         """The scale used to combine cond and uncond outputs (FLUX: its true-CFG scale)."""
         return guidance_scale
 
+    @_autocast_predict
     def predict(self, x: torch.Tensor, timestep, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
         """Network output with CFG, float32, shape of x.
 
@@ -346,7 +385,7 @@ class PipelineAdapter:
                 raise ValueError(f"guidance_scale {g} needs unconditional embeddings: call "
                                  f"encode_prompts(prompts, guidance_scale={g})")
             if self.cfg_batched:
-                emb = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
+                emb = cond.cfg_pair()
                 out = self._forward(torch.cat([x, x]), torch.cat([t, t]), emb, guidance_scale).float()
                 out_null, out_c = out.chunk(2)
             else:
@@ -401,12 +440,26 @@ class FlowAdapter(PipelineAdapter):
         return None
 
     def sampling_grid(self, num_steps: int, latents: torch.Tensor) -> SamplingGrid:
+        """The scheduler's grid for ``num_steps`` at this latent size, built on a copy of the pipeline's scheduler
+        once per (steps, shift, sigmas, device, scheduler and its config) and then reused: a rollout loop makes
+        no scheduler copy. Returns fresh tensors (a caller may modify them)."""
+        mu = self._shift_mu(latents)
+        sig = self._grid_sigmas(num_steps)
+        sched = self.pipe.scheduler
+        key = (num_steps, mu, None if sig is None else tuple(float(v) for v in sig), str(latents.device),
+               id(sched), repr(sorted(dict(sched.config).items())))
+        cache = self.__dict__.setdefault("_grid_cache", {})
+        if key not in cache:
+            cache.clear()  # one grid in use at a time (eval and rollout steps may differ: rebuilt when they do)
+            cache[key] = self._build_grid(num_steps, latents, mu, sig)
+        grid = cache[key]
+        return SamplingGrid(timesteps=grid.timesteps.clone(), sigmas=grid.sigmas.clone())
+
+    def _build_grid(self, num_steps: int, latents: torch.Tensor, mu, sig) -> SamplingGrid:
         sched = self._scheduler_copy()
         kw = {}
-        mu = self._shift_mu(latents)
         if mu is not None:
             kw["mu"] = mu
-        sig = self._grid_sigmas(num_steps)
         if sig is not None:
             kw["sigmas"] = sig
             sched.set_timesteps(device=latents.device, **kw)

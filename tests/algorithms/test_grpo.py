@@ -129,3 +129,21 @@ def test_step_columns_first_and_random():
     assert chosen.shape == (50, 9)
     assert all(len(set(r.tolist())) == 9 and set(r.tolist()) <= set(range(15)) for r in chosen)
     assert len({frozenset(r.tolist()) for r in chosen}) > 40  # each sample its own subset
+
+
+def test_rows_without_advantage_carry_no_gradient_so_skipping_them_drops_no_signal():
+    """The update skips rows whose advantage is exactly 0 (GRPOUpdate.update, as flow_grpo filters them): off policy
+    (ratio != 1) their clipped surrogate and its gradient are exactly 0, so the summed loss and the gradient of the
+    kept rows equal those of the whole batch; with a KL term (beta > 0) they do carry one, and are kept."""
+    old, new, v_new = _steps(seed=3, shift=0.3)
+    adv = torch.tensor([1.5, 0.0, -0.7, 0.0])
+    keep = adv != 0
+    n = len(adv)  # 4 rows, 2 kept: the mean's 1/n and the test's x n are powers of two, so the comparison is exact
+    (grpo_step_loss(new, old.log_prob(), adv, clip_range=0.2).loss * n).backward(retain_graph=True)  # all rows
+    grad_all = v_new.grad.clone()
+    v_new.grad = None
+    (grpo_step_loss(new, old.log_prob(), adv, clip_range=0.2, mask=keep).loss * keep.sum()).backward(retain_graph=True)
+    assert torch.equal(v_new.grad, grad_all) and torch.all(grad_all[~keep] == 0)
+    v_new.grad = None
+    grpo_step_loss(new, old.log_prob(), adv, clip_range=0.2, beta=0.04, ref_step=old).loss.backward()
+    assert torch.all(v_new.grad[~keep].abs().sum(dim=(1, 2, 3)) > 0)  # the KL term: no skipping with beta > 0

@@ -41,3 +41,61 @@ def test_cfg_formula(gen, h):
     assert (v_c - v_null).abs().max() > 1e-3
     with pytest.raises(ValueError, match="encode_prompts"):
         adapter.predict(x, t, adapter.encode_prompts(h.PROMPTS, 1.0), 4.0)
+
+
+def test_cfg_embeddings_are_built_once_per_conditioning(gen, h):
+    """Conditioning.cfg_pair: the [2B] CFG embeddings of a batch are concatenated once and reused by every denoiser
+    call (same tensor object), rebuilt when a tensor is replaced, and never cached when they carry a graph."""
+    _, adapter = h.make_adapter("sd3")
+    x = adapter.prepare_latents(2, generator=gen(0))
+    t = adapter.sampling_grid(4, x).timesteps[1]
+    cond = adapter.encode_prompts(h.PROMPTS, 4.0)
+    pair = cond.cfg_pair()
+    assert cond.cfg_pair() is pair  # one concatenation per batch
+    for k in cond.cond:
+        assert torch.equal(pair[k], torch.cat([cond.uncond[k], cond.cond[k]]))
+    first = adapter.predict(x, t, cond, 4.0)
+    assert torch.equal(adapter.predict(x, t, cond, 4.0), first) and cond.cfg_pair() is pair
+    key = next(iter(cond.cond))
+    cond.cond[key] = cond.cond[key] * 2  # a replaced tensor: the pair follows it
+    assert torch.equal(cond.cfg_pair()[key][2:], cond.cond[key])
+    cond.cond[key] = cond.cond[key].detach().requires_grad_(True)
+    assert cond.cfg_pair()[key].requires_grad and cond.cfg_pair() is not cond.cfg_pair()
+
+
+def test_sampling_grid_is_built_once_and_follows_the_scheduler(gen, h, monkeypatch):
+    """FlowAdapter.sampling_grid copies the scheduler once per setting (not once per rollout), hands out fresh
+    tensors, and rebuilds when the pipeline's scheduler or the step count changes."""
+    pipe, adapter = h.make_adapter("sd3")
+    x = adapter.prepare_latents(2, generator=gen(0))
+    copies = []
+    real = type(adapter)._scheduler_copy
+    monkeypatch.setattr(type(adapter), "_scheduler_copy", lambda self: copies.append(1) or real(self))
+    first = adapter.sampling_grid(4, x)
+    first.sigmas[0] = -1.0  # a caller's edit stays its own
+    again = adapter.sampling_grid(4, x)
+    assert len(copies) == 1 and again.sigmas[0] == 1.0
+    torch.testing.assert_close(again.timesteps, first.timesteps, rtol=0, atol=0)
+    assert adapter.sampling_grid(6, x).timesteps.shape == (6,) and len(copies) == 2
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)  # was 3
+    shifted = adapter.sampling_grid(4, x)
+    assert len(copies) == 3 and not torch.equal(shifted.sigmas, again.sigmas)
+
+
+@pytest.mark.parametrize("family", ["sd3", "zimage"])  # zimage: a family with its own predict
+def test_autocast_runs_the_denoiser_in_bf16_and_hands_back_float32(family, gen, h):
+    """model.autocast=bfloat16: predict runs under torch.autocast (the output moves by bf16 rounding, not more) and
+    returns float32, so the sampler math stays float32; off, the output is bit-identical to a plain call."""
+    _, adapter = h.make_adapter(family)
+    x = adapter.prepare_latents(2, generator=gen(0), **h.SIZE_KW.get(family, {}))
+    t = adapter.sampling_grid(4, x).timesteps[1]
+    cond = adapter.encode_prompts(h.PROMPTS, 1.0, **h.condition(family, 2))
+    exact = adapter.predict(x, t, cond, 1.0)
+    adapter.autocast = torch.bfloat16
+    half = adapter.predict(x, t, cond, 1.0)
+    adapter.autocast = None
+    assert half.dtype == torch.float32 and torch.equal(adapter.predict(x, t, cond, 1.0), exact)
+    err = (half - exact).abs().max() / exact.abs().max()
+    assert 0 < err < 0.05  # bf16 keeps 8 bits of mantissa: a few 1e-3 relative, never the float32 result exactly

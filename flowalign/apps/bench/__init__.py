@@ -24,7 +24,9 @@ Per-iteration cost (``NetworkMeter``, module hooks; nothing in the trainer is ch
     module backward hooks would not (with inputs that need no grad they fire before the parameter gradients);
   * VAE decode (hooks on ``vae.decoder``) and text-encoder time (hooks on ``text_encoder*``);
   * ``overhead = (rollout + update) - (denoiser forward + backward) - VAE decode - text encoders`` in those
-    two phases, and ``overhead_frac = overhead / (rollout + update)`` (the reward is left out). The overhead
+    two phases, ``overhead_frac = overhead / (rollout + update)`` (the reward is left out) and
+    ``network_limit_ratio = (rollout + update) / networks``, the iteration's time over its network-only limit
+    (1 = nothing but the networks; the table's "x network-only"). The overhead
     is everything flowalign adds around the networks: sampler math and log-probs, CFG concatenation, dtype
     casts, loss computation and the loss's own backward up to the network output, LoRA snapshot swaps
     (NFT/CRD old/sampler models), gradient clipping and the AdamW step, EMA, advantages moved to device,

@@ -50,8 +50,10 @@ def _iteration_cost(metrics: dict, net: dict, time_iter: float) -> dict:
     busy = rec["time_rollout"] + rec["time_update"]
     network = (rec["denoiser_fwd_s_rollout"] + rec["denoiser_fwd_s_update"] + sum(g("denoiser_bwd_s", p) for p in ru)
                + rec["vae_decode_s"] + rec["text_encoder_s"])
+    rec["network_s"] = network
     rec["overhead_s"] = busy - network
     rec["overhead_frac"] = rec["overhead_s"] / busy if busy > 0 else 0.0
+    rec["network_limit_ratio"] = busy / network if network > 0 else float("nan")  # 1 = nothing but the networks
     return rec
 
 
@@ -61,7 +63,8 @@ def _mean_cost(records: list[dict]) -> dict:
     keys = [k for k, v in use[0].items() if isinstance(v, (int, float)) and k not in ("iteration", "samples")]
     out = {k: sum(r[k] or 0 for r in use) / len(use) for k in keys}
     busy = out["time_rollout"] + out["time_update"]
-    out["overhead_frac"] = out["overhead_s"] / busy if busy > 0 else 0.0  # ratio of the means
+    out["overhead_frac"] = out["overhead_s"] / busy if busy > 0 else 0.0  # ratios of the means
+    out["network_limit_ratio"] = busy / out["network_s"] if out["network_s"] > 0 else float("nan")
     out["iterations_in_mean"] = len(use)
     return out
 

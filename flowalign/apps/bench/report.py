@@ -99,7 +99,8 @@ def _short_path(path: str) -> str:
 def markdown_table(report: dict) -> str:
     """bench.md: the results table (one row per algorithm), the machine and the command, ready for the README."""
     rows = ["| method | eval CFG | held-out {m} base → final | {u} (not trained) base → final | reward queries | "
-            "train wall | s/iter rollout / reward / update | denoiser calls (rows) per iter | overhead | peak memory |",
+            "train wall | s/iter rollout / reward / update | denoiser calls (rows) per iter | overhead (x network-only) | "
+            "peak memory |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     metric = None
     for alg, r in report["algorithms"].items():
@@ -113,7 +114,8 @@ def markdown_table(report: dict) -> str:
             f"| {alg} | {s['eval_guidance_scale']:g} | {r['base'][metric]:.3f} → {r['final'][metric]:.3f} | "
             f"{untrained} | {r['samples']} | {r['train_wall_s']:.0f} s | "
             f"{m['time_iter']:.2f} = {m['time_rollout']:.2f} / {m['time_reward']:.2f} / {m['time_update']:.2f} | "
-            f"{calls:.0f} ({rows_:.0f}) | {100 * m['overhead_frac']:.1f}% | {_mb(r['peak_memory'])} |")
+            f"{calls:.0f} ({rows_:.0f}) | {100 * m['overhead_frac']:.1f}% ({m['network_limit_ratio']:.3f}x) | "
+            f"{_mb(r['peak_memory'])} |")
     head = rows[0].format(m=metric, u=UNTRAINED_REWARD)
     n = next(iter(report["algorithms"].values()))["settings"]["eval_images"]
     lines = [head, *rows[1:], "",
