@@ -114,6 +114,27 @@ def test_the_table_holds_every_dtype_and_a_cross_dtype_row(tmp_path):
     assert flagged and flagged[0].status in ("warn", "fail") and "one dtype" in flagged[0].fix
 
 
+def test_autocast_gets_its_own_rows_and_runs_every_row_when_configured(tmp_path):
+    from dataclasses import replace
+
+    from flowalign.config import ModelConfig
+
+    plain = _cfg(tmp_path, clip_range=1e-4)
+    names = {c.name: c for c in doctor.cases.gap_cases(plain, _adapter(), 4, [torch.float32])}
+    opt_in = names["fp32 + autocast bf16: same batch 4"]  # what turning the opt-in on would cost
+    assert opt_in.rollout.autocast == opt_in.rescore.autocast == torch.bfloat16 and not opt_in.configured
+    assert "fp32 + autocast bf16: minibatch 2 of 4" in names and names["fp32: same batch 4"].rollout.autocast is None
+    on = replace(plain, model=ModelConfig(autocast="bfloat16"))
+    cases = doctor.cases.gap_cases(on, _adapter(), 4, [torch.float32])
+    cross = [c for c in cases if c.group == "autocast"]
+    assert [c.name for c in cross] == ["rollout autocast bf16, re-score without"]
+    assert cross[0].rollout.autocast == torch.bfloat16 and cross[0].rescore.autocast is None
+    assert all(c.rollout.autocast == c.rescore.autocast == torch.bfloat16 for c in cases if c.group != "autocast")
+    report = _run(tmp_path, on)  # the measured gap of the cross row: bf16 rounding in one pass only
+    gap = report.gaps[[g.case.name for g in report.gaps].index("rollout autocast bf16, re-score without")]
+    assert gap.max_ratio_error > 1e-5 and report.gaps[0].max_gap == 0  # both passes under autocast: on-policy
+
+
 def test_a_reference_that_is_not_the_base_fails(tmp_path):
     cfg = _cfg(tmp_path)
     adapter = _adapter()

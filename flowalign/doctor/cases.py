@@ -6,7 +6,9 @@ For the configured dtype D, rollout batch R (rows per rollout call) and training
   b' = b when b < R else R // 2 (the batch-size effect), ``CFG apart`` (when the run uses CFG); the case (D, R) -> (D, min(b, R)) is the
   one the run itself uses (``configured``);
 * for D only: each other attention kernel available on the device, and deterministic algorithms in both passes;
-* ``cross-dtype``: rollout in d, re-scoring in D (a bf16 sampler feeding an fp32 trainer).
+* ``cross-dtype``: rollout in d, re-scoring in D (a bf16 sampler feeding an fp32 trainer);
+* ``autocast``: with ``model.autocast`` A set, every case above runs under A, plus a rollout under A re-scored
+  without it; without it, the opt-in's own cases: bf16 autocast same batch and minibatch (what turning it on costs).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def gap_cases(cfg, adapter, rows: int, dtypes: Sequence[torch.dtype]) -> list[Ga
     small = b if b < rows else max(1, rows // 2)
     order = [configured] + [d for d in dtypes if d != configured]
     cases = []
+    auto = DTYPES[cfg.model.autocast] if cfg.model.autocast else None
     for d in order:
         name = DTYPE_NAMES[d]
-        base = PassSetting(d, rows)
+        base = PassSetting(d, rows, autocast=auto)
         group = f"dtype {name}"
         mine = d == configured
         cases.append(GapCase(f"{name}: same batch {rows}", base, base, group, configured=mine and b >= rows,
@@ -60,5 +63,16 @@ def gap_cases(cfg, adapter, rows: int, dtypes: Sequence[torch.dtype]) -> list[Ga
             cases.append(GapCase(f"{name}: deterministic algorithms", det, det, group, clip_range=eps))
     for d in order[1:]:
         cases.append(GapCase(f"rollout {DTYPE_NAMES[d]}, re-score {DTYPE_NAMES[configured]}",
-                             PassSetting(d, rows), PassSetting(configured, rows), "cross-dtype", clip_range=eps))
+                             PassSetting(d, rows, autocast=auto), PassSetting(configured, rows, autocast=auto),
+                             "cross-dtype", clip_range=eps))
+    name = DTYPE_NAMES[configured]
+    if auto is not None:
+        cases.append(GapCase(f"rollout autocast {DTYPE_NAMES[auto]}, re-score without", PassSetting(configured, rows,
+                             autocast=auto), PassSetting(configured, rows), "autocast", clip_range=eps))
+    elif configured == torch.float32:
+        on = PassSetting(configured, rows, autocast=torch.bfloat16)
+        cases.append(GapCase(f"{name} + autocast bf16: same batch {rows}", on, on, "autocast", clip_range=eps))
+        if small != rows:
+            cases.append(GapCase(f"{name} + autocast bf16: minibatch {small} of {rows}", on, on.but(batch=small),
+                                 "autocast", clip_range=eps))
     return cases

@@ -8,7 +8,8 @@ the two passes call the network changes the prediction in its last bits and the 
   rollout batch vs training minibatch);
 * CFG's two branches batched in one call of 2B rows or called apart;
 * the attention kernel (``torch.nn.attention.sdpa_kernel``: flash, memory-efficient, cuDNN, math);
-* deterministic algorithms (GPU kernels with atomics differ from run to run).
+* deterministic algorithms (GPU kernels with atomics differ from run to run);
+* ``model.autocast`` (the denoiser's forwards under torch.autocast in bf16 / fp16, its weights left as they are).
 
 :class:`PassSetting` names one combination and :func:`applied` runs code under it, restoring the model after.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -35,7 +36,8 @@ class PassSetting:
 
     dtype: the denoiser's base weights (LoRA stays float32, sampler math float32); batch: rows per call (CFG
     doubles it when batched); cfg_batched: CFG branches in one call of 2B rows; attention: an
-    ``ATTENTION_BACKENDS`` name; deterministic: ``torch.use_deterministic_algorithms(True)``.
+    ``ATTENTION_BACKENDS`` name; deterministic: ``torch.use_deterministic_algorithms(True)``; autocast: the
+    adapter's ``autocast`` dtype for the pass (None: off).
     """
 
     dtype: torch.dtype
@@ -43,6 +45,7 @@ class PassSetting:
     cfg_batched: bool = True
     attention: str = "default"
     deterministic: bool = False
+    autocast: Optional[torch.dtype] = None
 
     def but(self, **changes) -> "PassSetting":
         return replace(self, **changes)
@@ -55,11 +58,13 @@ class PassSetting:
             parts.append(f"attention {self.attention}")
         if self.deterministic:
             parts.append("deterministic")
+        if self.autocast is not None:
+            parts.append(f"autocast {DTYPE_NAMES.get(self.autocast, str(self.autocast))}")
         return ", ".join(parts)
 
     def key(self) -> tuple:
         """Everything but the batch: what a rollout must be redone for."""
-        return (self.dtype, self.cfg_batched, self.attention, self.deterministic)
+        return (self.dtype, self.cfg_batched, self.attention, self.deterministic, self.autocast)
 
 
 def _sdpa_backend(name: str):
@@ -160,6 +165,17 @@ def denoiser_precision(adapter, dtype: torch.dtype) -> Iterator[None]:
 
 
 @contextmanager
+def autocasting(adapter, dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """The adapter's predict under ``torch.autocast(dtype)`` (None: off), restored after."""
+    before = adapter.autocast
+    adapter.autocast = dtype
+    try:
+        yield
+    finally:
+        adapter.autocast = before
+
+
+@contextmanager
 def applied(adapter, setting: PassSetting) -> Iterator[None]:
     """Run the block under ``setting`` (its batch is the caller's to honour)."""
     with ExitStack() as stack:
@@ -167,4 +183,5 @@ def applied(adapter, setting: PassSetting) -> Iterator[None]:
         stack.enter_context(cfg_batching(adapter, setting.cfg_batched))
         stack.enter_context(attention_backend(setting.attention))
         stack.enter_context(deterministic_algorithms(setting.deterministic))
+        stack.enter_context(autocasting(adapter, setting.autocast))
         yield
