@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from .resources import asset
+from .runtime.kernels import ATTENTION_BACKENDS
 
 DEFAULT_MODEL = asset("toy-sd3")  # the shipped tiny pipeline (flowalign.resources)
 
@@ -210,6 +211,8 @@ class ModelConfig:
     autocast: Optional[str] = _help("opt-in: bfloat16 | float16 runs the denoiser's forwards (rollout, re-scoring, "
                                     "training) under torch.autocast, its output and the sampler math float32; None = "
                                     "off (docs/results.md measures its speed and on-policy gap)", None)
+    attention: str = _help("scaled-dot-product attention kernel of every denoiser call: default (torch picks) | "
+                           "math | flash | efficient | cudnn (one that the device lacks fails at start-up)", "default")
     compile: bool = _help("opt-in: torch.compile the denoiser in place (nn.Module.compile) after the LoRA is added; "
                           "the first calls of each shape compile (minutes on a CPU)", False)
     lora_rank: int = _help("LoRA rank r", 16)
@@ -247,6 +250,7 @@ class ModelConfig:
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.autocast is not None:
             _choice("model", "autocast", self.autocast, ("bfloat16", "float16"))
+        _choice("model", "attention", self.attention, ATTENTION_BACKENDS)
         if self.device is not None:
             _text("model", "device", self.device, MAX_NAME_CHARS, "a torch device")
             import torch

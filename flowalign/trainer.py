@@ -35,7 +35,7 @@ from .runtime.ema import EMA
 from .evaluation.calibration import RewardCalibrator, base_score_fn
 from .evaluation.hacking import HackingMeter, progress_note
 from .evaluation.heldout import HeldoutEval
-from .runtime.kernels import avoid_cudnn_attention
+from .runtime.kernels import available_attention_backends, avoid_cudnn_attention
 from .runtime.metrics import EVALS_JSONL, MetricsLog, write_jsonl
 from .runtime.snapshot import load_tensors_
 from .models import DTYPES, load_adapter
@@ -56,6 +56,13 @@ def prepare_model(cfg: Config, adapter=None, device=None):
     avoid_cudnn_attention(adapter.device)  # its backward failed on FLUX shapes (flowalign.runtime.kernels)
     if cfg.model.autocast is not None:
         adapter.autocast = DTYPES[cfg.model.autocast]  # every predict under torch.autocast (models.base)
+    if cfg.model.attention != "default":
+        dtype = adapter.autocast or DTYPES[cfg.model.dtype]
+        have = available_attention_backends(adapter.device, dtype)
+        if cfg.model.attention not in have:
+            raise ValueError(f"model.attention={cfg.model.attention} has no kernel on {adapter.device} for "
+                             f"{dtype}: choose one of default, {', '.join(have)}")
+        adapter.attention = cfg.model.attention  # every predict restricted to that kernel (models.base)
     if cfg.model.dtype != "float32":
         lora.set_precision(adapter, DTYPES[cfg.model.dtype])
     return adapter

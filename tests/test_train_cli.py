@@ -91,6 +91,7 @@ def test_overrides_are_yaml_and_reach_mapping_fields():
         ("train: {}\n", ["train.group_size=many"], "train.group_size='many' must be an integer"),
         ("train: {}\n", ["trian.lr=1"], "unknown config section 'trian'"),
         ("train: {algorithm: opd}\n", [], "train.algorithm=opd needs opd.teachers"),
+        ("model: {attention: sage}\n", [], "model.attention='sage' is not valid; choose one of default, math"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path, capsys, text, args, needle):
@@ -193,6 +194,17 @@ def test_work_done_once_leaves_the_trained_lora_bit_identical(tmp_path, tiny_pip
     every_call = run("every_call")
     assert once.keys() == every_call.keys() and all(torch.equal(once[k], every_call[k]) for k in once)
     assert any(v.abs().max() > 0 for k, v in once.items() if "lora_B" in k)  # trained: B left zero
+
+
+def test_an_attention_kernel_the_device_lacks_fails_at_start_up(tmp_path, tiny_pipe16, capsys):
+    # cuDNN attention is CUDA-only: on a CPU it is refused in one line that names what the device has
+    if torch.cuda.is_available():
+        pytest.skip("the CPU case")
+    rc = main(["train", os.path.join(ROOT, "configs", "toy_grpo.yaml"), f"model.path={tiny_pipe16}",
+               f"train.out_dir={tmp_path / 'run'}", *SMALL, "model.attention=cudnn"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "model.attention=cudnn has no kernel on cpu" in err, err
+    assert "choose one of default, math" in err
 
 
 def test_model_compile_compiles_each_denoiser_in_place(tmp_path, tiny_pipe16, capsys, monkeypatch):

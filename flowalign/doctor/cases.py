@@ -19,7 +19,8 @@ import torch
 
 from ..models import DTYPES
 from .onpolicy import GapCase
-from .settings import DTYPE_NAMES, PassSetting, available_attention_backends
+from ..runtime.kernels import available_attention_backends
+from .settings import DTYPE_NAMES, PassSetting
 
 
 def has_ratio(cfg) -> bool:

@@ -23,11 +23,11 @@ from typing import Iterator, Optional
 import torch
 
 from .. import lora
+from ..runtime.kernels import attention_backend
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPE_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 DTYPE_BY_NAME.update(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
-ATTENTION_BACKENDS = ("default", "math", "flash", "efficient", "cudnn")  # "default": torch's own choice
 
 
 @dataclass(frozen=True)
@@ -65,41 +65,6 @@ class PassSetting:
     def key(self) -> tuple:
         """Everything but the batch: what a rollout must be redone for."""
         return (self.dtype, self.cfg_batched, self.attention, self.deterministic, self.autocast)
-
-
-def _sdpa_backend(name: str):
-    from torch.nn.attention import SDPBackend
-
-    return {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
-
-
-@contextmanager
-def attention_backend(name: str) -> Iterator[None]:
-    """Scaled-dot-product attention restricted to one kernel (``default``: no restriction)."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    if name == "default":
-        yield
-        return
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel([_sdpa_backend(name)]):
-        yield
-
-
-def available_attention_backends(device, dtype: torch.dtype = torch.float32) -> list[str]:
-    """The restricted kernels that run on ``device`` for ``dtype`` (a tiny attention call tried under each)."""
-    q = torch.randn(1, 2, 8, 16, device=device, dtype=dtype)
-    found = []
-    for name in ATTENTION_BACKENDS[1:]:
-        try:
-            with attention_backend(name):
-                torch.nn.functional.scaled_dot_product_attention(q, q, q)
-            found.append(name)
-        except RuntimeError:  # "No available kernel": not built for this device / dtype
-            continue
-    return found
 
 
 @contextmanager

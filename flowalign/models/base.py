@@ -157,18 +157,28 @@ def _autocast_predict(predict):
     """``predict`` under ``torch.autocast(device, adapter.autocast)`` when the adapter has one (model.autocast): the
     denoiser's matmuls in bf16/fp16, its output cast back to float32, so sampler math, log-probs and losses stay
     float32. Off (None), or inside an autocast region already (a family's predict calling the base one), the call
-    is unchanged."""
+    is unchanged. ``adapter.attention`` (model.attention) other than "default" restricts scaled-dot-product
+    attention to that kernel for the call (``runtime.kernels.attention_backend``)."""
 
     @functools.wraps(predict)
     def wrapped(self, *args, **kwargs):
-        dtype = self.autocast
-        if dtype is None or torch.is_autocast_enabled(self.device.type):
-            return predict(self, *args, **kwargs)
-        with torch.autocast(self.device.type, dtype=dtype):
-            out = predict(self, *args, **kwargs)
-        return out.float()
+        if self.attention != "default":
+            from ..runtime.kernels import attention_backend
+
+            with attention_backend(self.attention):
+                return _autocast_call(predict, self, args, kwargs)
+        return _autocast_call(predict, self, args, kwargs)
 
     return wrapped
+
+
+def _autocast_call(predict, adapter, args, kwargs):
+    dtype = adapter.autocast
+    if dtype is None or torch.is_autocast_enabled(adapter.device.type):
+        return predict(adapter, *args, **kwargs)
+    with torch.autocast(adapter.device.type, dtype=dtype):
+        out = predict(adapter, *args, **kwargs)
+    return out.float()
 
 
 class PipelineAdapter:
@@ -199,6 +209,7 @@ class PipelineAdapter:
     image_cache_size: int = 256  # encoded (prompt, image) rows kept (image latents are large); text rows: all
 
     autocast: Optional[torch.dtype] = None  # model.autocast: the denoiser's forwards in this dtype (predict)
+    attention: str = "default"  # model.attention: the scaled-dot-product kernel of every predict
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -99,3 +99,25 @@ def test_autocast_runs_the_denoiser_in_bf16_and_hands_back_float32(family, gen, 
     assert half.dtype == torch.float32 and torch.equal(adapter.predict(x, t, cond, 1.0), exact)
     err = (half - exact).abs().max() / exact.abs().max()
     assert 0 < err < 0.05  # bf16 keeps 8 bits of mantissa: a few 1e-3 relative, never the float32 result exactly
+
+
+def test_attention_kernel_is_pinned_per_call(gen, h, monkeypatch):
+    """model.attention=math: every predict runs scaled-dot-product attention under sdpa_kernel([MATH]); the math
+    kernel gives the same prediction up to rounding; "default" leaves torch's choice alone."""
+    import torch.nn.attention as attn
+
+    _, adapter = h.make_adapter("sd3")
+    x = adapter.prepare_latents(2, generator=gen(0))
+    t = adapter.sampling_grid(4, x).timesteps[1]
+    cond = adapter.encode_prompts(h.PROMPTS, 4.0)
+    default = adapter.predict(x, t, cond, 4.0)
+    seen = []
+    real = attn.sdpa_kernel
+    monkeypatch.setattr(attn, "sdpa_kernel", lambda backends, *a, **k: seen.append(list(backends)) or real(
+        backends, *a, **k))
+    adapter.attention = "math"
+    torch.testing.assert_close(adapter.predict(x, t, cond, 4.0), default, rtol=1e-4, atol=1e-5)
+    assert seen == [[attn.SDPBackend.MATH]]
+    adapter.attention = "default"
+    adapter.predict(x, t, cond, 4.0)
+    assert len(seen) == 1
