@@ -35,7 +35,7 @@ demo:
 	@echo "make demo: installs flowalign and its core dependencies into $(VENV) (first run only: about 3 minutes),"
 	@echo "then trains a LoRA on the shipped tiny pipeline (Centered Reward Distillation on the toy GenEval exact"
 	@echo "check, configs/toy_demo.yaml) and writes demo_out/report.md with its grids and plots."
-	@echo "About 12 minutes in all on a 2-core CPU (733 s from a fresh clone on an AMD EPYC, docs/results.md)."
+	@echo "About 11-12 minutes in all on a 2-core CPU (667-733 s from a fresh clone on an AMD EPYC, docs/results.md)."
 	@$(MAKE) --no-print-directory $(DEMO_STAMP)
 	$(VENV)/bin/flowalign demo --out demo_out --overwrite
 
