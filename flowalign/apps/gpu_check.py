@@ -125,8 +125,9 @@ def train_iteration(name: str, algorithm: str, out_dir: str, dry: bool, device: 
         overrides += _teacher_loras(adapter, run_dir)
     cfg = load_config(shipped_config(RECIPES[algorithm]), overrides)
     # the doctor first, on the adapter without a policy LoRA (it adds and measures its own), which is then removed
-    report = doctor.run(cfg, adapter=adapter, out=os.path.join(run_dir, "doctor"), rows=4, progress=False,
-                        echo=False)
+    # the run's own dtype only: the fp32 and fp16 rows would cast a 12B transformer twice more (minutes each)
+    report = doctor.run(cfg, adapter=adapter, out=os.path.join(run_dir, "doctor"), rows=4,
+                        dtypes="fp32" if dry else "bf16", progress=False, echo=False)
     _remove_loras(adapter)
     trainer = Trainer(cfg, adapter=adapter)
     trainer.step()  # warm-up: kernels, caches, allocator
