@@ -22,6 +22,7 @@ from ..evaluation.hacking import drift_markdown
 from ..evaluation.report import plot_reward_curve
 from ..resources import shipped_config
 from ..trainer import _headline, run_training
+from .demo_rlg import RLG_SCALES, heldout_rlg_sweep, mean_pm, plot_rlg_sweep, sweep_markdown
 
 DEMO_CONFIG = shipped_config("toy_demo.yaml")
 
@@ -147,8 +148,6 @@ class DemoReport(TrainerCallback):
         """The held-out scores at each RLG scale of ``demo_rlg.RLG_SCALES`` -> rlg_sweep.png and the rows. The
         run's base and final evaluations stand in for w = 0 and 1 (bit-exact endpoints); ``--quick`` samples them
         too, so its test checks that they agree."""
-        from .demo_rlg import RLG_SCALES, heldout_rlg_sweep, plot_rlg_sweep
-
         known = None if self.quick else {0.0: summary["base"], 1.0: summary["aligned"]}
         rows = heldout_rlg_sweep(trainer, RLG_SCALES, known)
         plot_rlg_sweep(rows, os.path.join(self.cfg.train.out_dir, "rlg_sweep.png"), summary["base"]["n"])
@@ -247,11 +246,6 @@ def _headline_keys(row: dict) -> list[tuple[str, str]]:
     return [(label, key) for label, key in HEADLINE_SCORES if key in row] + [(f"{k} (not trained)", k) for k in others]
 
 
-def _pm(score: dict) -> str:
-    """``mean +- se`` (the mean alone when no standard error was recorded)."""
-    return f"{score['mean']:.3f}" + (f" +- {score['se']:.3f}" if score.get("se") is not None else "")
-
-
 def headline_table(base: dict, aligned: dict) -> str:
     """Markdown: each headline score base -> aligned with its standard error over the held-out images, and the
     change with the unpaired standard error sqrt(se_b^2 + se_a^2) (conservative: both sides share prompts and
@@ -263,7 +257,7 @@ def headline_table(base: dict, aligned: dict) -> str:
             continue
         se = ((b["se"] ** 2 + a["se"] ** 2) ** 0.5) if b.get("se") is not None and a.get("se") is not None else None
         change = f"{a['mean'] - b['mean']:+.3f}" + (f" +- {se:.3f}" if se is not None else "")
-        rows.append(f"| {label} | {_pm(b)} | {_pm(a)} | {change} |")
+        rows.append(f"| {label} | {mean_pm(b)} | {mean_pm(a)} | {change} |")
     return "| held-out score | base | aligned | change |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
@@ -358,8 +352,6 @@ drawing).
 
 def _sweep_section(r: dict) -> str:
     """report.md's RL guidance section (empty when the demo did not sweep)."""
-    from .demo_rlg import sweep_markdown
-
     if not r.get("rlg_sweep"):
         return ""
     return ("\n## RL guidance: the alignment strength at inference time\n\n"

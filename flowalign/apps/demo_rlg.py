@@ -64,13 +64,15 @@ def plot_rlg_sweep(rows: list[dict], path: str, n: int) -> None:
     plt.close(fig)
 
 
+def mean_pm(score: dict) -> str:
+    """``{"mean", "se"}`` -> ``mean +- se`` (the mean alone when no standard error was recorded); the demo's
+    tables share it."""
+    return f"{score['mean']:.3f}" + (f" +- {score['se']:.3f}" if score.get("se") is not None else "")
+
+
 def sweep_markdown(rows: list[dict]) -> str:
     """The report's table: one row per scale, each score as ``mean +- se``."""
     labels = [label for label, _ in SWEEP_SCORES if all(label in r for r in rows)]
-
-    def cell(s: dict) -> str:
-        return f"{s['mean']:.3f}" + (f" +- {s['se']:.3f}" if s.get("se") is not None else "")
-
     head = "| RLG scale w | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n"
-    return head + "".join(f"| {r['scale']:g} | " + " | ".join(cell(r[label]) for label in labels) + " |\n"
+    return head + "".join(f"| {r['scale']:g} | " + " | ".join(mean_pm(r[label]) for label in labels) + " |\n"
                           for r in rows)

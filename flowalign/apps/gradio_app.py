@@ -150,14 +150,13 @@ def verdict_text(image: torch.Tensor, prompt: str) -> str:
     ``NO_VERDICT`` for a prompt outside the toy grammar."""
     if not is_toy_prompt(prompt):
         return NO_VERDICT
-    from ..evaluation.verdict_grid import verdicts
-    from ..toy.geneval import score_batch
+    from ..toy.geneval import detect, score
 
-    images = image.detach().float().clamp(0, 1).cpu()[None]
-    v = verdicts(images, [prompt])[0]
-    lenient = score_batch(images, [prompt])[0]["fraction"]
-    checks = ", ".join(("+ " if ok else "- ") + name for name, ok in v["checks"].items())
-    return f"exact {int(v['exact'])} | lenient {lenient:.2f} | {checks}"
+    dets = detect(image.detach().float().clamp(0, 1).cpu())  # once: both scores read the same detections
+    exact = score(prompt, dets, no_extra=True)  # verdict_grid.verdicts' strict verdict and checks
+    lenient = score(prompt, dets)["fraction"]
+    checks = ", ".join(("+ " if ok else "- ") + name for name, ok in exact["checks"].items())
+    return f"exact {int(exact['strict'])} | lenient {lenient:.2f} | {checks}"
 
 
 def _display(image: torch.Tensor):
