@@ -215,6 +215,10 @@ class ModelConfig:
                            "math | flash | efficient | cudnn (one that the device lacks fails at start-up)", "default")
     compile: bool = _help("opt-in: torch.compile the denoiser in place (nn.Module.compile) after the LoRA is added; "
                           "the first calls of each shape compile (minutes on a CPU)", False)
+    cuda_graphs: bool = _help("opt-in, CUDA only: the denoiser's gradient-free calls (rollout, reference passes, "
+                              "evaluation) compiled with torch.compile(mode=reduce-overhead), which records one CUDA "
+                              "graph per shape and replays it; training forwards stay eager (or compiled in the "
+                              "default mode with model.compile)", False)
     lora_rank: int = _help("LoRA rank r", 16)
     lora_alpha: Optional[float] = _help("LoRA alpha, > 0 (None = 2 r)", None)
     lora_dropout: float = _help("LoRA dropout probability, in [0, 1)", 0.0)

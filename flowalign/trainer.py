@@ -37,6 +37,7 @@ from .evaluation.hacking import HackingMeter, progress_note
 from .evaluation.heldout import HeldoutEval
 from .runtime.kernels import available_attention_backends, avoid_cudnn_attention
 from .runtime.metrics import EVALS_JSONL, MetricsLog, write_jsonl
+from .runtime.cuda_graphs import check_cuda_graphs, graph_no_grad_calls
 from .runtime.snapshot import load_tensors_
 from .models import DTYPES, load_adapter
 from .prompts import PromptSource, toy_tasks
@@ -68,12 +69,18 @@ def prepare_model(cfg: Config, adapter=None, device=None):
     return adapter
 
 
-def add_policy_lora(cfg: Config, adapter) -> list:
-    """The trainable LoRA of ``model`` (rank, alpha, dropout, targets) on the adapter -> its float32 parameters."""
+def add_policy_lora(cfg: Config, adapter, sharded: bool = False) -> list:
+    """The trainable LoRA of ``model`` (rank, alpha, dropout, targets) on the adapter -> its float32 parameters;
+    then ``model.compile`` / ``model.cuda_graphs`` (``sharded``: the denoiser will be FSDP-sharded)."""
     m = cfg.model
+    if m.cuda_graphs:  # refused before anything is built
+        check_cuda_graphs(adapter.device, sharded)
     params = lora.add_lora(adapter, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules)
-    if m.compile:
+    if m.cuda_graphs:
+        for den in adapter.denoisers:  # gradient-free calls replayed from graphs (flowalign.runtime.cuda_graphs)
+            graph_no_grad_calls(den, compile_training=m.compile)
+    elif m.compile:
         for den in adapter.denoisers:  # in place: the module, its hooks and its LoRA layers stay the same objects
             den.compile()
     return params
@@ -97,7 +104,7 @@ class Trainer:
         self.dist = distributed.setup(cfg.train.shard)  # one process, or its place under accelerate launch / torchrun
         torch.manual_seed(cfg.train.seed)
         self.adapter = prepare_model(cfg, adapter, device=cfg.model.device or self.dist.device)
-        self.params = add_policy_lora(cfg, self.adapter)
+        self.params = add_policy_lora(cfg, self.adapter, sharded=self.dist.fsdp)
         ALGORITHMS[cfg.train.algorithm].prepare_model(cfg, self.adapter)  # e.g. OPD's teachers, before sharding
         self.dist.broadcast_(self.params)  # distributed: every process starts from rank 0's LoRA
         if cfg.model.gradient_checkpointing:

@@ -5,12 +5,15 @@ at most ~10 minutes on one H100/H200, written to one JSON file (``gpu_check.json
 2. one full training iteration (rollout, reward, update; after one warm-up iteration) of GRPO, DiffusionNFT, CRD
    and DiffusionOPD on a real-size SD3.5-Medium and FLUX.1-dev transformer (random weights, the published configs
    of ``bench.scale.SCALE_CONFIGS``) at 512 px in bf16: seconds, images/s and peak CUDA memory;
-3. the doctor's on-policy table (``flowalign.doctor``) of each, the largest |log-ratio| gap per setting.
+3. the doctor's on-policy table (``flowalign.doctor``) of each, the largest |log-ratio| gap per setting;
+4. GRPO again with ``model.cuda_graphs`` (the rollout replayed from CUDA graphs): its ``time_rollout`` against
+   plain GRPO's is that path's speed-up, its doctor table the gap between graphed rollout and eager re-scoring.
 
 The text encoders and the VAE are small random modules of the real embedding widths (CLIP pooled 2048 for SD3.5 /
 768 for FLUX, T5 width 4096) and the real 8x VAE downsampling, so the transformer is what is measured; their time
 is included in the iteration. ``--dry`` runs the same steps on the CPU with the tiny same-structure transformers
-(``SCALE_SHRINK``) at 64 px and skips the CUDA tests: the suite runs it (tests/test_gpu_check.py).
+(``SCALE_SHRINK``) at 64 px and skips the CUDA tests and the CUDA-graph run: the suite runs it
+(tests/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from .bench.meters import machine_info
 from .bench.scale import build_transformer, scale_config
 
 MODELS = ("sd35m", "flux")
-ALGORITHMS = ("grpo", "nft", "crd", "opd")
-RECIPES = {a: f"toy_{a}.yaml" for a in ALGORITHMS}  # the toy recipes' settings, shrunk to one small batch
+RECIPES = {a: f"toy_{a}.yaml" for a in ("grpo", "nft", "crd", "opd")}  # the toy recipes, shrunk to one small batch
+# a recipe with an opt-in path on: its time_rollout against the plain recipe's is the path's speed-up (CUDA only)
+VARIANTS = {"grpo_cuda_graphs": ("grpo", ["model.cuda_graphs=true"])}
+ALGORITHMS = (*RECIPES, *VARIANTS)
 # jpeg_compressibility: an offline reward that differs between any two images, so every row has an advantage and
 # the update is timed in full (toy GenEval scores the random-weight images 0 alike: no advantage, no update)
 BATCH = ["train.prompts_per_iter=2", "train.group_size=4", "train.minibatch=4", "train.eval_per_task=0",
@@ -114,13 +119,14 @@ def train_iteration(name: str, algorithm: str, out_dir: str, dry: bool, device: 
     from ..resources import shipped_config
     from ..trainer import Trainer
 
+    run_dir = os.path.join(out_dir, f"{name}_{algorithm}")
+    algorithm, extra = VARIANTS.get(algorithm, (algorithm, []))
     dtype = torch.float32 if dry else torch.bfloat16
     pipe = scale_pipeline(name, shrink=dry, device=device, dtype=dtype)
     adapter = adapter_for(pipe)
-    run_dir = os.path.join(out_dir, f"{name}_{algorithm}")
     overrides = [*BATCH, f"train.out_dir={run_dir}", f"model.device={device}", f"sampling.resolution={resolution}",
                  f"model.dtype={'float32' if dry else 'bfloat16'}", "sampling.num_steps=4" if dry else
-                 "sampling.num_steps=10", "opd.train_window=null"]
+                 "sampling.num_steps=10", "opd.train_window=null", *extra]
     if algorithm == "opd":
         overrides += _teacher_loras(adapter, run_dir)
     cfg = load_config(shipped_config(RECIPES[algorithm]), overrides)
@@ -181,14 +187,15 @@ def run(out_dir: str = "gpu_check_out", dry: bool = False, models: Sequence[str]
         for algorithm in algorithms:
             key = f"{name}/{algorithm}"
             try:
-                result["runs"][key] = train_iteration(name, algorithm, out_dir, dry, device, result["resolution"])
+                result["runs"][key] = ({"skipped": "CUDA only"} if dry and algorithm in VARIANTS else
+                                       train_iteration(name, algorithm, out_dir, dry, device, result["resolution"]))
             except Exception as err:  # one failing pair is a finding, not the end of the check
                 result["runs"][key] = {"error": f"{type(err).__name__}: {err}"}
             if device == "cuda":
                 torch.cuda.empty_cache()
             save()
             r = result["runs"][key]
-            print(f"{key}: " + (r["error"] if "error" in r else
+            print(f"{key}: " + (r.get("error") or r.get("skipped") or
                                 f"{r['seconds']:.2f} s per iteration, {r['images_per_s']:.2f} images/s"), flush=True)
     print(f"wrote {path}")
     return result
@@ -199,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default="gpu_check_out", help="folder of gpu_check.json and the runs")
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes, no CUDA tests (what the suite runs)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: sd35m,flux")
-    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated: grpo,nft,crd,opd")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated: " + ",".join(ALGORITHMS))
     a = p.parse_args(argv)
     run(a.out, a.dry, a.models.split(","), a.algorithms.split(","))
     return 0
