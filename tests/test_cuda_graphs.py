@@ -10,7 +10,7 @@ import torch
 from flowalign.cli import main
 from flowalign.config import load_config
 from flowalign.models import adapter_for
-from flowalign.runtime.cuda_graphs import GRAPH_MODE, check_cuda_graphs, graph_no_grad_calls
+from flowalign.runtime.cuda_graphs import GRAPH_MODE, check_cuda_graphs, graph_no_grad_calls, training_route
 from flowalign.toy.pipelines import tiny_sd3_pipeline
 from flowalign.trainer import add_policy_lora
 
@@ -110,3 +110,41 @@ def test_train_cli_says_it_in_one_line(tmp_path, tiny_pipe16, capsys):
                f"train.out_dir={tmp_path / 'run'}", "train.iterations=1", "model.cuda_graphs=true"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "model.cuda_graphs" in err, err
+
+
+def test_training_route_sends_no_grad_calls_the_training_way_for_the_block():
+    net, rec = torch.nn.Linear(3, 3), Recorder()
+    graph_no_grad_calls(net, compile_fn=rec)
+    with torch.no_grad():
+        with training_route([net, torch.nn.Linear(2, 2)]):  # a module not routed is left alone
+            net(torch.randn(1, 3))
+        assert rec.calls == [] and net.replay_no_grad
+        net(torch.randn(1, 3))
+    assert rec.calls == [GRAPH_MODE]
+
+
+def test_doctor_rescores_a_graphed_rollout_the_way_the_update_does():
+    """The graphed route is made to differ from eager (its output + 1e-3): the doctor's gap must see it. Were its
+    re-scoring (under no_grad) sent down the graphed route too, the gap would be exactly 0."""
+    from flowalign.doctor.onpolicy import GapCase, rescore_gap, roll_out
+    from flowalign.doctor.settings import PassSetting
+
+    def shifted(fn, mode=None):
+        if mode != GRAPH_MODE:
+            return fn
+
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            return (out[0] + 1e-3, *out[1:]) if isinstance(out, tuple) else out
+
+        return call
+
+    torch.manual_seed(0)
+    adapter = adapter_for(tiny_sd3_pipeline(image_size=16))
+    graph_no_grad_calls(adapter.denoiser, compile_fn=shifted)
+    cfg = load_config(os.path.join(ROOT, "configs", "toy_grpo.yaml"),
+                      ["sampling.num_steps=3", "sampling.sde_window=null", "train.group_size=2"])
+    setting = PassSetting(torch.float32, 4)
+    traj = roll_out(adapter, ["a red cube"] * 2 + ["two blue balls"] * 2, cfg, setting, seed=0)
+    gap = rescore_gap(adapter, traj, GapCase("fp32: same batch 4", setting, setting, "dtype fp32", clip_range=0.2))
+    assert gap.max_mean_gap > 1e-4 and gap.max_gap > 0

@@ -25,6 +25,7 @@ import torch
 
 from ..algorithms.base import configured_rollout
 from ..rollout import Trajectory, concat_trajectories, rescore
+from ..runtime.cuda_graphs import training_route
 from .settings import PassSetting, applied
 
 
@@ -119,7 +120,7 @@ def rescore_gap(adapter, traj: Trajectory, case: GapCase, seed: int = 0) -> GapR
     result = GapResult(case, steps, [bool(traj.stochastic[k]) for k in steps])
     order = torch.randperm(traj.batch_size, generator=torch.Generator().manual_seed(seed))
     chunks = order.split(max(1, case.rescore.batch))
-    with applied(adapter, case.rescore):
+    with applied(adapter, case.rescore), training_route(adapter.denoisers):  # the update's path (cuda_graphs)
         for k in steps:
             gaps, dmu = [], 0.0
             for rows in chunks:

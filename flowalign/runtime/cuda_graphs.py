@@ -19,7 +19,8 @@ Two facts make this exact for training rather than a stale copy of the policy:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
@@ -47,13 +48,30 @@ def graph_no_grad_calls(module: torch.nn.Module, compile_training: bool = False,
     trained = compile_fn(eager) if compile_training else eager
 
     def forward(*args, **kwargs):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not module.replay_no_grad:
             return trained(*args, **kwargs)
         torch.compiler.cudagraph_mark_step_begin()
         return _cloned(graphed(*args, **kwargs))
 
     module.eager_forward = eager
+    module.replay_no_grad = True
     module.forward = forward
+
+
+@contextmanager
+def training_route(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Gradient-free calls of routed ``modules`` take the training route for the block (a module not routed is
+    unaffected): ``flowalign doctor`` re-scores a rollout without autograd but must price what the update sees,
+    the graphed rollout against the eager (or default-compiled) training forward."""
+    routed = [m for m in modules if getattr(m, "replay_no_grad", None) is not None]
+    before = [m.replay_no_grad for m in routed]
+    for m in routed:
+        m.replay_no_grad = False
+    try:
+        yield
+    finally:
+        for m, b in zip(routed, before):
+            m.replay_no_grad = b
 
 
 def check_cuda_graphs(device: torch.device, sharded: bool) -> None:
