@@ -11,7 +11,6 @@ for the app, which is also the message when there is nothing to plot yet. Built 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..runtime.metrics import EVALS_JSONL, METRICS_JSONL
+from ..runtime.metrics import EVALS_JSONL, METRICS_JSONL, parse_jsonl
 
 TRAIN_KEYS = ("reward_mean", "loss")  # the first one a row holds is the training curve (as run_training's plot)
 HELDOUT_KEYS = ("toy_geneval", "toy_geneval_exact", "ocr")  # plotted when present, else the first score
@@ -37,23 +36,11 @@ class RunCurves:
 
 
 def _rows(path: str) -> tuple[list[dict], int]:
-    """(the JSON objects of a .jsonl file, how many lines were not one); ([], 0) when it is missing."""
-    if not os.path.isfile(path):
-        return [], 0
-    rows, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-    return rows, bad
+    """(the JSON objects of a .jsonl file, how many lines were not one); ([], 0) when it is missing. A line still
+    being written is counted, never warned about or raised (``runtime.metrics.parse_jsonl``)."""
+    values, torn = parse_jsonl(path, errors="replace")
+    rows = [v for v in values if isinstance(v, dict)]
+    return rows, len(torn) + len(values) - len(rows)
 
 
 def _number(v) -> Optional[float]:

@@ -36,19 +36,29 @@ def remove_logs(out_dir: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The JSON objects of a .jsonl file ([] when missing); a torn last line (a run killed mid-write) is skipped."""
+def parse_jsonl(path: str, errors: str = "strict") -> tuple[list, list[int]]:
+    """(the JSON values of a .jsonl file's non-blank lines, the numbers of the lines that are not JSON: a torn last
+    line of a run killed, or still, writing); ([], []) when missing. ``errors``: ``open``'s decoding errors."""
     if not os.path.isfile(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
+        return [], []
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors=errors) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                warnings.warn(f"{path}: line {n} is not JSON (a run killed while writing?); skipped", RuntimeWarning)
+                bad.append(n)
+    return rows, bad
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a .jsonl file ([] when missing); a torn line (a run killed mid-write) is skipped with a
+    warning."""
+    rows, bad = parse_jsonl(path)
+    for n in bad:
+        warnings.warn(f"{path}: line {n} is not JSON (a run killed while writing?); skipped", RuntimeWarning)
     return rows
 
 
