@@ -37,7 +37,7 @@ def demo_config(out_dir: str, seed: int = 0, steps: int | None = None, quick: bo
     fixed = {"model.path": model, "train.seed": seed, "train.out_dir": out_dir}
     if quick:
         fixed.update({"train.iterations": 2, "train.prompts_per_iter": 2, "train.group_size": 4,
-                          "train.eval_per_task": 2, "train.eval_every": 0})
+                      "train.eval_per_task": 2, "train.eval_every": 0})
     if steps is not None:
         fixed["train.iterations"] = steps
     if resume:

@@ -102,9 +102,17 @@ def find_adapters(runs: Sequence[str]) -> dict[str, str]:
                                     "ckpt-<iteration>/lora/ (train one with `flowalign train RECIPE` or `flowalign "
                                     "demo --out DIR`), or pass a LoRA folder with --lora DIR")
         for path in found:
-            label = adapter_label(path)
-            out[label if out.get(label, path) == path else f"{label} ({path})"] = path  # two runs, one name
+            _offer(out, path)
     return out
+
+
+def _offer(adapters: dict[str, str], path: str) -> None:
+    """Add ``path`` to {label: folder} under ``adapter_label`` (with the path appended when two folders share a
+    label, e.g. two runs both named run); a folder offered already is not added again."""
+    if os.path.abspath(path) in {os.path.abspath(p) for p in adapters.values()}:
+        return
+    label = adapter_label(path)
+    adapters[label if label not in adapters else f"{label} ({path})"] = path
 
 
 def adapter_sources(lora_dir: Optional[str], runs: Sequence[str] = ()) -> dict[str, str]:
@@ -120,10 +128,9 @@ def adapter_sources(lora_dir: Optional[str], runs: Sequence[str] = ()) -> dict[s
                 raise FileNotFoundError(f"no aligned adapter at {lora_dir!r}: run `flowalign demo` first (it writes "
                                         "demo_out/lora) or pass --lora DIR or --runs DIR") from None
             raise
-        out[adapter_label(lora_dir)] = lora_dir
-    for label, path in find_adapters(runs).items():
-        if os.path.abspath(path) != os.path.abspath(lora_dir or ""):
-            out[label if label not in out else f"{label} ({path})"] = path
+        _offer(out, lora_dir)
+    for path in find_adapters(runs).values():
+        _offer(out, path)
     return out
 
 
